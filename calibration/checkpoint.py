@@ -1,0 +1,103 @@
+"""FP checkpoints on disk: ``model.safetensors`` + ``model.json``.
+
+``model.json`` records everything needed to rebuild and use the network without the code that trained it:
+the architecture spec (built-in UNet or diffusers ``UNet2DModel`` config), the noise schedule, the dataset it
+was trained on, the training settings, whether the weights are the EMA copy, the versions that wrote it and the
+sha256 of the weights file (so a truncated or swapped file is refused, not silently loaded).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from tdqrt.calibration.models import build_model
+from tdqrt.engines.artifacts import atomic_path, read_json, sha256_file, versions, write_json_atomic
+from tdqrt.engines.errors import ArtifactError
+from tdqrt.runtime.schedules import ScheduleConfig
+
+FP_FORMAT = "tdqrt-fp-model"
+FP_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "model.json"
+
+
+@dataclass
+class FPCheckpoint:
+    """A loaded FP model with the schedule it was trained for and its JSON card."""
+
+    model: torch.nn.Module
+    schedule: ScheduleConfig
+    card: dict
+    path: Path
+    sha256: str = field(default="")
+
+    @property
+    def num_classes(self) -> int:
+        return int(getattr(self.model, "num_classes", 0))
+
+
+def save_fp_checkpoint(
+    out_dir: str | Path,
+    model: torch.nn.Module,
+    schedule: ScheduleConfig,
+    *,
+    data: dict,
+    training: dict,
+    ema: bool,
+) -> Path:
+    """Write the weights and the card atomically; the card is written last, so its presence means complete."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(out_dir / WEIGHTS_FILE) as tmp:
+        save_file(tensors, str(tmp))
+        digest = sha256_file(tmp)
+    card = {
+        "format": FP_FORMAT,
+        "version": FP_VERSION,
+        "model": model.spec(),
+        "schedule": schedule.to_dict(),
+        "data": data,
+        "training": training,
+        "ema": ema,
+        "weights": {"file": WEIGHTS_FILE, "sha256": digest},
+        "versions": versions(),
+    }
+    write_json_atomic(out_dir / CARD_FILE, card)
+    return out_dir
+
+
+def load_fp_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> FPCheckpoint:
+    """Load an FP checkpoint directory, verifying the card's format and the weights' sha256."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ArtifactError(f"{path} is not a model directory; pass the --out folder of `tdqrt train`")
+    card = read_json(path / CARD_FILE, expect_format=FP_FORMAT)
+    if card.get("version") != FP_VERSION:
+        raise ArtifactError(f"{path / CARD_FILE} has version {card.get('version')}, this tdqrt reads {FP_VERSION}")
+    weights = path / card["weights"]["file"]
+    if not weights.is_file():
+        raise ArtifactError(f"{weights} is missing; the checkpoint is incomplete, retrain or copy it again")
+    digest = sha256_file(weights)
+    if digest != card["weights"]["sha256"]:
+        raise ArtifactError(
+            f"{weights} does not match the sha256 recorded in {path / CARD_FILE} "
+            f"({digest[:12]}… vs {card['weights']['sha256'][:12]}…): the file was truncated or replaced"
+        )
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as exc:
+        raise ArtifactError(f"{weights} cannot be read as safetensors ({exc})") from exc
+    model = build_model(card["model"])
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ArtifactError(
+            f"{weights} does not fit the architecture in {path / CARD_FILE}: "
+            f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+    model.to(device).eval()
+    return FPCheckpoint(model, ScheduleConfig.from_dict(card["schedule"]), card, path, digest)

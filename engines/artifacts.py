@@ -1,0 +1,103 @@
+"""Artifact files: atomic writes, content hashes and JSON sidecars.
+
+Every stage hands files to the next one. A file is written to a temporary name in the same directory and
+renamed into place, so a crash never leaves a half-written artifact under the real name. JSON sidecars carry a
+``format`` tag and a ``version`` so a reader can refuse what it does not understand.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from tdqrt.engines.errors import ArtifactError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def _reject_non_finite(obj: Any, where: str = "$") -> None:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        raise ArtifactError(f"refusing to write non-finite number {obj!r} at {where} into a JSON artifact")
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _reject_non_finite(v, f"{where}.{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _reject_non_finite(v, f"{where}[{i}]")
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically; NaN/Inf are refused rather than written as invalid JSON."""
+    _reject_non_finite(obj)
+    text = json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n"
+    write_bytes_atomic(path, text.encode())
+
+
+def read_json(path: str | os.PathLike, *, expect_format: str | None = None) -> dict:
+    """Read a JSON artifact; a missing, truncated or foreign file raises ``ArtifactError`` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path} does not exist; run the stage that writes it first")
+    try:
+        obj = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path} is not valid JSON ({exc}); the file is truncated or corrupt, rewrite it") from exc
+    if not isinstance(obj, dict):
+        raise ArtifactError(f"{path} must hold a JSON object, found {type(obj).__name__}")
+    if expect_format is not None and obj.get("format") != expect_format:
+        raise ArtifactError(
+            f"{path} has format {obj.get('format')!r}, expected {expect_format!r}; "
+            "point the command at the directory the matching stage wrote"
+        )
+    return obj
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    """Content hash of a JSON-serialisable object (key order independent)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages that shape an artifact's numbers; stored in every manifest."""
+    import platform
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for dist in ("tdqrt", "torch", "numpy", "onnx", "onnxruntime", "diffusers"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return out

@@ -1,0 +1,316 @@
+"""DDIM/DDPM samplers, classifier-free guidance, the per-step correction hook and the sampling loop.
+
+Everything here talks to the network only through the ``Denoiser`` protocol ``eps = f(x, t, y)``, so a torch
+module, an ONNX Runtime session or a TensorRT engine are sampled by the same code. Both samplers share one
+update, DDIM eq. 12 (Song et al. 2021, https://arxiv.org/abs/2010.02502):
+
+    x0    = (x_t − sqrt(1 − ᾱ_t)·ε) / sqrt(ᾱ_t)
+    x_p   = sqrt(ᾱ_p)·x0 + sqrt(1 − ᾱ_p − σ²)·ε + σ·z
+    σ_t   = η·sqrt((1 − ᾱ_p)/(1 − ᾱ_t))·sqrt(1 − ᾱ_t/ᾱ_p)                       (DDIM eq. 16)
+
+With η = 1, σ² is the DDPM posterior variance β̃ ("fixed_small", Ho et al. 2020 eq. 7) and the update is
+exactly ancestral sampling from q(x_p | x_t, x0) on the (possibly strided) timestep grid, so "ddpm" is this
+update with η = 1. Noise is drawn per sample from its own generator (:class:`NoiseSource`), which makes a
+sample depend only on (seed, its global index, config): sharding a run over processes reproduces it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Protocol, Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from tdqrt.engines.denoiser import Denoiser
+from tdqrt.engines.errors import ConfigError, DataError
+from tdqrt.runtime.schedules import NoiseSchedule, _config_from_dict, _is_int, _is_number
+
+SAMPLER_KINDS = ("ddim", "ddpm")
+SPACINGS = ("uniform", "quadratic")
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """How to sample: sampler kind, number of steps, DDIM η, timestep spacing and CFG scale.
+
+    ``eta`` only matters for "ddim" ("ddpm" is the ancestral sampler, i.e. η = 1). ``guidance_scale`` 1.0
+    means a single plain model call per step (no classifier-free guidance).
+    """
+
+    kind: str = "ddim"
+    steps: int = 50
+    eta: float = 0.0
+    spacing: str = "uniform"
+    guidance_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in SAMPLER_KINDS:
+            raise ConfigError(f"sampler kind {self.kind!r} is not supported; use one of {list(SAMPLER_KINDS)}.")
+        if not _is_int(self.steps) or self.steps < 1:
+            raise ConfigError(f"steps={self.steps!r} is invalid; it must be an integer >= 1 (e.g. 50).")
+        if not _is_number(self.eta) or not 0.0 <= self.eta <= 1.0:
+            raise ConfigError(
+                f"eta={self.eta!r} is invalid; it must be a number in [0, 1] (0 = deterministic DDIM, 1 = DDPM-like)."
+            )
+        if self.spacing not in SPACINGS:
+            raise ConfigError(f"spacing {self.spacing!r} is not supported; use one of {list(SPACINGS)}.")
+        if not _is_number(self.guidance_scale) or not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
+            raise ConfigError(
+                f"guidance_scale={self.guidance_scale!r} is invalid; it must be a finite number >= 0 "
+                "(1.0 = no classifier-free guidance)."
+            )
+        object.__setattr__(self, "eta", float(self.eta))  # canonical floats so to_dict round-trips exactly
+        object.__setattr__(self, "guidance_scale", float(self.guidance_scale))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "SamplerConfig":
+        return _config_from_dict(cls, d)
+
+
+def make_timesteps(num_train_timesteps: int, steps: int, spacing: str) -> Tensor:
+    """The descending grid of training timesteps visited by a ``steps``-step sampler.
+
+    "uniform" is diffusers' "leading" spacing with steps_offset 0: ``arange(steps)·(T//steps)`` reversed.
+    "quadratic" is the DDIM paper's "quad" grid ``int(linspace(0, sqrt(0.8·T), steps)²)``, denser at small t.
+    """
+    T = num_train_timesteps
+    if not _is_int(steps) or not 1 <= steps <= T:
+        raise ConfigError(
+            f"steps={steps!r} is invalid for a schedule with T={T} training timesteps; use 1 <= steps <= {T}."
+        )
+    if spacing == "uniform":
+        grid = np.arange(steps, dtype=np.int64) * (T // steps)
+    elif spacing == "quadratic":
+        grid = (np.linspace(0, np.sqrt(0.8 * T), steps) ** 2).astype(np.int64)
+        if len(np.unique(grid)) != steps:
+            raise ConfigError(
+                f"quadratic spacing with steps={steps} and T={T} repeats timesteps (its first gaps are < 1); "
+                "use fewer steps or spacing='uniform'."
+            )
+    else:
+        raise ConfigError(f"spacing {spacing!r} is not supported; use one of {list(SPACINGS)}.")
+    return torch.from_numpy(grid[::-1].copy())
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What a :class:`StepHook` knows about the step it is called for."""
+
+    index: int  # 0 .. K-1 in sampling order
+    t: int  # training timestep of this step
+    t_prev: int  # next (smaller) timestep, -1 after the last step
+    alpha_bar: float
+    alpha_bar_prev: float
+    sigma: float  # the sampler's own noise std for this step (0 for DDIM eta=0)
+
+
+class StepHook(Protocol):
+    """Per-step correction: gets the (CFG-combined) eps and returns ``(eps', sigma')``.
+
+    ``sigma'`` is a float or a tensor broadcastable to ``x`` (e.g. per-channel ``[1, C, 1, 1]``); the update then
+    uses ``sqrt(max(0, 1 − ᾱ_p − σ'²))`` as the direction coefficient and ``σ'·z`` as the injected noise. Returning
+    ``(eps, info.sigma)`` leaves the sampler unchanged. The hook may draw extra noise from ``noise``; it is called
+    before the step's own ``z`` is drawn.
+    """
+
+    def __call__(
+        self, info: StepInfo, x: Tensor, eps: Tensor, noise: "NoiseSource"
+    ) -> tuple[Tensor, Union[Tensor, float]]: ...
+
+
+class NoiseSource:
+    """One ``torch.Generator`` per sample, seeded from ``(seed, global sample index)``.
+
+    The per-sample seed goes through ``numpy.random.SeedSequence`` (a hash-based mixer), so neighbouring
+    indices or seeds give unrelated streams. Because every draw of a sample comes from its own stream, a
+    sample's trajectory does not depend on the batch it is computed in.
+    """
+
+    def __init__(
+        self, seed: int, sample_indices: Union[Tensor, Sequence[int]], device: Union[str, torch.device] = "cpu"
+    ) -> None:
+        indices = torch.as_tensor(sample_indices, dtype=torch.long).reshape(-1).tolist()
+        if not _is_int(seed) or seed < 0:
+            raise ConfigError(f"seed={seed!r} is invalid; it must be an integer >= 0.")
+        if not indices or min(indices) < 0 or len(set(indices)) != len(indices):
+            raise ConfigError(
+                f"sample_indices {indices[:16]} must be a non-empty list of distinct integers >= 0 "
+                "(each sample's global index); give every sample its own index."
+            )
+        self.device = torch.device(device)
+        self.sample_indices = indices
+        self.generators = []
+        for index in indices:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0]))
+            self.generators.append(generator)
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def randn(self, shape: Sequence[int]) -> Tensor:
+        """Next standard-normal values of every sample's stream: float32 ``[B, *shape]`` on ``device``."""
+        return torch.stack(
+            [torch.randn(tuple(shape), generator=g, device=self.device, dtype=torch.float32) for g in self.generators]
+        )
+
+
+class Sampler:
+    """DDIM (any η) or DDPM ancestral sampling over the grid of :func:`make_timesteps`.
+
+    Per-step coefficients are precomputed once in float64: ``alpha_bar[i] = ᾱ_t``, ``alpha_bar_prev[i] = ᾱ_p``
+    (1.0 after the last step, like diffusers' ``set_alpha_to_one=True``, so the last step returns x0) and
+    ``sigmas[i] = σ_t`` (DDIM eq. 16; η = 1 for "ddpm").
+    """
+
+    def __init__(self, schedule: NoiseSchedule, config: SamplerConfig) -> None:
+        self.schedule = schedule
+        self.config = config
+        self.timesteps = make_timesteps(schedule.num_train_timesteps, config.steps, config.spacing)
+        ab = schedule.alphas_cumprod
+        self.alpha_bar = ab[self.timesteps]
+        self.alpha_bar_prev = torch.cat([ab[self.timesteps[1:]], torch.ones(1, dtype=torch.float64)])
+        eta = 1.0 if config.kind == "ddpm" else config.eta
+        a_t, a_p = self.alpha_bar, self.alpha_bar_prev
+        self.sigmas = eta * torch.sqrt((1 - a_p) / (1 - a_t) * (1 - a_t / a_p))  # DDIM eq. 16
+        # Whether the update can inject noise; the loop then draws z every step to keep streams aligned.
+        self.stochastic = config.kind == "ddpm" or config.eta > 0
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+    def info(self, i: int) -> StepInfo:
+        return StepInfo(
+            index=i,
+            t=int(self.timesteps[i]),
+            t_prev=int(self.timesteps[i + 1]) if i + 1 < len(self) else -1,
+            alpha_bar=float(self.alpha_bar[i]),
+            alpha_bar_prev=float(self.alpha_bar_prev[i]),
+            sigma=float(self.sigmas[i]),
+        )
+
+    def step(
+        self,
+        i: int,
+        x: Tensor,
+        eps: Tensor,
+        noise: Optional[Tensor] = None,
+        sigma: Union[Tensor, float, None] = None,
+    ) -> Tensor:
+        """One update x_t -> x_p with noise ``z = noise``; ``sigma`` overrides σ_t (float or broadcastable tensor).
+
+        The direction coefficient is ``sqrt(max(0, 1 − ᾱ_p − σ²))``, so an overridden σ larger than the step allows
+        degrades gracefully. ``noise`` may be None only when the effective σ is 0 everywhere.
+        """
+        a_t, a_p = float(self.alpha_bar[i]), float(self.alpha_bar_prev[i])
+        sigma = torch.as_tensor(self.sigmas[i] if sigma is None else sigma, dtype=torch.float64, device=x.device)
+        eps = eps.to(x.dtype)  # the update runs in x's dtype whatever a backend or hook returns
+        # DDIM eq. 12: predicted x0, then x_p = sqrt(ᾱ_p)·x0 + sqrt(1 − ᾱ_p − σ²)·ε + σ·z (no clipping of x0).
+        x0 = (x - math.sqrt(1.0 - a_t) * eps) / math.sqrt(a_t)
+        direction = torch.sqrt(torch.clamp(1.0 - a_p - sigma**2, min=0.0)).to(x.dtype)
+        x_prev = math.sqrt(a_p) * x0 + direction * eps
+        if bool((sigma != 0).any()):
+            if noise is None:
+                raise ValueError(f"step {i} has sigma > 0 but no noise tensor was given.")
+            x_prev = x_prev + sigma.to(x.dtype) * noise
+        return x_prev
+
+
+def guided_eps(
+    denoiser: Denoiser,
+    x: Tensor,
+    t: Tensor,
+    y: Optional[Tensor],
+    null_label: Optional[int],
+    scale: float,
+) -> Tensor:
+    """Noise prediction with classifier-free guidance: ``eps_u + scale·(eps_c − eps_u)``.
+
+    ``scale == 1`` is a single plain call ``denoiser(x, t, y)``. Otherwise one batched call evaluates the
+    conditional and unconditional halves on ``cat([x, x])`` with labels ``cat([y, null_label])`` (one engine
+    launch per step instead of two). The raw output is checked: wrong shape or NaN/Inf raises DataError.
+    """
+    if scale == 1.0:
+        return _checked(denoiser(x, t, y), x.shape, t)
+    _require_cfg_labels(y, null_label, scale)
+    out = _checked(
+        denoiser(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null_label)])),
+        (2 * x.shape[0], *x.shape[1:]),
+        t,
+    )
+    eps_c, eps_u = out.chunk(2)
+    return eps_u + scale * (eps_c - eps_u)
+
+
+def _require_cfg_labels(y: Optional[Tensor], null_label: Optional[int], scale: float) -> None:
+    missing = " and ".join(name for name, v in (("y", y), ("null_label", null_label)) if v is None)
+    if missing:
+        raise ConfigError(
+            f"guidance_scale={scale} needs class labels y and the null (unconditional) label; {missing} missing. "
+            "Pass them, or set guidance_scale=1.0 to sample without classifier-free guidance."
+        )
+
+
+def _checked(eps: Tensor, shape: Sequence[int], t: Tensor) -> Tensor:
+    where = f"at timestep t={int(t[0])}"
+    if not isinstance(eps, Tensor) or tuple(eps.shape) != tuple(shape):
+        got = tuple(eps.shape) if isinstance(eps, Tensor) else type(eps).__name__
+        raise DataError(f"denoiser returned {got} {where}, expected a tensor of shape {tuple(shape)}.")
+    if not bool(torch.isfinite(eps).all()):
+        raise DataError(f"denoiser returned NaN/Inf {where}; check the model/engine (overflow in fp16/int8?).")
+    return eps
+
+
+def sample(
+    denoiser: Denoiser,
+    schedule: NoiseSchedule,
+    config: SamplerConfig,
+    *,
+    sample_indices: Union[Tensor, Sequence[int]],
+    seed: int,
+    shape: Sequence[int],
+    y: Optional[Tensor] = None,
+    null_label: Optional[int] = None,
+    hook: Optional[StepHook] = None,
+    device: Union[str, torch.device] = "cpu",
+    progress: bool = False,
+) -> Tensor:
+    """Run the sampler from pure noise to x0; returns float32 ``[B, *shape]`` (not clamped).
+
+    Noise draws, per sample stream: x_T first, then per step (after the denoiser and the hook) one ``z`` of
+    ``shape`` — every step whenever the update can be stochastic (η > 0, "ddpm", or a hook is set, since a hook
+    may make σ' > 0), never otherwise. Drawing unconditionally in those cases keeps the streams aligned.
+    """
+    sampler = Sampler(schedule, config)
+    g = config.guidance_scale
+    if g != 1.0:
+        _require_cfg_labels(y, null_label, g)
+    noise = NoiseSource(seed, sample_indices, device)
+    B = len(noise)
+    if y is not None:
+        y = torch.as_tensor(y, dtype=torch.long, device=device)
+        if tuple(y.shape) != (B,):
+            raise ConfigError(f"y has shape {tuple(y.shape)}, expected ({B},): one class label per sample.")
+    draw_z = sampler.stochastic or hook is not None
+    x = noise.randn(shape)
+    with torch.inference_mode():
+        for i in tqdm(range(len(sampler)), desc="sampling", disable=not progress, leave=False):
+            info = sampler.info(i)
+            t = torch.full((B,), info.t, dtype=torch.long, device=noise.device)
+            try:
+                eps = guided_eps(denoiser, x, t, y, null_label, g).float()
+            except DataError as err:
+                raise DataError(f"sampling step {i + 1}/{len(sampler)}: {err}") from err
+            sigma = None
+            if hook is not None:
+                eps, sigma = hook(info, x, eps, noise)
+            z = noise.randn(shape) if draw_z else None
+            x = sampler.step(i, x, eps, z, sigma)
+    return x

@@ -1,0 +1,58 @@
+"""The command line end to end: train -> sample on digits and shapes, the quick demo, env, error exits."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tdqrt.tools.cli import main
+
+
+@pytest.mark.parametrize("data,channels,size", [("digits", 1, 16), ("shapes", 3, 32)])
+def test_train_then_sample(tmp_path, data, channels, size):
+    model = tmp_path / "model"
+    args = ["train", "--data", data, "--model", "tiny", "--out", str(model), "--steps", "3", "--batch", "8",
+            "--warmup", "1", "--num-data", "64"]
+    assert main(args) == 0
+    assert (model / "model.safetensors").is_file() and (model / "loss.png").is_file()
+    out = tmp_path / "samples"
+    assert main(["sample", "--model", str(model), "--out", str(out), "--num", "6", "--batch", "4", "--steps", "3",
+                 "--sampler", "ddim", "--eta", "1", "--guidance", "2"]) == 0
+    npz = np.load(out / "samples.npz")
+    assert npz["arr_0"].shape == (6, size, size, channels) and npz["arr_0"].dtype == np.uint8
+    expected_labels = np.arange(6) % (10 if data == "digits" else 3)
+    assert np.array_equal(npz["labels"], expected_labels)
+    assert Image.open(out / "grid.png").size[0] > size
+    meta = json.loads((out / "sample.json").read_text())
+    assert meta["job"]["sampler"]["guidance_scale"] == 2.0
+
+
+def test_sample_is_independent_of_batch_size(tiny_digits_model, tmp_path):
+    common = ["--model", str(tiny_digits_model), "--num", "5", "--steps", "4", "--sampler", "ddpm", "--seed", "3"]
+    assert main(["sample", *common, "--out", str(tmp_path / "a"), "--batch", "5"]) == 0
+    assert main(["sample", *common, "--out", str(tmp_path / "b"), "--batch", "2"]) == 0
+    a, b = np.load(tmp_path / "a" / "samples.npz")["arr_0"], np.load(tmp_path / "b" / "samples.npz")["arr_0"]
+    assert np.array_equal(a, b)
+
+
+def test_quick_demo(tmp_path):
+    assert main(["demo", "--out", str(tmp_path), "--quick"]) == 0
+    report = (tmp_path / "report.md").read_text()
+    for section in ("## FP model", "## Samples (FP)", "## Timings", "samples/grid.png"):
+        assert section in report
+    assert (tmp_path / "samples" / "grid.png").is_file()
+    assert json.loads((tmp_path / "demo.json").read_text())["model_origin"] == "trained by this demo"
+
+
+def test_env_prints_versions(capsys):
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    for key in ("torch", "onnxruntime", "polygraphy", "tensorrt", "cuda available"):
+        assert key in out
+
+
+def test_errors_exit_2_with_a_message(tmp_path, capsys):
+    assert main(["sample", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    assert "not a model directory" in capsys.readouterr().err
+    assert main(["train", "--model", "gigantic", "--out", str(tmp_path / "m")]) == 2
+    assert "preset" in capsys.readouterr().err

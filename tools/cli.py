@@ -1,0 +1,131 @@
+"""The ``tdqrt`` command line: one entry point, one subcommand per stage, each a thin layer that turns
+arguments into a validated config object and calls the library function that does the work.
+
+Errors tdqrt raises on purpose (``TdqrtError``) are printed as one line and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tdqrt.engines.errors import TdqrtError
+
+def _add_sampler_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta in [0, 1] (default 0)")
+    p.add_argument("--spacing", choices=("uniform", "quadratic"), default="uniform")
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+
+
+def _sampler_config(args: argparse.Namespace):
+    from tdqrt.runtime.sampling import SamplerConfig
+
+    return SamplerConfig(kind=args.sampler, steps=args.steps, eta=args.eta, spacing=args.spacing,
+                         guidance_scale=args.guidance)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tdqrt", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train an FP diffusion UNet (EMA, resumable)")
+    p.add_argument("--data", default="digits", help="digits, shapes, or a folder of images")
+    p.add_argument("--model", default="small", help="UNet preset (tiny, small, ...)")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr-schedule", choices=("cosine", "linear", "constant"), default="cosine")
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--ema", type=float, default=0.999, help="EMA decay")
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--image-size", type=int, default=None, help="resize the data (required for folders)")
+    p.add_argument("--num-data", type=int, default=None, help="cap on the number of training images")
+    p.add_argument("--schedule", choices=("linear", "cosine", "scaled_linear"), default="linear")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.set_defaults(run=_run_train)
+
+    p = sub.add_parser("sample", help="sample a model to samples.npz + grid.png")
+    p.add_argument("--model", required=True, type=Path, help="model directory (model.json)")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--num", type=int, default=64)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    _add_sampler_args(p)
+    p.set_defaults(run=_run_sample)
+
+    p = sub.add_parser("demo", help="run the end-to-end demo on the bundled digits")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--quick", action="store_true", help="tiny model, few steps: a smoke test in seconds")
+    p.add_argument("--retrain", action="store_true", help="train the demo model instead of using the shipped one")
+    p.add_argument("--num", type=int, default=100)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(run=_run_demo)
+
+    p = sub.add_parser("env", help="print the versions of torch, onnx, onnxruntime, polygraphy, tensorrt, CUDA")
+    p.set_defaults(run=_run_env)
+    return parser
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from tdqrt.calibration.training import TrainConfig, train
+    from tdqrt.engines.artifacts import read_json
+    from tdqrt.runtime.schedules import ScheduleConfig
+    from tdqrt.tools.plots import save_curve
+
+    cfg = TrainConfig(data=args.data, model=args.model, steps=args.steps, batch_size=args.batch, lr=args.lr,
+                      lr_schedule=args.lr_schedule, warmup_steps=args.warmup, ema_decay=args.ema,
+                      checkpoint_every=args.checkpoint_every, seed=args.seed, image_size=args.image_size,
+                      num_data=args.num_data, schedule=ScheduleConfig(kind=args.schedule))
+    out = train(cfg, args.out, resume=args.resume)
+    loss = read_json(out / "train_log.json")["loss"]
+    save_curve(out / "loss.png", {"loss": ([s for s, _ in loss], [v for _, v in loss])}, xlabel="step",
+               ylabel="ε-MSE", title=f"training loss ({cfg.model} on {cfg.data})", logy=True)
+    print(f"model written to {out} (model.safetensors, model.json, loss.png)")
+    return 0
+
+
+def _run_sample(args: argparse.Namespace) -> int:
+    from tdqrt.tools.sample import SampleJob, sample_model
+
+    job = SampleJob(num=args.num, batch=args.batch, seed=args.seed, device=args.device, sampler=_sampler_config(args))
+    res = sample_model(args.model, args.out, job)
+    print(f"{len(res.images)} samples in {res.seconds:.1f} s -> {res.out_dir}/samples.npz, grid.png")
+    return 0
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from tdqrt.tools.demo import DemoConfig, run_demo
+
+    report = run_demo(args.out, DemoConfig(quick=args.quick, retrain=args.retrain, num=args.num, steps=args.steps,
+                                           device=args.device))
+    print(f"report: {report}")
+    return 0
+
+
+def _run_env(args: argparse.Namespace) -> int:
+    from tdqrt.tools.env import environment
+
+    info = environment()
+    width = max(map(len, info))
+    for k, v in info.items():
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except TdqrtError as exc:
+        print(f"tdqrt {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
