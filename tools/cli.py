@@ -48,8 +48,26 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     p.set_defaults(run=_run_train)
 
+    p = sub.add_parser("calibrate", help="quantize an FP model (minmax, mse, brecq, tdq-ptq, tdq-qat)")
+    p.add_argument("--model", required=True, type=Path, help="FP model directory (model.json)")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--method", default="minmax", help="minmax, mse, brecq, tdq-ptq or tdq-qat")
+    p.add_argument("--wbits", type=int, default=8)
+    p.add_argument("--abits", type=int, default=8)
+    p.add_argument("--weight-granularity", choices=("channel", "tensor"), default="channel")
+    p.add_argument("--keep-float", nargs="*", default=None, help="module-name patterns left in float")
+    p.add_argument("--calib", type=Path, default=None, help="reuse a calibration set directory")
+    p.add_argument("--calib-num", type=int, default=256, help="calibration trajectories (default 256)")
+    p.add_argument("--calib-keep", type=int, default=20, help="kept steps per trajectory (default 20)")
+    p.add_argument("--calib-steps", type=int, default=50, help="DDIM steps of the calibration sampler")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="method option (e.g. iters_w=2000); repeatable")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=1234)
+    p.set_defaults(run=_run_calibrate)
+
     p = sub.add_parser("sample", help="sample a model to samples.npz + grid.png")
-    p.add_argument("--model", required=True, type=Path, help="model directory (model.json)")
+    p.add_argument("--model", required=True, type=Path, help="FP (model.json) or quantized (quant.json) model directory")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--num", type=int, default=64)
     p.add_argument("--batch", type=int, default=64)
@@ -87,6 +105,44 @@ def _run_train(args: argparse.Namespace) -> int:
     save_curve(out / "loss.png", {"loss": ([s for s, _ in loss], [v for _, v in loss])}, xlabel="step",
                ylabel="ε-MSE", title=f"training loss ({cfg.model} on {cfg.data})", logy=True)
     print(f"model written to {out} (model.safetensors, model.json, loss.png)")
+    return 0
+
+
+def _parse_options(pairs: list[str]) -> dict:
+    """``KEY=VALUE`` strings -> dict; values are read as JSON where they parse (numbers, booleans, lists)."""
+    import json
+
+    from tdqrt.engines.errors import ConfigError
+
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--option {pair!r} must look like KEY=VALUE")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def _run_calibrate(args: argparse.Namespace) -> int:
+    from tdqrt.calibration.quant.api import CalibrateConfig, calibrate, load_model_dir
+    from tdqrt.calibration.quant.calib_set import CalibSetConfig
+    from tdqrt.calibration.quant.config import DEFAULT_KEEP_FLOAT, QuantConfig
+    from tdqrt.runtime.sampling import SamplerConfig
+    from tdqrt.tools.plots import save_scale_curves
+
+    quant = QuantConfig(method=args.method, wbits=args.wbits, abits=args.abits,
+                        weight_granularity=args.weight_granularity,
+                        keep_float=tuple(args.keep_float) if args.keep_float is not None else DEFAULT_KEEP_FLOAT)
+    calib_set = CalibSetConfig(num=args.calib_num, keep_steps=args.calib_keep, seed=args.seed,
+                               sampler=SamplerConfig(kind="ddim", steps=args.calib_steps))
+    cfg = CalibrateConfig(quant=quant, calib_set=calib_set, options=_parse_options(args.option), device=args.device)
+    out = calibrate(args.model, args.out, cfg, calib_dir=args.calib)
+    qm = load_model_dir(out).model
+    save_scale_curves(out / "scales.png", qm.scale_table(), qm.layer_names, title=f"{args.method} W{args.wbits}A{args.abits}")
+    print(f"quantized model written to {out} (quant.safetensors, quant.json, scales.png)")
     return 0
 
 

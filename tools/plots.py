@@ -59,3 +59,14 @@ def save_curve(path: str | Path, series: dict[str, tuple[list[float], list[float
         fig.savefig(tmp, format="png")
     plt.close(fig)
     return Path(path)
+
+
+def save_scale_curves(path: str | Path, table, layer_names: list[str], *, title: str, max_layers: int = 6) -> Path:
+    """Activation scale vs timestep for up to ``max_layers`` layers spread over the network (``table`` ``[T, L]``)."""
+    import numpy as np
+
+    table = np.asarray(table)
+    picks = sorted({int(round(i)) for i in np.linspace(0, table.shape[1] - 1, min(max_layers, table.shape[1]))})
+    t = list(range(table.shape[0]))
+    series = {layer_names[i]: (t, table[:, i].tolist()) for i in picks}
+    return save_curve(path, series, xlabel="timestep t", ylabel="activation scale", title=title, logy=True)

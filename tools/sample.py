@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from tdqrt.calibration.checkpoint import load_fp_checkpoint
 from tdqrt.calibration.data.images import to_uint8_nhwc
+from tdqrt.calibration.quant.api import load_model_dir
 from tdqrt.engines.artifacts import atomic_path, write_json_atomic
 from tdqrt.engines.errors import ConfigError
 from tdqrt.runtime.sampling import SamplerConfig, sample
@@ -65,9 +65,9 @@ def write_samples(out_dir: Path, images: np.ndarray, labels: np.ndarray, meta: d
 
 
 def sample_model(model_dir: str | Path, out_dir: str | Path, job: SampleJob, *, progress: bool = True) -> SampleResult:
-    """Draw ``job.num`` images from the FP checkpoint in ``model_dir`` and write them into ``out_dir``."""
+    """Draw ``job.num`` images from the FP or quantized (fake-quant) checkpoint in ``model_dir`` into ``out_dir``."""
     out_dir = Path(out_dir)
-    ckpt = load_fp_checkpoint(model_dir, device=job.device)
+    ckpt = load_model_dir(model_dir, device=job.device)
     model = ckpt.model
     schedule = NoiseSchedule(ckpt.schedule)
     shape = (model.in_channels, model.image_size, model.image_size)

@@ -1,0 +1,76 @@
+"""``calibrate``: FP checkpoint + calibration data + method -> quantized checkpoint (the ``tdqrt calibrate`` verb),
+and ``load_model_dir``: open an FP or a quantized checkpoint directory alike."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+# Importing a method module registers it in METHODS.
+import tdqrt.calibration.quant.static  # noqa: F401
+from tdqrt.calibration.checkpoint import CARD_FILE, FPCheckpoint, load_fp_checkpoint
+from tdqrt.calibration.quant.calib_set import CalibrationSet, CalibSetConfig, collect_calibration_set
+from tdqrt.calibration.quant.checkpoint import QUANT_CARD, load_quant_checkpoint, save_quant_checkpoint
+from tdqrt.calibration.quant.config import QuantConfig
+from tdqrt.calibration.quant.methods import CalibrationJob, method_spec, options_from_dict
+from tdqrt.engines.artifacts import write_json_atomic
+from tdqrt.engines.errors import ArtifactError
+from tdqrt.runtime.schedules import NoiseSchedule
+
+
+@dataclass(frozen=True)
+class CalibrateConfig:
+    """A whole calibration run: quantizer settings, calibration-set settings, method options (a dict validated by
+    the method's own options class), and the device."""
+
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    calib_set: CalibSetConfig = field(default_factory=CalibSetConfig)
+    options: dict = field(default_factory=dict)
+    device: str = "cpu"
+
+    def method_options(self) -> Any:
+        return options_from_dict(method_spec(self.quant.method).options_cls, self.options)
+
+
+def load_model_dir(path: str | Path, *, device: str = "cpu") -> FPCheckpoint:
+    """Open ``path`` as a quantized checkpoint (``quant.json``) or an FP one (``model.json``)."""
+    path = Path(path)
+    if (path / QUANT_CARD).is_file():
+        return load_quant_checkpoint(path, device=device)
+    if (path / CARD_FILE).is_file() or not path.is_dir():
+        return load_fp_checkpoint(path, device=device)
+    raise ArtifactError(f"{path} holds neither {CARD_FILE} (FP model) nor {QUANT_CARD} (quantized model)")
+
+
+def calibrate(model_dir: str | Path, out_dir: str | Path, cfg: CalibrateConfig, *,
+              calib_dir: Optional[str | Path] = None, progress: bool = True) -> Path:
+    """Quantize the FP model in ``model_dir`` with ``cfg`` and write the checkpoint into ``out_dir``.
+
+    The calibration set is read from ``calib_dir`` when given (share one set between methods), otherwise it
+    is collected into ``out_dir/calib``.
+    """
+    out_dir = Path(out_dir)
+    options = cfg.method_options()
+    fp = load_fp_checkpoint(model_dir, device=cfg.device)
+    schedule = NoiseSchedule(fp.schedule)
+    t0 = time.perf_counter()
+    if calib_dir is not None:
+        calib = CalibrationSet(calib_dir)
+    else:
+        calib = collect_calibration_set(fp.model, schedule, cfg.calib_set, out_dir / "calib", device=cfg.device,
+                                        progress=progress)
+    t_calib = time.perf_counter() - t0
+    job = CalibrationJob(fp, schedule, calib, cfg.quant, options, out_dir / "work", cfg.device, progress)
+    t0 = time.perf_counter()
+    qm = method_spec(cfg.quant.method).run(job)
+    qm.freeze()
+    wall = time.perf_counter() - t0
+    calibration = {"path": str(calib.path), "count": len(calib), "timesteps": calib.timesteps,
+                   "config": calib.meta["config"]}
+    write_json_atomic(out_dir / "calibrate_config.json", {"quant": cfg.quant.to_dict(),
+                                                          "calib_set": cfg.calib_set.to_dict(),
+                                                          "options": cfg.options, "device": cfg.device})
+    return save_quant_checkpoint(out_dir, qm.cpu(), fp, options, calibration=calibration,
+                                 extra={"wall_time_s": {"calibration_set": round(t_calib, 2),
+                                                        "method": round(wall, 2)}})

@@ -1,0 +1,67 @@
+"""``QuantConfig``: what to quantize and how — validated on construction, saved beside the quantized checkpoint."""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import asdict, dataclass, fields
+
+from tdqrt.calibration.quant.intmath import MAX_BITS, MIN_BITS
+from tdqrt.engines.errors import ConfigError
+
+METHODS = ("minmax", "mse", "brecq", "tdq-ptq", "tdq-qat")
+
+# Kept in float by default, as TensorRT deployments and the papers do (tensorrt-qdq.md §1.5, methods §1.4):
+# the first and last conv, the timestep-embedding MLP and the per-ResBlock timestep projections, and the class
+# embedding. Patterns are fnmatch-style on module names and cover the built-in UNet and diffusers' UNet2DModel.
+DEFAULT_KEEP_FLOAT = (
+    "*conv_in",
+    "*conv_out",
+    "*time_embed*",
+    "*temb_proj",
+    "*time_emb_proj",
+    "*class_embed*",
+)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Bit-widths, weight granularity, layers kept in float, and the calibration method.
+
+    GroupNorm, SiLU, softmax and the attention matmuls are never quantized (they are not Conv2d/Linear), which
+    matches TensorRT's INT8 recipe; ``keep_float`` adds Conv2d/Linear layers to leave in float by name.
+    ``lp_norm`` is the exponent of the L_p error minimised by the ``mse`` scale search (2.4 as in BRECQ).
+    """
+
+    method: str = "minmax"
+    wbits: int = 8
+    abits: int = 8
+    weight_granularity: str = "channel"
+    keep_float: tuple[str, ...] = DEFAULT_KEEP_FLOAT
+    lp_norm: float = 2.4
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"method {self.method!r} is not one of {list(METHODS)}")
+        for name in ("wbits", "abits"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or not MIN_BITS <= v <= MAX_BITS:
+                raise ConfigError(f"{name}={v!r} is invalid; use an integer in [{MIN_BITS}, {MAX_BITS}] (8 = INT8)")
+        if self.weight_granularity not in ("channel", "tensor"):
+            raise ConfigError(f"weight_granularity {self.weight_granularity!r} must be 'channel' or 'tensor'")
+        if isinstance(self.keep_float, str) or not all(isinstance(p, str) and p for p in self.keep_float):
+            raise ConfigError(f"keep_float must be a list of non-empty name patterns, got {self.keep_float!r}")
+        object.__setattr__(self, "keep_float", tuple(self.keep_float))
+        if not self.lp_norm > 0:
+            raise ConfigError(f"lp_norm must be > 0, got {self.lp_norm}")
+
+    def keeps_float(self, module_name: str) -> bool:
+        return any(fnmatch.fnmatchcase(module_name, p) for p in self.keep_float)
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"keep_float": list(self.keep_float)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantConfig":
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown QuantConfig fields {sorted(unknown)}")
+        return cls(**d)
