@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from tdqrt.calibration.checkpoint import save_fp_checkpoint
-from tdqrt.calibration.data import load_dataset
+from tdqrt.calibration.data import ImageData, load_dataset
 from tdqrt.calibration.models import PRESET_NAMES, count_parameters, model_from_preset
 from tdqrt.engines.artifacts import atomic_path, read_json, write_json_atomic
 from tdqrt.engines.errors import ArtifactError, ConfigError
@@ -101,11 +101,34 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
 
 
 @torch.no_grad()
-def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """``ema ← decay·ema + (1 − decay)·model`` for parameters; buffers are copied."""
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p, 1.0 - decay)
     for e, b in zip(ema.buffers(), model.buffers()):
         e.copy_(b)
+
+
+def ema_warmup_decay(decay: float, step: int) -> float:
+    """EMA decay at ``step`` (0-based): grows as (1+k)/(10+k) up to ``decay``, so early steps do not freeze the
+    average at the initial weights."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+def noisy_batch(data: ImageData, schedule: NoiseSchedule, batch_size: int, gen: torch.Generator, *,
+                cond_drop_prob: float, null_label: int | None):
+    """One batch of the ε-prediction objective: ``(x_t, t, y, noise)`` with images drawn with replacement,
+    t ~ U{0..T−1} per sample, labels replaced by ``null_label`` with probability ``cond_drop_prob`` (CFG);
+    ``y`` is None for unlabelled data. All randomness comes from ``gen``."""
+    idx = torch.randint(0, len(data), (batch_size,), generator=gen)
+    x0 = data.images[idx]
+    y = None
+    if data.num_classes:
+        y = data.labels[idx].clone()
+        y[torch.rand(batch_size, generator=gen) < cond_drop_prob] = null_label
+    t = torch.randint(0, schedule.num_train_timesteps, (batch_size,), generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    return schedule.add_noise(x0, noise, t), t, y, noise
 
 
 def _check_resumable(saved: dict, cfg: TrainConfig, path: Path) -> None:
@@ -164,19 +187,12 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
         write_json_atomic(out_dir / LOG_FILE, {"loss": log})
 
     model.train()
-    n = data.images.shape[0]
     t0 = time.perf_counter()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, desc="train")
     for step in bar:
-        idx = torch.randint(0, n, (cfg.batch_size,), generator=gen)
-        x0 = data.images[idx]
-        y = None
-        if num_classes:
-            y = data.labels[idx].clone()
-            y[torch.rand(cfg.batch_size, generator=gen) < cfg.cond_drop_prob] = model.null_label
-        t = torch.randint(0, cfg.schedule.num_train_timesteps, (cfg.batch_size,), generator=gen)
-        noise = torch.randn(x0.shape, generator=gen)
-        loss = F.mse_loss(model(schedule.add_noise(x0, noise, t), t, y), noise)
+        x_t, t, y, noise = noisy_batch(data, schedule, cfg.batch_size, gen, cond_drop_prob=cfg.cond_drop_prob,
+                                       null_label=model.null_label)
+        loss = F.mse_loss(model(x_t, t, y), noise)
         if not torch.isfinite(loss):
             raise ArtifactError(f"training diverged at step {step} (loss {loss.item()}); lower --lr")
         for group in opt.param_groups:
@@ -185,8 +201,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        # EMA warm-up (decay grows as (1+k)/(10+k)) so early steps do not freeze the average at the init.
-        _ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
+        ema_update(ema, model, ema_warmup_decay(cfg.ema_decay, step))
         log.append([step, loss.item()])
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:

@@ -1,5 +1,14 @@
-"""Noise schedules, DDPM/DDIM samplers with classifier-free guidance, the per-step correction hook, and the
-backend-agnostic sampling loop. Imports only ``tdqrt.engines``: a deployment host needs nothing else."""
+"""Noise schedules, DDPM/DDIM samplers with classifier-free guidance, the per-step correction hook, the D² / PTQD
+statistics table and corrections, and the backend-agnostic sampling loop. Imports only ``tdqrt.engines``: a
+deployment host needs nothing else."""
+from tdqrt.runtime.corrections import (
+    DeterministicD2,
+    EpsCorrection,
+    PTQDCorrection,
+    StochasticD2,
+    make_correction,
+)
+from tdqrt.runtime.d2 import D2Settings, D2Table, check_settings
 from tdqrt.runtime.sampling import (
     NoiseSource,
     Sampler,
@@ -23,4 +32,12 @@ __all__ = [
     "make_timesteps",
     "guided_eps",
     "sample",
+    "D2Settings",
+    "D2Table",
+    "check_settings",
+    "EpsCorrection",
+    "StochasticD2",
+    "DeterministicD2",
+    "PTQDCorrection",
+    "make_correction",
 ]

@@ -1,7 +1,14 @@
-"""Shared fixtures: a tiny FP checkpoint trained once per session (seconds on CPU)."""
+"""Shared fixtures: a tiny FP checkpoint trained once per session (seconds on CPU).
+
+The suite runs torch on one thread: its models are tiny, and with two threads a second process on the same two
+cores (a build, another test run) slows small ops down by 10-40x through OpenMP spin-waiting.
+"""
 import pytest
+import torch
 
 from tdqrt.calibration.training import TrainConfig, train
+
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

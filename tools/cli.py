@@ -74,7 +74,44 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     _add_sampler_args(p)
+    p.add_argument("--d2", choices=("off", "s", "d", "ptqd"), default="off",
+                   help="quantization-error correction: S-D², D-D², PTQD (default off)")
+    p.add_argument("--d2-granularity", choices=("tensor", "channel"), default="channel")
+    p.add_argument("--d2-stats", type=Path, default=None, help="statistics directory from `tdqrt d2-stats`")
+    p.add_argument("--d2-force", action="store_true", help="use statistics collected for other settings")
     p.set_defaults(run=_run_sample)
+
+    p = sub.add_parser("d2-stats", help="collect D²/PTQD quantization-error statistics (FP vs quantized)")
+    p.add_argument("--fp", required=True, type=Path, help="FP model directory")
+    p.add_argument("--quant", required=True, type=Path, help="quantized model directory")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--num", type=int, default=256, help="trajectories (default 256)")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--outlier-sigma", type=float, default=4.0)
+    p.add_argument("--device", default="cpu")
+    _add_sampler_args(p)
+    p.set_defaults(run=_run_d2_stats)
+
+    p = sub.add_parser("export", help="export a quantized model to an ONNX Q/DQ bundle (unet.onnx, unet_fp.onnx, manifest)")
+    p.add_argument("--quant", required=True, type=Path, help="quantized model directory (quant.json)")
+    p.add_argument("--out", required=True, type=Path, help="bundle directory to write")
+    p.add_argument("--d2-stats", type=Path, default=None, help="D² statistics directory to ship in the bundle")
+    p.add_argument("--fp", type=Path, default=None, help="FP model directory if it moved (default: the path in quant.json)")
+    p.add_argument("--target", default="trt", help="graph flavour: trt (ort-cpu planned)")
+    p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17; 19 with --dtype fp16)")
+    p.add_argument("--ratio-op", choices=("div", "mul"), default="div",
+                   help="how r_t enters before Q: div by s_t/s_ref (bit-exact codes, default) or mul by r_t")
+    p.add_argument("--no-polygraphy", action="store_true", help="skip `polygraphy check lint` (our rules still run)")
+    p.set_defaults(run=_run_export)
+
+    p = sub.add_parser("lint", help="check a bundle or an .onnx file against the TensorRT Q/DQ rules")
+    p.add_argument("path", type=Path, help="bundle directory or model.onnx")
+    p.add_argument("--target", default=None, help="rules of this flavour (default: the bundle's, or trt)")
+    p.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
+    p.add_argument("--no-polygraphy", action="store_true", help="skip `polygraphy check lint`")
+    p.set_defaults(run=_run_lint)
 
     p = sub.add_parser("demo", help="run the end-to-end demo on the bundled digits")
     p.add_argument("--out", required=True, type=Path)
@@ -84,6 +121,40 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--device", default="cpu")
     p.set_defaults(run=_run_demo)
+
+    p = sub.add_parser("extractor", help="train the small CNN feature extractor that eval uses on digits/shapes")
+    p.add_argument("--data", default="digits", help="digits, shapes, or a folder with one subfolder per class")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default: $TDQRT_CACHE_DIR/extractors/tdqrt-<data>-cnn, "
+                        "~/.cache/tdqrt/... - where eval looks when no extractor is given)")
+    p.add_argument("--image-size", type=int, default=None, help="side length (default: the data set's; folders: required)")
+    p.add_argument("--steps", type=int, default=500, help="training steps (default 500)")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads while training")
+    p.set_defaults(run=_run_extractor)
+
+    p = sub.add_parser("eval", help="FID/KID/IS/precision-recall of samples against a reference set")
+    p.add_argument("--samples", required=True, type=Path, help="samples.npz (arr_0 uint8 NHWC) or a folder of images")
+    p.add_argument("--ref", required=True, help="digits, shapes, a .npz or a folder of images")
+    p.add_argument("--metrics", default="fid,kid,isc,prc", help="comma-separated subset of fid,kid,isc,prc")
+    p.add_argument("--feature-extractor", default=None,
+                   help="folder of `tdqrt extractor` or name tdqrt-<data>-cnn (default: the reference's default "
+                        "extractor folder)")
+    p.add_argument("--inception-weights", type=Path, default=None,
+                   help="local pt_inception-2015-12-05-6726825d.pth: standard Inception FID (never downloaded)")
+    p.add_argument("--out", type=Path, default=None, help="result JSON (default: eval.json beside the samples)")
+    p.add_argument("--kid-subset-size", type=int, default=None, help="default min(1000, #samples, #ref)")
+    p.add_argument("--kid-subsets", type=int, default=100)
+    p.add_argument("--ref-num", type=int, default=None, help="cap on the number of reference images")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="reference feature cache (default $TDQRT_CACHE_DIR/fidelity, ~/.cache/tdqrt/fidelity)")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the reference feature cache")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--threads", type=int, default=None, help="torch/BLAS CPU threads during the evaluation")
+    p.set_defaults(run=_run_eval)
 
     p = sub.add_parser("env", help="print the versions of torch, onnx, onnxruntime, polygraphy, tensorrt, CUDA")
     p.set_defaults(run=_run_env)
@@ -149,10 +220,47 @@ def _run_calibrate(args: argparse.Namespace) -> int:
 def _run_sample(args: argparse.Namespace) -> int:
     from tdqrt.tools.sample import SampleJob, sample_model
 
-    job = SampleJob(num=args.num, batch=args.batch, seed=args.seed, device=args.device, sampler=_sampler_config(args))
+    job = SampleJob(num=args.num, batch=args.batch, seed=args.seed, device=args.device, sampler=_sampler_config(args),
+                    d2=args.d2, d2_granularity=args.d2_granularity,
+                    d2_stats=None if args.d2_stats is None else str(args.d2_stats), d2_force=args.d2_force)
     res = sample_model(args.model, args.out, job)
     print(f"{len(res.images)} samples in {res.seconds:.1f} s -> {res.out_dir}/samples.npz, grid.png")
     return 0
+
+
+def _run_d2_stats(args: argparse.Namespace) -> int:
+    from tdqrt.tools.d2 import D2StatsJob, collect_to_dir
+
+    job = D2StatsJob(sampler=_sampler_config(args), num=args.num, batch=args.batch, seed=args.seed,
+                     outlier_sigma=args.outlier_sigma, device=args.device)
+    collect_to_dir(args.fp, args.quant, args.out, job)
+    print(f"D² statistics written to {args.out} (d2.npz, d2.json, d2.png)")
+    return 0
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from tdqrt.export.bundle import export_bundle
+    from tdqrt.export.exporter import ExportConfig
+
+    cfg = ExportConfig(target=args.target, dtype=args.dtype, opset=args.opset, ratio_op=args.ratio_op,
+                       polygraphy=not args.no_polygraphy)
+    out = export_bundle(args.quant, args.out, cfg, d2_stats=args.d2_stats, fp_dir=args.fp)
+    print(f"bundle written to {out} (unet.onnx, unet_fp.onnx, manifest.json{', d2' if args.d2_stats else ''}); "
+          f"lint clean, report in {out / 'lint.json'}")
+    return 0
+
+
+def _run_lint(args: argparse.Namespace) -> int:
+    from tdqrt.export.lint import lint_path
+
+    kwargs = {"polygraphy": not args.no_polygraphy}
+    if args.target is not None:
+        kwargs["target"] = args.target
+    report = lint_path(args.path, **kwargs)
+    print(report.format())
+    if args.json is not None:
+        report.save(args.json)
+    return 0 if report else 1
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -161,6 +269,33 @@ def _run_demo(args: argparse.Namespace) -> int:
     report = run_demo(args.out, DemoConfig(quick=args.quick, retrain=args.retrain, num=args.num, steps=args.steps,
                                            device=args.device))
     print(f"report: {report}")
+    return 0
+
+
+def _run_extractor(args: argparse.Namespace) -> int:
+    from tdqrt.tools.extractor import ExtractorConfig, train_extractor
+
+    cfg = ExtractorConfig(data=args.data, image_size=args.image_size, steps=args.steps, batch=args.batch,
+                          seed=args.seed, threads=args.threads)
+    ext = train_extractor(cfg, args.out, progress=True)
+    print(f"extractor {ext.name} written to {ext.weights.parent} (held-out accuracy {ext.card['accuracy']:.4f}, "
+          f"{ext.card['training']['seconds']:.1f} s, sha256 {ext.sha256[:12]})")
+    return 0
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from tdqrt.tools.metrics import EvalConfig, evaluate, format_metrics
+
+    cfg = EvalConfig(metrics=args.metrics, feature_extractor=args.feature_extractor,
+                     inception_weights=args.inception_weights, kid_subset_size=args.kid_subset_size,
+                     kid_subsets=args.kid_subsets, ref_num=args.ref_num, batch=args.batch, seed=args.seed,
+                     cache_dir=args.cache_dir, cache=not args.no_cache, out=args.out, device=args.device,
+                     threads=args.threads)
+    result = evaluate(args.samples, args.ref, cfg)
+    for line in format_metrics(result):
+        print(line)
+    print(f"({result['samples']['count']} samples vs {result['ref']['count'] if result['ref'] else 0} reference "
+          f"images, extractor sha256 {result['extractor']['sha256'][:12]}) -> {result['path']}")
     return 0
 
 

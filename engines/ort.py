@@ -1,0 +1,143 @@
+"""ONNX Runtime backend: a :class:`~tdqrt.engines.denoiser.Denoiser` over a bundle's ``unet.onnx`` (or any ONNX
+file with the tdqrt signature ``(sample, timestep[, class_labels]) -> eps``).
+
+Torch tensors in, torch tensors out: inputs are moved to the CPU as numpy arrays in the model's input dtypes
+(float32 or float16 ``sample``, int64 ``timestep`` / ``class_labels``), the output comes back as float32 on the
+device of ``x``. The attributes ``num_classes``, ``null_label``, ``image_size``, ``in_channels`` come from the bundle
+manifest (or, for a bare ``.onnx`` file, from its ``tdqrt.*`` metadata), so ``tdqrt.runtime.sampling.sample``
+drives it exactly like the torch model.
+
+Providers: the CUDA execution provider first when ``onnxruntime-gpu`` is installed and torch sees a CUDA device,
+then the CPU provider. ``onnxruntime`` is imported when a denoiser is created, so importing this module is cheap.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from tdqrt.engines.bundle import Bundle, is_bundle_dir, open_bundle
+from tdqrt.engines.errors import ArtifactError, ConfigError, DataError
+
+_NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+              "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+METADATA_PREFIX = "tdqrt."
+
+
+def default_providers() -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    providers = []
+    if "CUDAExecutionProvider" in available and torch.cuda.is_available():
+        providers.append("CUDAExecutionProvider")
+    providers.append("CPUExecutionProvider")
+    return providers
+
+
+def create_session(path: Path, providers: Optional[Sequence[Any]] = None, *, threads: Optional[int] = None,
+                   session_options: Any = None):
+    """An ``InferenceSession`` for ``path``; an unreadable file raises ``ArtifactError`` naming it."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path} does not exist; re-export with `tdqrt export`")
+    so = session_options or ort.SessionOptions()
+    if threads is not None:
+        so.intra_op_num_threads = int(threads)
+    so.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), sess_options=so, providers=list(providers or default_providers()))
+    except Exception as exc:  # InvalidProtobuf, Fail, InvalidGraph, ... (pybind exceptions)
+        raise ArtifactError(f"{path} cannot be loaded by ONNX Runtime ({type(exc).__name__}: {str(exc)[:400]}); the "
+                            "file is truncated or corrupt — re-export it with `tdqrt export`") from exc
+
+
+class OrtDenoiser:
+    """``eps = denoiser(x, t, y)`` with ONNX Runtime.
+
+    ``source``: a :class:`Bundle`, a bundle directory (verified: every hash), or an ``.onnx`` file. ``role``
+    picks the bundle's ``"unet"`` (INT8, default) or ``"unet_fp"`` (FP reference) graph.
+    """
+
+    def __init__(self, source: Union[Bundle, str, os.PathLike], providers: Optional[Sequence[Any]] = None, *,
+                 role: str = "unet", threads: Optional[int] = None, session_options: Any = None,
+                 verify: bool = True) -> None:
+        self.bundle: Optional[Bundle] = None
+        if isinstance(source, Bundle):
+            self.bundle = source
+        elif is_bundle_dir(source):
+            self.bundle = open_bundle(source, verify=verify)
+        if self.bundle is not None:
+            path = self.bundle.onnx_path(role)
+            if path is None:
+                raise ArtifactError(f"bundle {self.bundle.path} has no {role} model; re-export it with `tdqrt export`")
+        else:
+            path = Path(source)
+            if path.is_dir():
+                raise ArtifactError(f"{path} is a directory without manifest.json; pass a bundle written by "
+                                    "`tdqrt export` or an .onnx file")
+        self.path = path
+        self.session = create_session(path, providers, threads=threads, session_options=session_options)
+        self.providers = self.session.get_providers()
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        if "sample" not in inputs or "timestep" not in inputs:
+            raise ArtifactError(f"{path} does not have the tdqrt signature (sample, timestep[, class_labels]) -> eps; "
+                                f"its inputs are {sorted(inputs)}")
+        self.input_dtypes = {name: _NP_DTYPES.get(i.type, np.float32) for name, i in inputs.items()}
+        self.conditional = "class_labels" in inputs
+        self.output_name = self.session.get_outputs()[0].name
+        self._describe(inputs)
+
+    def _describe(self, inputs: dict) -> None:
+        if self.bundle is not None:
+            b = self.bundle
+            self.num_classes, self.null_label = b.num_classes, b.null_label
+            self.image_size, self.in_channels = b.image_size, b.in_channels
+            self.num_train_timesteps = int(b.schedule.get("num_train_timesteps", 0)) or None
+            return
+        meta = {k[len(METADATA_PREFIX):]: v for k, v in self.session.get_modelmeta().custom_metadata_map.items()
+                if k.startswith(METADATA_PREFIX)}
+        shape = inputs["sample"].shape
+        self.in_channels = int(meta.get("in_channels") or shape[1])
+        self.image_size = int(meta.get("image_size") or shape[-1])
+        self.num_classes = int(meta.get("num_classes") or 0)
+        null = meta.get("null_label", "")
+        self.null_label = int(null) if null not in ("", None) else (self.num_classes if self.num_classes else None)
+        t = meta.get("num_train_timesteps")
+        self.num_train_timesteps = int(t) if t else None
+
+    def __repr__(self) -> str:
+        return f"OrtDenoiser({str(self.path)!r}, providers={self.providers})"
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if x.ndim != 4 or tuple(x.shape[1:]) != (self.in_channels, self.image_size, self.image_size):
+            raise DataError(f"x has shape {tuple(x.shape)}, this model takes [B, {self.in_channels}, "
+                            f"{self.image_size}, {self.image_size}]")
+        batch = x.shape[0]
+        t = torch.as_tensor(t).reshape(-1)
+        if t.numel() == 1 and batch != 1:
+            t = t.expand(batch)
+        if t.numel() != batch:
+            raise DataError(f"t has {t.numel()} entries for a batch of {batch}")
+        t_np = t.detach().to("cpu", torch.int64).numpy()
+        if self.num_train_timesteps and (t_np.min() < 0 or t_np.max() >= self.num_train_timesteps):
+            raise DataError(f"timesteps must lie in [0, {self.num_train_timesteps}), got {t_np.min()}..{t_np.max()}")
+        feed = {"sample": np.ascontiguousarray(x.detach().to("cpu").numpy().astype(self.input_dtypes["sample"],
+                                                                                     copy=False)),
+                "timestep": t_np.astype(self.input_dtypes["timestep"], copy=False)}
+        if self.conditional:
+            if y is None:
+                if self.null_label is None:
+                    raise ConfigError("this model is class-conditional; pass labels y (it records no null label)")
+                y = torch.full((batch,), self.null_label, dtype=torch.int64)
+            feed["class_labels"] = torch.as_tensor(y).reshape(-1).detach().to("cpu", torch.int64).numpy().astype(
+                self.input_dtypes["class_labels"], copy=False)
+        elif y is not None:
+            raise ConfigError("labels y were given to an unconditional model; pass y=None")
+        out = self.session.run([self.output_name], feed)[0]
+        return torch.from_numpy(np.asarray(out, dtype=np.float32)).to(x.device)

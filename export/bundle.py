@@ -1,0 +1,180 @@
+"""``tdqrt export``: quantized checkpoint (+ its FP checkpoint, + optional D² statistics) -> a bundle directory.
+
+The bundle (read by :mod:`tdqrt.engines.bundle`, which needs none of this code) holds ``unet.onnx`` (the INT8
+Q/DQ graph, ``unet.onnx.data`` beside it when large), ``unet_fp.onnx`` (the FP reference with the same signature),
+``lint.json`` (the lint report of both graphs), ``d2.npz`` + ``d2.json`` when D² statistics are given, and
+``manifest.json`` last: format tag and version, sha256 and size of every file, the model description, quant and
+export settings, schedule, D² sampler settings, sources (paths + sha256) and tool versions.
+
+Atomicity: everything is written into a temporary directory beside the target and renamed onto it at the end; a
+failure (export error, lint error, Ctrl-C) removes the temporary directory, so a half bundle never appears under
+the real name. An existing bundle at the target is replaced only once the new one is complete.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional, Union
+
+from tdqrt.calibration.checkpoint import load_fp_checkpoint
+from tdqrt.calibration.quant.api import load_model_dir
+from tdqrt.calibration.quant.checkpoint import QUANT_FORMAT
+from tdqrt.engines.artifacts import sha256_file, versions, write_json_atomic
+from tdqrt.engines.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST_FILE, UNET_FILE, UNET_FP_FILE, is_bundle_dir
+from tdqrt.engines.errors import ArtifactError, ConfigError
+from tdqrt.export.exporter import ExportConfig, ExportedModel, export_fp, export_quantized, save_onnx
+from tdqrt.export.lint import LintReport, get_flavour, lint_model
+from tdqrt.runtime.d2 import JSON_FILE as D2_JSON
+from tdqrt.runtime.d2 import NPZ_FILE as D2_NPZ
+from tdqrt.runtime.d2 import D2Table
+
+LINT_FILE = "lint.json"
+
+GRAPH_DESCRIPTION = {
+    "div": "x -> Div(s_t/s_ref) -> Q(s_ref) -> DQ(s_ref) -> Conv|MatMul(DQ(W_int8), no bias) -> Mul(s_t/s_ref) "
+           "-> Add(bias); static layers: x -> Q(s) -> DQ(s) -> Conv(DQ(W_int8), bias)",
+    "mul": "x -> Mul(r_t = s_ref/s_t) -> Q(s_ref) -> DQ(s_ref) -> Conv|MatMul(DQ(W_int8), no bias) -> Mul(1/r_t) "
+           "-> Add(bias); static layers: x -> Q(s) -> DQ(s) -> Conv(DQ(W_int8), bias)",
+}
+
+
+def _role(name: str) -> str:
+    return {UNET_FILE: "int8 Q/DQ UNet", UNET_FP_FILE: "FP reference UNet", LINT_FILE: "lint report",
+            D2_NPZ: "D² statistics", D2_JSON: "D² statistics card", UNET_FILE + ".data": "unet.onnx external data",
+            UNET_FP_FILE + ".data": "unet_fp.onnx external data"}.get(name, "")
+
+
+def _check_d2(table: D2Table, d2_dir: Path, quant_sha: str, schedule: dict) -> None:
+    recorded = table.settings.quant_model_sha256
+    if recorded and recorded != quant_sha:
+        raise ConfigError(f"the D² statistics in {d2_dir} were collected for another quantized model (sha256 "
+                          f"{recorded[:12]}…, exporting {quant_sha[:12]}…); run `tdqrt d2-stats` for this one")
+    if table.settings.schedule.to_dict() != schedule:
+        raise ConfigError(f"the D² statistics in {d2_dir} were collected with schedule "
+                          f"{table.settings.schedule.to_dict()}, the model uses {schedule}; re-collect them")
+
+
+def _lint(path: Path, config: ExportConfig, failed_report: Path) -> LintReport:
+    report = lint_model(path, config.target, polygraphy=config.polygraphy, file=path.name)
+    if not report:
+        report.save(failed_report)
+        raise ArtifactError(f"the exported {path.name} fails lint ({len(report.errors)} error(s); report written to "
+                            f"{failed_report}):\n{report.format(max_findings=10)}")
+    return report
+
+
+def _prepare_target(out: Path) -> None:
+    if out.exists():
+        if not out.is_dir():
+            raise ArtifactError(f"{out} exists and is not a directory; choose another --out")
+        if any(out.iterdir()) and not is_bundle_dir(out):
+            raise ArtifactError(f"{out} is a non-empty directory that is not a tdqrt bundle; refusing to replace it. "
+                                "Choose another --out or remove it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        old.rmdir()
+        os.replace(out, old)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            os.replace(old, out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def export_bundle(quant_dir: Union[str, os.PathLike], out: Union[str, os.PathLike],
+                  config: ExportConfig = ExportConfig(), *, d2_stats: Optional[Union[str, os.PathLike]] = None,
+                  fp_dir: Optional[Union[str, os.PathLike]] = None) -> Path:
+    """Export the quantized checkpoint in ``quant_dir`` into the bundle directory ``out``; returns ``out``.
+
+    ``fp_dir`` overrides where the FP checkpoint named by the quant card lives (it must still have the recorded
+    sha256). ``d2_stats``: a directory written by ``tdqrt d2-stats`` for this quantized model.
+    """
+    out = Path(out)
+    rec = load_model_dir(quant_dir)
+    if rec.card.get("format") != QUANT_FORMAT:
+        raise ConfigError(f"{quant_dir} is an FP checkpoint; export needs a quantized one (run `tdqrt calibrate`)")
+    fp_info = rec.card["fp_model"]
+    fp = load_fp_checkpoint(fp_dir if fp_dir is not None else fp_info["path"])
+    if fp.sha256 != fp_info["sha256"]:
+        raise ArtifactError(f"the FP checkpoint {fp.path} (weights sha256 {fp.sha256[:12]}…) is not the one "
+                            f"{quant_dir} was calibrated from ({fp_info['sha256'][:12]}…); pass the right one "
+                            "with --fp")
+    schedule = rec.schedule.to_dict()
+    table = None
+    if d2_stats is not None:
+        table = D2Table.load(d2_stats)
+        _check_d2(table, Path(d2_stats), rec.sha256, schedule)
+    qm = rec.model
+    _prepare_target(out)
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        failed_report = out.parent / f"{out.name}.lint-failed.json"
+        files: list[str] = []
+        q: ExportedModel = export_quantized(qm, config)
+        files += save_onnx(q.model, tmp / UNET_FILE, external_data_mb=config.external_data_mb)
+        reports = {}
+        if config.lint:
+            reports[UNET_FILE] = _lint(tmp / UNET_FILE, config, failed_report)
+        signature = {"unet": q.signature}
+        if config.fp_reference:
+            f = export_fp(fp.model, rec.schedule.num_train_timesteps, config)
+            files += save_onnx(f.model, tmp / UNET_FP_FILE, external_data_mb=config.external_data_mb)
+            if config.lint:
+                reports[UNET_FP_FILE] = _lint(tmp / UNET_FP_FILE, config, failed_report)
+            signature["unet_fp"] = f.signature
+        if reports:
+            merged = LintReport(target=config.target)
+            for r in reports.values():
+                merged.merge(r)
+            merged.save(tmp / LINT_FILE)
+            files.append(LINT_FILE)
+        if table is not None:
+            for name in (D2_NPZ, D2_JSON):
+                shutil.copy2(Path(d2_stats) / name, tmp / name)
+                files.append(name)
+        null = getattr(qm, "null_label", None)
+        manifest = {
+            "format": BUNDLE_FORMAT,
+            "version": BUNDLE_VERSION,
+            "files": {name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size,
+                             "role": _role(name)} for name in files},
+            "model": {"spec": rec.card["model"], "num_classes": int(qm.num_classes or 0),
+                      "null_label": None if null is None else int(null), "image_size": int(qm.image_size),
+                      "in_channels": int(qm.in_channels)},
+            "signature": signature,
+            "quant": {"config": rec.card["quant"], "options": rec.card.get("options", {}),
+                      "qdq": q.plan.summary() if q.plan is not None else None},
+            "export": config.to_dict() | {"flavour": get_flavour(config.target).description,
+                                          "graph": GRAPH_DESCRIPTION[config.ratio_op],
+                                          "layer_nodes": {k: v["nodes"] for k, v in q.layers.items()}},
+            "schedule": schedule,
+            "d2": None if table is None else {"settings": table.settings.to_dict(),
+                                              "timesteps": table.timesteps.tolist(),
+                                              "num_channels": table.num_channels},
+            "sources": {"quant_model": {"path": str(Path(quant_dir).resolve()), "sha256": rec.sha256},
+                        "fp_model": {"path": str(Path(fp.path).resolve()), "sha256": fp.sha256}},
+            "lint": {name: {"clean": bool(r), "errors": len(r.errors), "warnings": len(r.warnings),
+                            "checks": r.checks} for name, r in reports.items()},
+            "versions": versions(),
+        }
+        write_json_atomic(tmp / MANIFEST_FILE, manifest)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private; a bundle is a normal directory
+        _swap_into_place(tmp, out)
+        if failed_report.exists():
+            failed_report.unlink()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,380 @@
+"""Quantized (or FP) torch UNet -> ONNX with the FP model's signature ``(sample, timestep[, class_labels]) -> eps``.
+
+* :class:`ExportConfig` — target flavour (``trt`` now; ``ort-cpu`` is reserved, see :mod:`tdqrt.export.lint`),
+  dtype (``fp32`` / ``fp16``), opset (17 default, 19 for fp16 so Q/DQ scales can be fp16), how the per-timestep
+  ratio enters (``div``: bit-exact codes, default; ``mul``: the ``Mul(r_t)`` form), external-data threshold.
+* :func:`export_quantized` / :func:`export_fp` trace the export modules of :mod:`tdqrt.export.qdq` with the
+  TorchScript exporter (``dynamo=False``), then tidy the graph: initializer aliases (``Identity`` of an
+  initializer, left by torch's initializer de-duplication) are inlined, and the nodes of every quantized layer are
+  named ``<layer>/act_quantize``, ``<layer>/conv`` … so lint findings and debug outputs point at layers.
+* :func:`save_onnx` writes a model, with its tensors in ``<name>.data`` beside it when the model is larger than the
+  threshold (protobuf cannot hold more than 2 GiB).
+* :func:`with_debug_outputs` adds every quantized layer's input, int8 activation codes and output as graph outputs
+  (used by the tests and by ``tdqrt validate`` to compare codes with the torch model).
+
+Batch is dynamic (``batch`` on every input and the output); the image size is fixed. ``timestep`` and
+``class_labels`` are int64 ``[B]``; ``sample`` and ``eps`` are float32, or float16 for ``--dtype fp16`` (the whole
+graph is then FP16: float initializers, Q/DQ scales, I/O — what strongly typed TensorRT needs).
+"""
+from __future__ import annotations
+
+import copy
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from tdqrt.calibration.quant.qmodel import QuantizedModel
+from tdqrt.engines.errors import ArtifactError, ConfigError
+from tdqrt.export.lint import MAX_IR_VERSION, get_flavour
+from tdqrt.export.qdq import RATIO_OPS, ExportUNet, QDQPlan, build_fp_module, build_qdq_module
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+INPUT_NAMES = ("sample", "timestep", "class_labels")
+OUTPUT_NAME = "eps"
+RATIO_TABLES = ("scale_ratio_table", "ratio_table")
+METADATA_PREFIX = "tdqrt."
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """How to export. ``opset=None`` picks the target's default (17), or 19 for ``dtype="fp16"``."""
+
+    target: str = "trt"
+    dtype: str = "fp32"
+    opset: Optional[int] = None
+    ratio_op: str = "div"
+    external_data_mb: float = 1024.0
+    lint: bool = True
+    polygraphy: bool = True
+    fp_reference: bool = True
+    trace_batch: int = 2
+
+    def __post_init__(self) -> None:
+        flavour = get_flavour(self.target)
+        if not flavour.implemented:
+            raise ConfigError(f"export target {self.target!r} ({flavour.description}) is planned but not implemented "
+                              "yet; use --target trt (ONNX Runtime runs that graph too, as a numerical reference)")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype {self.dtype!r} must be one of {sorted(DTYPES)}")
+        if self.ratio_op not in RATIO_OPS:
+            raise ConfigError(f"ratio_op {self.ratio_op!r} must be one of {RATIO_OPS}")
+        if self.opset is not None:
+            if not isinstance(self.opset, int) or isinstance(self.opset, bool):
+                raise ConfigError(f"opset must be an integer, got {self.opset!r}")
+            low = flavour.fp16_min_opset if self.dtype == "fp16" else flavour.min_opset
+            if not low <= self.opset <= flavour.max_opset:
+                why = " (fp16 Q/DQ scales need QuantizeLinear-19)" if self.dtype == "fp16" else ""
+                raise ConfigError(f"opset {self.opset} is outside [{low}, {flavour.max_opset}] for target "
+                                  f"{self.target} with dtype {self.dtype}{why}")
+        if not self.external_data_mb > 0:
+            raise ConfigError(f"external_data_mb must be > 0, got {self.external_data_mb}")
+        if not isinstance(self.trace_batch, int) or self.trace_batch < 1:
+            raise ConfigError(f"trace_batch must be an integer >= 1, got {self.trace_batch!r}")
+
+    @property
+    def resolved_opset(self) -> int:
+        if self.opset is not None:
+            return self.opset
+        flavour = get_flavour(self.target)
+        return flavour.fp16_min_opset if self.dtype == "fp16" else flavour.default_opset
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"opset": self.resolved_opset}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ExportConfig":
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown ExportConfig fields {sorted(unknown)}")
+        return cls(**d)
+
+
+@dataclass
+class ExportedModel:
+    """An exported graph in memory, with its signature and (for a Q/DQ graph) the nodes/tensors of each layer."""
+
+    model: Any  # onnx.ModelProto
+    kind: str  # "int8-qdq" | "fp"
+    signature: dict
+    layers: dict[str, dict] = field(default_factory=dict)
+    plan: Optional[QDQPlan] = None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tracing
+
+
+def _example_inputs(model: nn.Module, num_train_timesteps: int, batch: int, dtype: torch.dtype) -> tuple:
+    g = torch.Generator().manual_seed(0)
+    size, ch = int(model.image_size), int(model.in_channels)
+    x = torch.randn(batch, ch, size, size, generator=g).to(dtype)
+    t = torch.linspace(0, num_train_timesteps - 1, batch).round().long()
+    if getattr(model, "num_classes", 0):
+        y = torch.arange(batch) % (int(model.num_classes) + 1)
+        return x, t, y
+    return x, t
+
+
+def _trace(module: ExportUNet, example: tuple, opset: int) -> Any:
+    import onnx
+
+    names = list(INPUT_NAMES[: len(example)])
+    dynamic = {n: {0: "batch"} for n in names} | {OUTPUT_NAME: {0: "batch"}}
+    with tempfile.TemporaryDirectory(prefix="tdqrt-export-") as tmp:
+        raw = Path(tmp) / "raw.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            try:
+                torch.onnx.export(module, example, str(raw), input_names=names, output_names=[OUTPUT_NAME],
+                                  dynamic_axes=dynamic, opset_version=opset, do_constant_folding=True, dynamo=False)
+            except Exception as exc:  # the exporter raises many types (SymbolicValueError, RuntimeError, ...)
+                raise ConfigError(f"torch.onnx.export (TorchScript, opset {opset}) failed for this model: "
+                                  f"{type(exc).__name__}: {str(exc)[:600]}") from exc
+        return onnx.load(str(raw))
+
+
+def _signature(model) -> dict:
+    from onnx import TensorProto
+
+    names = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16", TensorProto.DOUBLE: "float64",
+             TensorProto.INT64: "int64", TensorProto.INT32: "int32"}
+
+    def describe(v) -> dict:
+        tt = v.type.tensor_type
+        dims = [d.dim_param if d.dim_param else d.dim_value for d in tt.shape.dim]
+        dtype = names.get(tt.elem_type, TensorProto.DataType.Name(tt.elem_type).lower())
+        return {"name": v.name, "dtype": dtype, "shape": dims}
+
+    return {"inputs": [describe(i) for i in model.graph.input], "outputs": [describe(o) for o in model.graph.output]}
+
+
+def _inline_initializer_identities(model) -> int:
+    """Replace ``Identity(initializer)`` aliases by the initializer itself (torch de-duplicates equal buffers and
+    leaves such aliases; TensorRT and lint want the Q/DQ scale to *be* an initializer)."""
+    g = model.graph
+    inits = {i.name for i in g.initializer}
+    outputs = {o.name for o in g.output}
+    alias = {}
+    keep = []
+    for n in g.node:
+        if n.op_type == "Identity" and n.input[0] in inits and n.output[0] not in outputs:
+            alias[n.output[0]] = n.input[0]
+        else:
+            keep.append(n)
+    if not alias:
+        return 0
+    for n in keep:
+        for k, name in enumerate(n.input):
+            if name in alias:
+                n.input[k] = alias[name]
+    del g.node[:]
+    g.node.extend(keep)
+    return len(alias)
+
+
+def _reaches_table(tensor: str, producer: dict, inits: set, hops: int = 8) -> bool:
+    for _ in range(hops):
+        if tensor in RATIO_TABLES:
+            return True
+        node = producer.get(tensor)
+        if node is None:
+            return False
+        if node.op_type == "Gather" and node.input[0] in RATIO_TABLES:
+            return True
+        data_inputs = [i for i in node.input if i and i not in inits or i in RATIO_TABLES]
+        if not data_inputs:
+            return False
+        tensor = data_inputs[0]
+    return False
+
+
+def _name_layers(model, trace: list[str]) -> dict[str, dict]:
+    """Name the nodes of every quantized layer after it; return ``{layer: {"nodes": {...}, "tensors": {...}}}``.
+
+    The k-th QuantizeLinear in graph order belongs to the k-th QDQLayer call recorded while tracing.
+    """
+    g = model.graph
+    inits = {i.name for i in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    qnodes = [n for n in g.node if n.op_type == "QuantizeLinear"]
+    if len(qnodes) != len(trace):
+        warnings.warn(f"{len(qnodes)} QuantizeLinear nodes for {len(trace)} traced quantized layer calls; the nodes "
+                      "keep the exporter's names", stacklevel=2)
+        return {}
+    layers: dict[str, dict] = {}
+    renames: dict[str, str] = {}  # folded bias initializers -> "<layer>.bias"
+    for q, layer in zip(qnodes, trace):
+        key = layer if layer not in layers else f"{layer}#{sum(k.split('#')[0] == layer for k in layers)}"
+        nodes: dict[str, str] = {}
+
+        def name(node, role: str) -> None:
+            node.name = f"{key}/{role}"
+            nodes[role] = node.name
+
+        name(q, "act_quantize")
+        act_input = q.input[0]
+        pre = producer.get(q.input[0])
+        if pre is not None and pre.op_type in ("Div", "Mul") and _reaches_table(pre.input[1], producer, inits):
+            name(pre, "ratio_div" if pre.op_type == "Div" else "ratio_mul")
+            act_input = pre.input[0]
+        dq = next((c for c in consumers.get(q.output[0], []) if c.op_type == "DequantizeLinear"), None)
+        out = None
+        if dq is not None:
+            name(dq, "act_dequantize")
+            op = next((c for c in consumers.get(dq.output[0], []) if c.op_type in ("Conv", "MatMul", "Gemm")), None)
+            if op is not None:
+                name(op, op.op_type.lower())
+                wdq = producer.get(op.input[1])
+                if wdq is not None and wdq.op_type == "DequantizeLinear":
+                    name(wdq, "weight_dequantize")
+                out = op.output[0]
+                nxt = consumers.get(out, [])
+                if len(nxt) == 1 and nxt[0].op_type == "Mul" and _reaches_table(
+                        next(i for i in nxt[0].input if i != out), producer, inits):
+                    name(nxt[0], "ratio_unscale")
+                    out = nxt[0].output[0]
+                    nxt = consumers.get(out, [])
+                if len(nxt) == 1 and nxt[0].op_type == "Add" and any(i in inits for i in nxt[0].input):
+                    name(nxt[0], "bias_add")
+                    out = nxt[0].output[0]
+                    bias = next(i for i in nxt[0].input if i in inits)
+                    if bias.startswith("onnx::") and len(consumers.get(bias, [])) == 1:
+                        renames[bias] = f"{key}.bias"
+        layers[key] = {"nodes": nodes, "tensors": {"input": act_input, "codes": q.output[0], "output": out}}
+    for n in g.node:
+        if n.op_type == "Gather" and n.input[0] in RATIO_TABLES:
+            n.name = f"timestep_ratio/gather_{n.input[0]}"
+        for k, i in enumerate(n.input):
+            if i in renames:
+                n.input[k] = renames[i]
+    for init in g.initializer:
+        if init.name in renames:
+            init.name = renames[init.name]
+    return layers
+
+
+def _fix_output_shape(model) -> None:
+    """``eps`` has the shape of ``sample`` (the exporter leaves its spatial dims symbolic)."""
+    src = model.graph.input[0].type.tensor_type.shape.dim
+    dst = model.graph.output[0].type.tensor_type.shape
+    del dst.dim[:]
+    for d in src:
+        new = dst.dim.add()
+        if d.dim_param:
+            new.dim_param = d.dim_param
+        else:
+            new.dim_value = d.dim_value
+
+
+def _finish(model, *, kind: str, config: ExportConfig, metadata: dict) -> None:
+    _fix_output_shape(model)
+    if model.ir_version > MAX_IR_VERSION:
+        model.ir_version = MAX_IR_VERSION
+    model.producer_name = "tdqrt"
+    model.doc_string = (f"tdqrt {kind} UNet: (sample, timestep[, class_labels]) -> eps; target {config.target}, "
+                        f"dtype {config.dtype}")
+    meta = {"kind": kind, "target": config.target, "dtype": config.dtype} | metadata
+    del model.metadata_props[:]
+    for k, v in meta.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = METADATA_PREFIX + k, str(v)
+
+
+def model_metadata(model: nn.Module, num_train_timesteps: int) -> dict:
+    """What an engine needs to sample from the graph like from the torch model (also stored in the manifest)."""
+    num_classes = int(getattr(model, "num_classes", 0) or 0)
+    null = getattr(model, "null_label", None)
+    return {"num_classes": num_classes, "null_label": "" if null is None else int(null),
+            "image_size": int(model.image_size), "in_channels": int(model.in_channels),
+            "num_train_timesteps": int(num_train_timesteps)}
+
+
+def _cast_module(module: ExportUNet, config: ExportConfig) -> ExportUNet:
+    if config.dtype == "fp32":
+        return module
+    return copy.deepcopy(module).to(config.torch_dtype)  # float params/buffers only; int8 codes stay int8
+
+
+def export_quantized(qm: QuantizedModel, config: ExportConfig = ExportConfig()) -> ExportedModel:
+    """The frozen quantized model ``qm`` as an INT8 Q/DQ ONNX graph (in memory)."""
+    module, plan = build_qdq_module(qm, config.ratio_op)
+    module = _cast_module(module, config)
+    example = _example_inputs(qm, qm.num_train_timesteps, config.trace_batch, config.torch_dtype)
+    module.ctx.trace.clear()
+    model = _trace(module, example, config.resolved_opset)
+    _inline_initializer_identities(model)
+    layers = _name_layers(model, list(module.ctx.trace))
+    module.ctx.trace.clear()
+    _finish(model, kind="int8-qdq", config=config,
+            metadata=model_metadata(qm, qm.num_train_timesteps) | {"method": qm.config.method,
+                                                                    "per_timestep": int(plan.per_timestep)})
+    return ExportedModel(model, "int8-qdq", _signature(model), layers, plan)
+
+
+def export_fp(fp_model: nn.Module, num_train_timesteps: int, config: ExportConfig = ExportConfig()) -> ExportedModel:
+    """The FP UNet with the same signature (the validation reference)."""
+    module = _cast_module(build_fp_module(fp_model), config)
+    example = _example_inputs(fp_model, num_train_timesteps, config.trace_batch, config.torch_dtype)
+    model = _trace(module, example, config.resolved_opset)
+    _inline_initializer_identities(model)
+    _finish(model, kind="fp", config=config, metadata=model_metadata(fp_model, num_train_timesteps))
+    return ExportedModel(model, "fp", _signature(model))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Saving and debug variants
+
+
+def save_onnx(model, path: Path, *, external_data_mb: float = 1024.0) -> list[str]:
+    """Write ``model`` to ``path``; above ``external_data_mb`` the tensors go to ``<name>.data`` beside it.
+    Returns the file names written (relative to ``path.parent``)."""
+    import onnx
+
+    path = Path(path)
+    data_name = path.name + ".data"
+    size = model.ByteSize()
+    if size > external_data_mb * 2**20 or size >= 2**31 - 2**20:  # protobuf's hard limit is 2 GiB
+        model = copy.deepcopy(model)
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024, convert_attribute=False)
+        return [path.name, data_name] if (path.parent / data_name).is_file() else [path.name]
+    onnx.save_model(model, str(path))
+    return [path.name]
+
+
+def with_debug_outputs(exported: ExportedModel, roles: tuple[str, ...] = ("input", "codes", "output")):
+    """A copy of the Q/DQ graph that also outputs, per quantized layer, its input (before the ratio), its int8
+    activation codes and its output (after the bias). Output names are ``<layer>:<role>``."""
+    import onnx
+    from onnx import TensorProto
+
+    if not exported.layers:
+        raise ArtifactError("this export has no named quantized layers (an FP graph, or node naming failed)")
+    model = copy.deepcopy(exported.model)
+    g = model.graph
+    float_type = g.input[0].type.tensor_type.elem_type
+    for layer, info in exported.layers.items():
+        for role in roles:
+            tensor = info["tensors"].get(role)
+            if not tensor:
+                continue
+            out = f"{layer}:{role}"
+            g.node.append(onnx.helper.make_node("Identity", [tensor], [out], name=f"{layer}/debug_{role}"))
+            dtype = TensorProto.INT8 if role == "codes" else float_type
+            g.output.append(onnx.helper.make_tensor_value_info(out, dtype, None))
+    return model

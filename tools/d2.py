@@ -1,0 +1,63 @@
+"""``tdqrt d2-stats``: collect the D² / PTQD quantization-error statistics of a quantized model against its FP
+model on FP sampler trajectories, save ``d2.npz`` + ``d2.json`` and a PNG of the statistics vs timestep."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tdqrt.calibration.d2_stats import collect_d2_stats
+from tdqrt.calibration.quant.api import load_model_dir
+from tdqrt.engines.errors import ConfigError
+from tdqrt.runtime.d2 import D2Table
+from tdqrt.runtime.sampling import SamplerConfig
+from tdqrt.runtime.schedules import NoiseSchedule
+from tdqrt.tools.plots import save_curve
+
+
+@dataclass(frozen=True)
+class D2StatsJob:
+    """Sampler settings the statistics are for (they are refused for other settings), sample count, outlier rule."""
+
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    num: int = 256
+    batch: int = 64
+    seed: int = 0
+    outlier_sigma: float = 4.0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.num < 2 or self.batch < 1:
+            raise ConfigError(f"num must be >= 2 and batch >= 1 (got {self.num}, {self.batch})")
+        if not self.outlier_sigma > 0:
+            raise ConfigError(f"outlier_sigma must be > 0, got {self.outlier_sigma}")
+
+
+def collect_to_dir(fp_dir: str | Path, quant_dir: str | Path, out_dir: str | Path, job: D2StatsJob, *,
+                   progress: bool = True) -> D2Table:
+    fp = load_model_dir(fp_dir, device=job.device)
+    quant = load_model_dir(quant_dir, device=job.device)
+    if fp.schedule != quant.schedule or fp.model.spec() != quant.model.spec():
+        raise ConfigError(f"{quant_dir} was not made from the FP model in {fp_dir} (architecture or schedule differ)")
+    m = fp.model
+    table = collect_d2_stats(
+        m, quant.model, NoiseSchedule(fp.schedule), job.sampler, num=job.num, batch=job.batch, seed=job.seed,
+        shape=(m.in_channels, m.image_size, m.image_size), num_classes=m.num_classes, null_label=m.null_label,
+        device=job.device, progress=progress, outlier_sigma=job.outlier_sigma,
+        fp_model_sha256=fp.sha256, quant_model_sha256=quant.sha256)
+    out_dir = Path(out_dir)
+    table.save(out_dir)
+    plot_d2(table, out_dir / "d2.png")
+    return table
+
+
+def plot_d2(table: D2Table, path: Path) -> Path:
+    """Tensor-wise error mean, error std, correlation and residual std vs timestep."""
+    data = table.plot_data()
+    t = data["timesteps"].tolist()
+    tensor = data["tensor"]
+    series = {name: (t, [float(abs(v)) for v in tensor[key]]) for name, key in
+              (("|μ_Δ|", "mu_y"), ("σ_Δ", "sigma_y"), ("|ρ(ε̂,Δ)|", "rho"), ("σ_cond", "sigma_cond"))}
+    series["PTQD k"] = (t, [float(abs(v)) for v in data["ptqd"]["k"]])
+    return save_curve(path, series, xlabel="timestep t", ylabel="value (abs)", title="D² quantization-error statistics",
+                      logy=True)
+
