@@ -71,32 +71,41 @@ def save_fp_checkpoint(
     return out_dir
 
 
+def read_card_and_weights(path: Path, card_file: str, fmt: str, version: int, remedy: str) -> tuple[dict, dict, str]:
+    """Read a checkpoint's JSON card and its safetensors weights, refusing a foreign format or version, a
+    missing file, a sha256 mismatch (truncated or replaced weights) or unreadable safetensors.
+
+    Returns ``(card, tensors, sha256 of the weights)``; ``remedy`` says how to make the checkpoint again.
+    """
+    card = read_json(path / card_file, expect_format=fmt)
+    if card.get("version") != version:
+        raise ArtifactError(f"{path / card_file} has version {card.get('version')}, this tdqrt reads {version}")
+    weights = path / card["weights"]["file"]
+    if not weights.is_file():
+        raise ArtifactError(f"{weights} is missing; the checkpoint is incomplete, {remedy}")
+    digest = sha256_file(weights)
+    if digest != card["weights"]["sha256"]:
+        raise ArtifactError(
+            f"{weights} does not match the sha256 recorded in {path / card_file} "
+            f"({digest[:12]}… vs {card['weights']['sha256'][:12]}…): the file was truncated or replaced; {remedy}"
+        )
+    try:
+        return card, load_file(str(weights)), digest
+    except (SafetensorError, OSError) as exc:
+        raise ArtifactError(f"{weights} cannot be read as safetensors ({exc}); {remedy}") from exc
+
+
 def load_fp_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> FPCheckpoint:
     """Load an FP checkpoint directory, verifying the card's format and the weights' sha256."""
     path = Path(path)
     if not path.is_dir():
         raise ArtifactError(f"{path} is not a model directory; pass the --out folder of `tdqrt train`")
-    card = read_json(path / CARD_FILE, expect_format=FP_FORMAT)
-    if card.get("version") != FP_VERSION:
-        raise ArtifactError(f"{path / CARD_FILE} has version {card.get('version')}, this tdqrt reads {FP_VERSION}")
-    weights = path / card["weights"]["file"]
-    if not weights.is_file():
-        raise ArtifactError(f"{weights} is missing; the checkpoint is incomplete, retrain or copy it again")
-    digest = sha256_file(weights)
-    if digest != card["weights"]["sha256"]:
-        raise ArtifactError(
-            f"{weights} does not match the sha256 recorded in {path / CARD_FILE} "
-            f"({digest[:12]}… vs {card['weights']['sha256'][:12]}…): the file was truncated or replaced"
-        )
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError) as exc:
-        raise ArtifactError(f"{weights} cannot be read as safetensors ({exc})") from exc
+    card, state, digest = read_card_and_weights(path, CARD_FILE, FP_FORMAT, FP_VERSION, "retrain or copy it again")
     model = build_model(card["model"])
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ArtifactError(
-            f"{weights} does not fit the architecture in {path / CARD_FILE}: "
+            f"{path / card['weights']['file']} does not fit the architecture in {path / CARD_FILE}: "
             f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
         )
     model.to(device).eval()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,6 +21,7 @@ from tdqrt.calibration.checkpoint import save_fp_checkpoint
 from tdqrt.calibration.data import ImageData, load_dataset
 from tdqrt.calibration.models import PRESET_NAMES, count_parameters, model_from_preset
 from tdqrt.engines.artifacts import atomic_path, read_json, write_json_atomic
+from tdqrt.engines.config import config_from_dict
 from tdqrt.engines.errors import ArtifactError, ConfigError
 from tdqrt.runtime.schedules import NoiseSchedule, ScheduleConfig
 
@@ -82,10 +83,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ConfigError(f"unknown training settings {sorted(unknown)}")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 def lr_factor(cfg: TrainConfig, step: int) -> float:

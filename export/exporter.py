@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import tempfile
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from tdqrt.calibration.quant.qmodel import QuantizedModel
+from tdqrt.engines.config import config_from_dict
 from tdqrt.engines.errors import ArtifactError, ConfigError
 from tdqrt.export.lint import MAX_IR_VERSION, get_flavour
 from tdqrt.export.qdq import RATIO_OPS, ExportUNet, QDQPlan, build_fp_module, build_qdq_module
@@ -92,10 +93,7 @@ class ExportConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ExportConfig":
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ConfigError(f"unknown ExportConfig fields {sorted(unknown)}")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 @dataclass

@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 
 from tdqrt.engines.denoiser import Denoiser
 from tdqrt.engines.errors import ConfigError, DataError
-from tdqrt.runtime.schedules import NoiseSchedule, _config_from_dict, _is_int, _is_number
+from tdqrt.engines.config import config_from_dict
+from tdqrt.runtime.schedules import NoiseSchedule, _is_int, _is_number
 
 SAMPLER_KINDS = ("ddim", "ddpm")
 SPACINGS = ("uniform", "quadratic")
@@ -71,7 +72,7 @@ class SamplerConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "SamplerConfig":
-        return _config_from_dict(cls, d)
+        return config_from_dict(cls, d)
 
 
 def make_timesteps(num_train_timesteps: int, steps: int, spacing: str) -> Tensor:

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 import torch
 
+from tdqrt.engines.config import config_from_dict
 from tdqrt.engines.errors import ConfigError
 
 SCHEDULE_KINDS = ("linear", "cosine", "scaled_linear")
@@ -24,23 +25,6 @@ def _is_number(value: Any) -> bool:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _config_from_dict(cls, d: Mapping[str, Any]):
-    """Build the frozen config dataclass ``cls`` from a mapping; missing keys take their defaults.
-
-    Shared by every runtime config so that unknown keys (typos, settings of another version) are refused
-    the same way instead of being silently dropped.
-    """
-    if not isinstance(d, Mapping):
-        raise ConfigError(f"{cls.__name__}.from_dict expects a mapping, got {type(d).__name__}; pass a dict.")
-    known = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(d) - set(known))
-    if unknown:
-        raise ConfigError(
-            f"{cls.__name__} got unknown key(s) {unknown}; allowed keys are {known}. Remove or rename them."
-        )
-    return cls(**d)
 
 
 @dataclass(frozen=True)
@@ -82,7 +66,7 @@ class ScheduleConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ScheduleConfig":
-        return _config_from_dict(cls, d)
+        return config_from_dict(cls, d)
 
 
 def _betas(config: ScheduleConfig) -> torch.Tensor:

@@ -15,7 +15,6 @@ import platform
 import time
 from pathlib import Path
 
-import numpy as np
 
 from tdqrt.calibration.quant.api import CalibrateConfig, calibrate, load_model_dir
 from tdqrt.calibration.quant.calib_set import CalibSetConfig, collect_calibration_set

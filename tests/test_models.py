@@ -198,7 +198,7 @@ def test_build_model_overrides_and_errors():
         build_model({"kind": "onnx", "config": {}})
     with pytest.raises(ConfigError, match="'kind' and 'config'"):
         build_model({"kind": "builtin"})
-    with pytest.raises(ConfigError, match="unknown keys"):
+    with pytest.raises(ConfigError, match="unknown key"):
         build_model(spec, width=3)
 
 
@@ -329,9 +329,9 @@ def test_invalid_unet_config(field, value):
 
 
 def test_invalid_unet_config_dicts():
-    with pytest.raises(ConfigError, match="unknown keys \\['width'\\]"):
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['width'\]"):
         UNetConfig.from_dict({**VALID, "width": 1})
-    with pytest.raises(ConfigError, match="missing required keys \\['image_size'\\]"):
+    with pytest.raises(ConfigError, match=r"missing required key\(s\) \['image_size'\]"):
         UNetConfig.from_dict({k: v for k, v in VALID.items() if k != "image_size"})
     with pytest.raises(ConfigError, match="image_size"):
         model_from_preset("small", image_size=18, in_channels=1, num_classes=0)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tdqrt.calibration.checkpoint import CARD_FILE, load_fp_checkpoint
 from tdqrt.calibration.training import TrainConfig, train
-from tdqrt.engines.artifacts import read_json, write_bytes_atomic, write_json_atomic
+from tdqrt.engines.artifacts import write_bytes_atomic, write_json_atomic
 from tdqrt.engines.errors import ConfigError
 from tdqrt.runtime.sampling import SamplerConfig
 from tdqrt.tools.sample import SampleJob, sample_model

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tdqrt.engines.config import config_from_dict
 from tdqrt.engines.errors import ConfigError
 
 # Architecture of each preset. ``image_size``, ``in_channels`` and ``num_classes`` come from the dataset at
@@ -118,16 +119,7 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "UNetConfig":
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"UNetConfig.from_dict expects a dict, got {type(data).__name__}")
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - set(fields))
-        if unknown:
-            raise ConfigError(f"UNetConfig got unknown keys {unknown}; allowed keys are {sorted(fields)}")
-        missing = sorted(n for n, f in fields.items() if f.default is dataclasses.MISSING and n not in data)
-        if missing:
-            raise ConfigError(f"UNetConfig is missing required keys {missing}")
-        return cls(**data)
+        return config_from_dict(cls, data)
 
     @classmethod
     def from_preset(cls, name: str, *, image_size: int, in_channels: int, num_classes: int) -> "UNetConfig":

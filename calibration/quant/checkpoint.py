@@ -12,15 +12,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from tdqrt.calibration.checkpoint import FPCheckpoint
+from tdqrt.calibration.checkpoint import FPCheckpoint, read_card_and_weights
 from tdqrt.calibration.models import build_model
 from tdqrt.calibration.quant.config import QuantConfig
 from tdqrt.calibration.quant.methods import method_spec, options_from_dict, options_to_dict
 from tdqrt.calibration.quant.qmodel import QuantizedModel, quantize_model
-from tdqrt.engines.artifacts import atomic_path, read_json, sha256_file, versions, write_json_atomic
+from tdqrt.engines.artifacts import atomic_path, sha256_file, versions, write_json_atomic
 from tdqrt.engines.errors import ArtifactError
 from tdqrt.runtime.schedules import ScheduleConfig
 
@@ -61,19 +60,7 @@ def save_quant_checkpoint(out_dir: str | Path, qm: QuantizedModel, fp: FPCheckpo
 def load_quant_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> FPCheckpoint:
     """Load a quantized checkpoint as an :class:`FPCheckpoint`-shaped record whose ``model`` is quantized."""
     path = Path(path)
-    card = read_json(path / QUANT_CARD, expect_format=QUANT_FORMAT)
-    if card.get("version") != QUANT_VERSION:
-        raise ArtifactError(f"{path / QUANT_CARD} has version {card.get('version')}, this tdqrt reads {QUANT_VERSION}")
-    weights = path / card["weights"]["file"]
-    if not weights.is_file():
-        raise ArtifactError(f"{weights} is missing; calibrate again")
-    digest = sha256_file(weights)
-    if digest != card["weights"]["sha256"]:
-        raise ArtifactError(f"{weights} does not match the sha256 in {path / QUANT_CARD}: truncated or replaced")
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError) as exc:
-        raise ArtifactError(f"{weights} cannot be read as safetensors ({exc})") from exc
+    card, state, digest = read_card_and_weights(path, QUANT_CARD, QUANT_FORMAT, QUANT_VERSION, "calibrate again")
     schedule = ScheduleConfig.from_dict(card["schedule"])
     config = QuantConfig.from_dict(card["quant"])
     spec = method_spec(config.method)
@@ -86,6 +73,6 @@ def load_quant_checkpoint(path: str | Path, *, device: str | torch.device = "cpu
     try:
         qm.model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise ArtifactError(f"{weights} does not fit the architecture in {path / QUANT_CARD}: {exc}") from exc
+        raise ArtifactError(f"{path / QUANT_WEIGHTS} does not fit the architecture in {path / QUANT_CARD}: {exc}") from exc
     qm.to(device).eval()
     return FPCheckpoint(qm, schedule, card, path, digest)

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 from tdqrt.calibration.quant.intmath import MAX_BITS, MIN_BITS
+from tdqrt.engines.config import config_from_dict
 from tdqrt.engines.errors import ConfigError
 
 METHODS = ("minmax", "mse", "brecq", "tdq-ptq", "tdq-qat")
@@ -61,7 +62,4 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantConfig":
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ConfigError(f"unknown QuantConfig fields {sorted(unknown)}")
-        return cls(**d)
+        return config_from_dict(cls, d)

@@ -7,7 +7,7 @@ calibrated (not yet frozen) :class:`QuantizedModel`. ``prepare_load`` re-creates
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -17,6 +17,7 @@ from tdqrt.calibration.checkpoint import FPCheckpoint
 from tdqrt.calibration.quant.calib_set import CalibrationSet
 from tdqrt.calibration.quant.config import QuantConfig
 from tdqrt.calibration.quant.qmodel import QuantizedModel
+from tdqrt.engines.config import config_from_dict
 from tdqrt.engines.errors import ConfigError
 from tdqrt.runtime.schedules import NoiseSchedule
 
@@ -61,10 +62,7 @@ def method_spec(name: str) -> MethodSpec:
 
 def options_from_dict(cls: type, d: dict) -> Any:
     """Build a method's options dataclass from a dict, refusing unknown keys by name."""
-    unknown = set(d) - {f.name for f in fields(cls)}
-    if unknown:
-        raise ConfigError(f"unknown {cls.__name__} settings {sorted(unknown)}; valid: {[f.name for f in fields(cls)]}")
-    return cls(**d)
+    return config_from_dict(cls, d)
 
 
 def options_to_dict(options: Any) -> dict:
