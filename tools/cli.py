@@ -113,6 +113,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-polygraphy", action="store_true", help="skip `polygraphy check lint`")
     p.set_defaults(run=_run_lint)
 
+    p = sub.add_parser("validate", help="check a bundle's ONNX graphs against its torch models (Polygraphy Comparator)")
+    p.add_argument("bundle", type=Path, help="bundle directory written by `tdqrt export`")
+    p.add_argument("--quant", type=Path, default=None, help="quantized model directory (default: the bundle's source)")
+    p.add_argument("--fp", type=Path, default=None, help="FP model directory (default: the bundle's source)")
+    p.add_argument("--calib", type=Path, default=None, help="calibration set (default: the one in quant.json)")
+    p.add_argument("--timesteps", type=int, default=5, help="timesteps from the calibration set (default 5)")
+    p.add_argument("--per-timestep", type=int, default=5, help="samples per timestep (default 5)")
+    p.add_argument("--out", type=Path, default=None, help="report folder (default BUNDLE/validation)")
+    p.add_argument("--engine", type=Path, default=None, help="TensorRT engine of unet.onnx (used when tensorrt imports)")
+    p.set_defaults(run=_run_validate)
+
     p = sub.add_parser("demo", help="run the end-to-end demo on the bundled digits")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--quick", action="store_true", help="tiny model, few steps: a smoke test in seconds")
@@ -261,6 +272,19 @@ def _run_lint(args: argparse.Namespace) -> int:
     if args.json is not None:
         report.save(args.json)
     return 0 if report else 1
+
+
+def _run_validate(args: argparse.Namespace) -> int:
+    from tdqrt.tools.validate import ValidateConfig, validate_bundle
+
+    cfg = ValidateConfig(timesteps=args.timesteps, per_timestep=args.per_timestep)
+    report = validate_bundle(args.bundle, cfg, quant_dir=args.quant, fp_dir=args.fp, calib_dir=args.calib,
+                             out=args.out, engine=args.engine)
+    for line in report.format():
+        print(line)
+    out = args.out if args.out is not None else args.bundle / "validation"
+    print(f"{'PASSED' if report.passed else 'FAILED'} at timesteps {report.timesteps}; report in {out}/validate.json")
+    return 0 if report.passed else 1
 
 
 def _run_demo(args: argparse.Namespace) -> int:

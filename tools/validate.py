@@ -1,0 +1,409 @@
+"""``tdqrt validate``: check a bundle's ONNX graphs against the torch models they were exported from, on real
+calibration inputs, with Polygraphy's ``Comparator``.
+
+Runners (all driven by ``polygraphy.comparator.Comparator.run`` over the same feed dicts)::
+
+    torch_fp     the FP torch model                 (custom Polygraphy runner, :class:`TorchRunner`)
+    torch_quant  the fake-quant torch model         (custom Polygraphy runner)
+    ort_fp       unet_fp.onnx in ONNX Runtime (CPU) (OnnxrtRunner)
+    ort_int8     unet.onnx in ONNX Runtime (CPU)    (OnnxrtRunner)
+    trt_int8     a TensorRT engine built from unet.onnx — only with ``--engine`` and when ``tensorrt`` imports
+
+Inputs: the calibration set's ``(x_t, t, y)`` (the quant card records its path) at ``timesteps`` timesteps spread
+over the ones it holds, ``per_timestep`` samples each; one feed dict (one Polygraphy iteration) per timestep.
+
+Pairs (reference first) and tolerances, per timestep:
+
+* ``torch_fp`` vs ``ort_fp``: max-abs ≤ ``fp_max_abs`` (1e-4). Both compute the same float32 function; the only
+  difference is the summation order of convolutions/GroupNorm/attention (measured ~2e-7 relative, ~1e-6 absolute on
+  unit-variance ε), so 1e-4 leaves ~100x headroom while a wrong weight, op or input dtype shows up at 1e-2 or more.
+* ``torch_quant`` vs ``ort_int8``: the **median over the samples** of the per-sample cosine ≥ ``int8_min_cosine``
+  (0.999) and of the per-sample relative L2 ≤ ``int8_max_rel_l2`` (0.02). With ``ratio_op="div"`` the activation
+  codes are bit-identical, so a sample agrees to ~1e-7 — unless float summation-order noise flips one code that
+  sits on a rounding tie and the flip cascades through later quantizers (tests/test_export.py). That is a rare,
+  per-sample event (measured on the tiny minmax bundle: 3 of 40 samples, rel-L2 0.02-0.08 at t ≥ 700 where the
+  quantization error itself is 0.06-0.19), so a batch-wide statistic would fail good bundles at high t. A wrong
+  graph — one activation scale x4 in the least harmful layer — moves *every* sample (measured per-sample rel-L2
+  0.004 at t=0 … 0.13-0.17 at t=900), so the median stays 0 on a good bundle and crosses 0.02 on a broken one.
+  The batch-wide metrics and the worst sample are reported too (``max_sample_rel_l2``).
+* ``ort_fp`` vs ``ort_int8``: the quantization error itself — reported, never checked.
+* ``torch_quant`` vs ``trt_int8`` (when TensorRT ran): the INT8 tolerances above.
+
+Metrics: max-abs, relative L2 ``‖a-b‖/‖ref‖``, SQNR dB ``10·log10(‖ref‖²/‖a-b‖²)``, cosine similarity.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+
+from tdqrt.calibration.quant.api import load_model_dir
+from tdqrt.calibration.quant.calib_set import CalibrationSet
+from tdqrt.calibration.quant.checkpoint import QUANT_FORMAT
+from tdqrt.engines.artifacts import write_json_atomic
+from tdqrt.engines.bundle import open_bundle
+from tdqrt.engines.errors import ArtifactError, ConfigError, DataError
+
+REPORT_FILE = "validate.json"
+PLOT_FILE = "validate.png"
+VALIDATION_DIR = "validation"
+
+_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+               "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+
+
+@dataclass(frozen=True)
+class ValidateConfig:
+    """How many inputs, and the tolerances (see the module docstring for why these values)."""
+
+    timesteps: int = 5  # timesteps spread over those in the calibration set
+    per_timestep: int = 5  # samples (batch) per timestep; odd, so the median is one sample
+    fp_max_abs: float = 1e-4  # torch FP vs ORT FP
+    int8_min_cosine: float = 0.999  # torch fake-quant vs ORT INT8 (and TensorRT)
+    int8_max_rel_l2: float = 0.02
+    seed: int = 0  # which samples of a timestep are picked
+
+    def __post_init__(self) -> None:
+        if int(self.timesteps) < 1:
+            raise ConfigError(f"--timesteps must be ≥ 1, got {self.timesteps}")
+        if int(self.per_timestep) < 1:
+            raise ConfigError(f"--per-timestep must be ≥ 1, got {self.per_timestep}")
+        if not (self.fp_max_abs > 0 and math.isfinite(self.fp_max_abs)):
+            raise ConfigError(f"fp_max_abs must be a positive number, got {self.fp_max_abs}")
+        if not -1.0 <= self.int8_min_cosine <= 1.0:
+            raise ConfigError(f"int8_min_cosine must lie in [-1, 1], got {self.int8_min_cosine}")
+        if not (self.int8_max_rel_l2 > 0 and math.isfinite(self.int8_max_rel_l2)):
+            raise ConfigError(f"int8_max_rel_l2 must be a positive number, got {self.int8_max_rel_l2}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def compare_arrays(ref: np.ndarray, out: np.ndarray) -> dict[str, float]:
+    """max-abs, relative L2 (to ``ref``), SQNR in dB and cosine similarity of two arrays (float64 math)."""
+    a = np.asarray(ref, np.float64).ravel()
+    b = np.asarray(out, np.float64).ravel()
+    if a.shape != b.shape:
+        raise DataError(f"outputs of shapes {np.shape(ref)} and {np.shape(out)} cannot be compared")
+    diff = b - a
+    n_ref, n_diff, n_out = float(np.linalg.norm(a)), float(np.linalg.norm(diff)), float(np.linalg.norm(b))
+    sqnr = 200.0 if n_diff == 0 else (10.0 * math.log10(max(n_ref, 1e-30) ** 2 / n_diff ** 2))
+    cos = float(a @ b / (n_ref * n_out)) if n_ref > 0 and n_out > 0 else float(n_ref == n_out)
+    return {"max_abs": float(np.max(np.abs(diff))) if diff.size else 0.0,
+            "rel_l2": n_diff / max(n_ref, 1e-30), "sqnr_db": min(sqnr, 200.0), "cosine": cos}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def _session_inputs(onnx_path: Path) -> tuple[dict[str, tuple[Any, tuple]], str]:
+    """ONNX input name -> (numpy dtype, shape with None for dynamic dims), and the first output's name."""
+    from tdqrt.engines.ort import create_session
+
+    sess = create_session(onnx_path, ["CPUExecutionProvider"], threads=1)
+    inputs = {}
+    for i in sess.get_inputs():
+        shape = tuple(d if isinstance(d, int) else None for d in i.shape)
+        inputs[i.name] = (_ORT_DTYPES.get(i.type, np.float32), shape)
+    if "sample" not in inputs or "timestep" not in inputs:
+        raise ArtifactError(f"{onnx_path} does not have the tdqrt signature (sample, timestep[, class_labels]) -> eps;"
+                            f" its inputs are {sorted(inputs)}")
+    return inputs, sess.get_outputs()[0].name
+
+
+def pick_timesteps(available: list[int], n: int) -> list[int]:
+    """``n`` timesteps spread evenly over ``available`` (all of them when there are fewer)."""
+    available = sorted(available)
+    if n >= len(available):
+        return available
+    idx = np.unique(np.round(np.linspace(0, len(available) - 1, n)).astype(int))
+    return [available[i] for i in idx]
+
+
+def calibration_feeds(calib: CalibrationSet, inputs: dict[str, tuple[Any, tuple]], config: ValidateConfig, *,
+                      null_label: Optional[int] = None) -> list[tuple[int, "OrderedDict[str, np.ndarray]"]]:
+    """One Polygraphy feed dict per timestep: ``sample`` [B,C,H,W], ``timestep`` [B], ``class_labels`` [B] (only
+    when the graph has that input), in the graph's dtypes."""
+    if len(calib) == 0:
+        raise DataError(f"calibration set {calib.path} is empty")
+    rng = np.random.default_rng(config.seed)
+    feeds = []
+    for ts in pick_timesteps(calib.timesteps, config.timesteps):
+        rows = np.flatnonzero(calib.t == ts)
+        rows = np.sort(rng.choice(rows, size=min(config.per_timestep, len(rows)), replace=False))
+        x = np.ascontiguousarray(calib.x[rows])
+        shape = inputs["sample"][1]
+        if len(shape) != x.ndim or any(d is not None and d != s for d, s in zip(shape[1:], x.shape[1:])):
+            raise DataError(f"calibration set {calib.path} holds samples of shape {list(x.shape[1:])}, the model "
+                            f"takes {list(shape)}; pass the calibration set of this model with --calib")
+        feed = OrderedDict(sample=x.astype(inputs["sample"][0]),
+                           timestep=np.asarray(calib.t[rows]).astype(inputs["timestep"][0]))
+        if "class_labels" in inputs:
+            if calib.meta.get("conditional"):
+                y = np.asarray(calib.y[rows])
+            elif null_label is not None:
+                y = np.full(len(rows), null_label)
+            else:
+                raise ConfigError("the model is class-conditional but the calibration set has no labels and the "
+                                  "model records no null label")
+            feed["class_labels"] = y.astype(inputs["class_labels"][0])
+        feeds.append((int(ts), feed))
+    return feeds
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Runners
+
+
+def _base_runner():
+    from polygraphy.backend.base import BaseRunner
+
+    return BaseRunner
+
+
+class _TorchRunnerMixin:
+    """Shared body of :class:`TorchRunner` (built lazily so that importing this module does not import polygraphy)."""
+
+    def __init__(self, model: torch.nn.Module, inputs: dict[str, tuple[Any, tuple]], output_name: str,
+                 name: str) -> None:
+        super().__init__(name=name, prefix="torch-runner")
+        self.model = model
+        self.inputs = inputs
+        self.output_name = output_name
+
+    def activate_impl(self) -> None:
+        self.model.eval()
+
+    def get_input_metadata_impl(self):
+        from polygraphy.common import TensorMetadata
+
+        meta = TensorMetadata()
+        for name, (dtype, shape) in self.inputs.items():
+            meta.add(name, dtype, shape)
+        return meta
+
+    def infer_impl(self, feed_dict):
+        import time
+
+        x = torch.from_numpy(np.asarray(feed_dict["sample"], np.float32))
+        t = torch.from_numpy(np.asarray(feed_dict["timestep"], np.int64))
+        y = feed_dict.get("class_labels")
+        y = None if y is None else torch.from_numpy(np.asarray(y, np.int64))
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = self.model(x, t, y)
+        self.inference_time = time.perf_counter() - start
+        return OrderedDict([(self.output_name, out.detach().cpu().float().numpy())])
+
+    def deactivate_impl(self) -> None:
+        pass
+
+
+_TORCH_RUNNER_CLS = None
+
+
+def TorchRunner(model: torch.nn.Module, inputs: dict[str, tuple[Any, tuple]], output_name: str, *, name: str):
+    """A Polygraphy runner (a ``BaseRunner`` subclass) that calls ``model(x, t, y)`` in torch."""
+    global _TORCH_RUNNER_CLS
+    if _TORCH_RUNNER_CLS is None:
+        _TORCH_RUNNER_CLS = type("TorchRunner", (_TorchRunnerMixin, _base_runner()), {})
+    return _TORCH_RUNNER_CLS(model, inputs, output_name, name)
+
+
+def tensorrt_status(engine: Optional[Union[str, os.PathLike]]) -> dict:
+    """Whether a TensorRT runner can run: ``{"ran": False, "reason": ...}`` when it cannot."""
+    try:
+        import tensorrt  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install (missing libnvinfer)
+        return {"ran": False, "engine": None if engine is None else str(engine),
+                "reason": f"tensorrt is not importable ({type(exc).__name__}: {str(exc)[:200]}); TensorRT runner "
+                          "skipped"}
+    if engine is None:
+        return {"ran": False, "engine": None, "reason": "no --engine given; TensorRT runner skipped"}
+    if not Path(engine).is_file():
+        raise ArtifactError(f"TensorRT engine {engine} does not exist")
+    return {"ran": True, "engine": str(engine), "reason": None}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Report
+
+
+@dataclass
+class ValidationReport:
+    passed: bool
+    failures: list[str]
+    timesteps: list[int]
+    samples_per_timestep: list[int]
+    pairs: dict[str, dict]
+    config: dict
+    tensorrt: dict
+    sources: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, out_dir: Union[str, os.PathLike]) -> Path:
+        """Write ``validate.json`` and ``validate.png`` (relative L2 error vs timestep, one line per pair)."""
+        from tdqrt.tools.plots import save_curve
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out_dir / REPORT_FILE, self.to_dict())
+        series = {name: (self.timesteps, [max(r["rel_l2"], 1e-12) for r in p["per_timestep"]])
+                  for name, p in self.pairs.items()}
+        save_curve(out_dir / PLOT_FILE, series, xlabel="timestep t", ylabel="relative L2 error of ε",
+                   title="bundle validation: " + ("PASS" if self.passed else "FAIL"), logy=True)
+        return out_dir / REPORT_FILE
+
+    def format(self) -> list[str]:
+        lines = []
+        for name, p in self.pairs.items():
+            o = p["overall"]
+            verdict = "info" if p["checked"] is None else ("ok" if p["passed"] else "FAIL")
+            lines.append(f"{name:<28} max-abs {o['max_abs']:.3g}  rel-L2 {o['rel_l2']:.3g}  SQNR {o['sqnr_db']:.1f} dB"
+                         f"  cosine {o['cosine']:.6f}  [{verdict}]")
+        lines.append(f"TensorRT: {'ran' if self.tensorrt['ran'] else self.tensorrt['reason']}")
+        lines += [f"FAIL: {f}" for f in self.failures]
+        return lines
+
+
+def _check(kind: Optional[str], m: dict, cfg: ValidateConfig) -> list[str]:
+    """The violated limits of metrics ``m`` for a pair of kind ``"fp"``/``"int8"`` (None: informational)."""
+    bad = []
+    if kind == "fp" and not m["max_abs"] <= cfg.fp_max_abs:
+        bad.append(f"max-abs {m['max_abs']:.3g} > {cfg.fp_max_abs:g}")
+    if kind == "int8":  # medians over the samples: robust to a rare near-tie cascade, see the module docstring
+        if not m["median_sample_cosine"] >= cfg.int8_min_cosine:
+            bad.append(f"median per-sample cosine {m['median_sample_cosine']:.6f} < {cfg.int8_min_cosine:g}")
+        if not m["median_sample_rel_l2"] <= cfg.int8_max_rel_l2:
+            bad.append(f"median per-sample rel-L2 {m['median_sample_rel_l2']:.3g} > {cfg.int8_max_rel_l2:g}")
+    return bad
+
+
+def validate_models(fp_onnx: Union[str, os.PathLike], int8_onnx: Union[str, os.PathLike],
+                    fp_model: torch.nn.Module, quant_model: torch.nn.Module, calib: Union[CalibrationSet, str, os.PathLike],
+                    config: ValidateConfig = ValidateConfig(), *, engine: Optional[Union[str, os.PathLike]] = None,
+                    null_label: Optional[int] = None) -> ValidationReport:
+    """Run the torch FP / fake-quant models and the two ONNX graphs (and a TensorRT engine when possible) on the
+    calibration inputs with ``Comparator.run`` and check the pairs against ``config``'s tolerances."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.comparator import Comparator
+
+    fp_onnx, int8_onnx = Path(fp_onnx), Path(int8_onnx)
+    calib = calib if isinstance(calib, CalibrationSet) else CalibrationSet(calib)
+    fp_inputs, fp_out = _session_inputs(fp_onnx)
+    q_inputs, q_out = _session_inputs(int8_onnx)
+    if set(fp_inputs) != set(q_inputs):
+        raise ArtifactError(f"{fp_onnx.name} has inputs {sorted(fp_inputs)} and {int8_onnx.name} {sorted(q_inputs)}; "
+                            "they must share the signature")
+    if fp_out != q_out:
+        raise ArtifactError(f"{fp_onnx.name} outputs {fp_out!r}, {int8_onnx.name} {q_out!r}; re-export the bundle")
+    if null_label is None:
+        null_label = getattr(quant_model, "null_label", None)
+    feeds = calibration_feeds(calib, q_inputs, config, null_label=null_label)
+
+    runners = [TorchRunner(fp_model, q_inputs, q_out, name="torch_fp"),
+               TorchRunner(quant_model, q_inputs, q_out, name="torch_quant"),
+               OnnxrtRunner(SessionFromOnnx(str(fp_onnx), providers=["cpu"]), name="ort_fp"),
+               OnnxrtRunner(SessionFromOnnx(str(int8_onnx), providers=["cpu"]), name="ort_int8")]
+    pairs = [("torch_fp", "ort_fp", "fp"), ("torch_quant", "ort_int8", "int8"), ("ort_fp", "ort_int8", None)]
+    trt = tensorrt_status(engine)
+    if trt["ran"]:
+        from polygraphy.backend.common import BytesFromPath
+        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+        runners.append(TrtRunner(EngineFromBytes(BytesFromPath(str(engine))), name="trt_int8"))
+        pairs.append(("torch_quant", "trt_int8", "int8"))
+
+    results = Comparator.run(runners, data_loader=[feed for _, feed in feeds])
+    outputs = {name: [np.asarray(it[q_out], np.float32) for it in iters] for name, iters in results.items()}
+
+    timesteps = [ts for ts, _ in feeds]
+    report_pairs, failures = {}, []
+    for ref, other, kind in pairs:
+        label = f"{ref} vs {other}"
+        per_t, pair_bad = [], False
+        for k, ts in enumerate(timesteps):
+            m = compare_arrays(outputs[ref][k], outputs[other][k])
+            per_sample = [compare_arrays(a, b) for a, b in zip(outputs[ref][k], outputs[other][k])]
+            m |= {"median_sample_rel_l2": float(np.median([p["rel_l2"] for p in per_sample])),
+                  "median_sample_cosine": float(np.median([p["cosine"] for p in per_sample])),
+                  "max_sample_rel_l2": float(max(p["rel_l2"] for p in per_sample))}
+            bad = _check(kind, m, config)
+            m |= {"timestep": ts, "passed": None if kind is None else not bad}
+            per_t.append(m)
+            if bad:
+                pair_bad = True
+                failures.append(f"{label} at t={ts}: " + ", ".join(bad))
+        overall = compare_arrays(np.concatenate([o.ravel() for o in outputs[ref]]),
+                                 np.concatenate([o.ravel() for o in outputs[other]]))
+        report_pairs[label] = {"reference": ref, "candidate": other, "checked": kind,
+                               "passed": None if kind is None else not pair_bad,
+                               "limits": ({"max_abs": config.fp_max_abs} if kind == "fp" else
+                                          {"median_sample_cosine_min": config.int8_min_cosine,
+                                           "median_sample_rel_l2_max": config.int8_max_rel_l2}
+                                          if kind == "int8" else None),
+                               "overall": overall, "per_timestep": per_t}
+    return ValidationReport(passed=not failures, failures=failures, timesteps=timesteps,
+                            samples_per_timestep=[len(f["timestep"]) for _, f in feeds], pairs=report_pairs,
+                            config=config.to_dict(), tensorrt=trt,
+                            sources={"fp_onnx": str(fp_onnx), "int8_onnx": str(int8_onnx), "calibration": str(calib.path)})
+
+
+def validate_bundle(bundle_dir: Union[str, os.PathLike], config: ValidateConfig = ValidateConfig(), *,
+                    quant_dir: Optional[Union[str, os.PathLike]] = None, fp_dir: Optional[Union[str, os.PathLike]] = None,
+                    calib_dir: Optional[Union[str, os.PathLike]] = None, out: Optional[Union[str, os.PathLike]] = None,
+                    engine: Optional[Union[str, os.PathLike]] = None, save: bool = True) -> ValidationReport:
+    """Validate the (hash-verified) bundle against the torch models it was exported from; write the report into
+    ``out`` (default ``BUNDLE/validation``) unless ``save=False``.
+
+    ``quant_dir`` / ``fp_dir`` / ``calib_dir`` override the recorded paths (manifest ``sources``, quant card
+    ``calibration.path``); the models must still have the sha256 the manifest records.
+    """
+    bundle = open_bundle(bundle_dir)
+    fp_onnx, int8_onnx = bundle.onnx_path("unet_fp"), bundle.onnx_path("unet")
+    if fp_onnx is None:
+        raise ArtifactError(f"bundle {bundle.path} has no unet_fp.onnx (exported without the FP reference); "
+                            "re-export it with `tdqrt export`")
+    sources = bundle.manifest.get("sources") or {}
+    models = {}
+    for role, override, flag in (("quant_model", quant_dir, "--quant"), ("fp_model", fp_dir, "--fp")):
+        src = sources.get(role) or {}
+        path = override if override is not None else src.get("path")
+        if path is None:
+            raise ConfigError(f"bundle {bundle.path} records no {role} source; pass it with {flag}")
+        if not Path(path).exists():
+            raise ArtifactError(f"the {role.replace('_', ' ')} {path} recorded by the bundle does not exist; pass "
+                                f"it with {flag}")
+        rec = load_model_dir(path)
+        if src.get("sha256") and rec.sha256 != src["sha256"]:
+            raise ArtifactError(f"{path} (sha256 {rec.sha256[:12]}…) is not the {role.replace('_', ' ')} the bundle "
+                                f"was exported from ({src['sha256'][:12]}…); pass the right one with {flag}")
+        models[role] = rec
+    if models["quant_model"].card.get("format") != QUANT_FORMAT:
+        raise ConfigError(f"{models['quant_model'].path} is not a quantized checkpoint; pass one with --quant")
+    if calib_dir is None:
+        calib_dir = (models["quant_model"].card.get("calibration") or {}).get("path")
+        if calib_dir is None:
+            raise ConfigError(f"{models['quant_model'].path} records no calibration set; pass one with --calib")
+    if not Path(calib_dir).is_dir():
+        raise ArtifactError(f"calibration set {calib_dir} does not exist; pass one with --calib")
+    report = validate_models(fp_onnx, int8_onnx, models["fp_model"].model, models["quant_model"].model, calib_dir,
+                             config, engine=engine, null_label=bundle.null_label)
+    report.sources |= {"bundle": str(bundle.path), "bundle_sha256": bundle.sha256,
+                       "quant_model": str(models["quant_model"].path), "fp_model": str(models["fp_model"].path)}
+    if save:
+        report.save(Path(out) if out is not None else bundle.path / VALIDATION_DIR)
+    return report
