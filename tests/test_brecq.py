@@ -33,16 +33,6 @@ from tdqrt.runtime.schedules import NoiseSchedule, ScheduleConfig
 FAST = dict(iters_w=40, iters_a=20, lr_w=3e-2, batch=16, num_samples=64, fit_steps=30)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The reconstruction loops run many small ops; on a shared 2-core machine two intra-op threads fight over the
-    # cores and run ~10x slower than one. Restored after this module.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _calib_cfg(seed: int) -> CalibSetConfig:
     return CalibSetConfig(num=16, keep_steps=5, batch=16, seed=seed, sampler=SamplerConfig(steps=10))
 

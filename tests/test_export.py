@@ -142,15 +142,6 @@ def _roundtrip(qm, exported, *, ratio_op: str = "div") -> dict:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Fixtures
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Two shared cores: torch's thread pool contending with ONNX Runtime's costs more than it gains here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 
 
 @pytest.fixture(scope="module")

@@ -15,15 +15,6 @@ from tdqrt.export.lint import LintReport, lint_model, lint_qdq_rules
 C_IN, C_OUT = 4, 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Two shared cores: torch's thread pool contending with ONNX Runtime's costs more than it gains here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _build(variant: str = "clean", opset: int = 17):
     """x -> Q -> DQ -> Conv(DQ(W_int8, per-channel axis 0), bias) -> y, with one planted violation."""
     rng = np.random.default_rng(0)
