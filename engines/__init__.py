@@ -4,6 +4,6 @@ denoiser interface that every backend (torch module, ONNX Runtime, TensorRT) imp
 Nothing here imports calibration, export or training code, so a deployment host needs only
 ``tdqrt.engines`` + ``tdqrt.runtime``.
 """
-from tdqrt.engines.errors import ArtifactError, ConfigError, DataError, TdqrtError
+from tdqrt.engines.errors import ArtifactError, ConfigError, DataError, DependencyError, TdqrtError
 
-__all__ = ["TdqrtError", "ConfigError", "DataError", "ArtifactError"]
+__all__ = ["TdqrtError", "ConfigError", "DataError", "ArtifactError", "DependencyError"]

@@ -19,3 +19,7 @@ class DataError(TdqrtError, ValueError):
 
 class ArtifactError(TdqrtError):
     """A file written by a tdqrt stage is missing, truncated, corrupt, or does not match what reads it."""
+
+
+class DependencyError(TdqrtError):
+    """An optional dependency (TensorRT, a CUDA device) that the requested backend needs is missing."""

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from tdqrt.engines.bundle import Bundle, is_bundle_dir, open_bundle
-from tdqrt.engines.errors import ArtifactError, ConfigError, DataError
+from tdqrt.engines.denoiser import prepare_inputs
+from tdqrt.engines.errors import ArtifactError
 
 _NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
               "tensor(int64)": np.int64, "tensor(int32)": np.int32}
@@ -115,29 +116,14 @@ class OrtDenoiser:
         return f"OrtDenoiser({str(self.path)!r}, providers={self.providers})"
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if x.ndim != 4 or tuple(x.shape[1:]) != (self.in_channels, self.image_size, self.image_size):
-            raise DataError(f"x has shape {tuple(x.shape)}, this model takes [B, {self.in_channels}, "
-                            f"{self.image_size}, {self.image_size}]")
-        batch = x.shape[0]
-        t = torch.as_tensor(t).reshape(-1)
-        if t.numel() == 1 and batch != 1:
-            t = t.expand(batch)
-        if t.numel() != batch:
-            raise DataError(f"t has {t.numel()} entries for a batch of {batch}")
-        t_np = t.detach().to("cpu", torch.int64).numpy()
-        if self.num_train_timesteps and (t_np.min() < 0 or t_np.max() >= self.num_train_timesteps):
-            raise DataError(f"timesteps must lie in [0, {self.num_train_timesteps}), got {t_np.min()}..{t_np.max()}")
+        t, y = prepare_inputs(x, t, y, in_channels=self.in_channels, image_size=self.image_size,
+                              num_train_timesteps=self.num_train_timesteps, conditional=self.conditional,
+                              null_label=self.null_label)
         feed = {"sample": np.ascontiguousarray(x.detach().to("cpu").numpy().astype(self.input_dtypes["sample"],
                                                                                      copy=False)),
-                "timestep": t_np.astype(self.input_dtypes["timestep"], copy=False)}
-        if self.conditional:
-            if y is None:
-                if self.null_label is None:
-                    raise ConfigError("this model is class-conditional; pass labels y (it records no null label)")
-                y = torch.full((batch,), self.null_label, dtype=torch.int64)
-            feed["class_labels"] = torch.as_tensor(y).reshape(-1).detach().to("cpu", torch.int64).numpy().astype(
-                self.input_dtypes["class_labels"], copy=False)
-        elif y is not None:
-            raise ConfigError("labels y were given to an unconditional model; pass y=None")
+                "timestep": t.detach().to("cpu", torch.int64).numpy().astype(self.input_dtypes["timestep"], copy=False)}
+        if y is not None:
+            feed["class_labels"] = y.detach().to("cpu", torch.int64).numpy().astype(self.input_dtypes["class_labels"],
+                                                                                    copy=False)
         out = self.session.run([self.output_name], feed)[0]
         return torch.from_numpy(np.asarray(out, dtype=np.float32)).to(x.device)

@@ -1,7 +1,8 @@
 """``tdqrt export``: quantized checkpoint (+ its FP checkpoint, + optional D² statistics) -> a bundle directory.
 
 The bundle (read by :mod:`tdqrt.engines.bundle`, which needs none of this code) holds ``unet.onnx`` (the INT8
-Q/DQ graph, ``unet.onnx.data`` beside it when large), ``unet_fp.onnx`` (the FP reference with the same signature),
+Q/DQ graph in the flavour of ``ExportConfig.target`` — ``trt`` or ``ort-cpu`` —, ``unet.onnx.data`` beside it
+when large), ``unet_fp.onnx`` (the FP reference with the same signature),
 ``lint.json`` (the lint report of both graphs), ``d2.npz`` + ``d2.json`` when D² statistics are given, and
 ``manifest.json`` last: format tag and version, sha256 and size of every file, the model description, quant and
 export settings, schedule, D² sampler settings, sources (paths + sha256) and tool versions.
@@ -32,12 +33,16 @@ from tdqrt.runtime.d2 import D2Table
 
 LINT_FILE = "lint.json"
 
-GRAPH_DESCRIPTION = {
-    "div": "x -> Div(s_t/s_ref) -> Q(s_ref) -> DQ(s_ref) -> Conv|MatMul(DQ(W_int8), no bias) -> Mul(s_t/s_ref) "
-           "-> Add(bias); static layers: x -> Q(s) -> DQ(s) -> Conv(DQ(W_int8), bias)",
-    "mul": "x -> Mul(r_t = s_ref/s_t) -> Q(s_ref) -> DQ(s_ref) -> Conv|MatMul(DQ(W_int8), no bias) -> Mul(1/r_t) "
-           "-> Add(bias); static layers: x -> Q(s) -> DQ(s) -> Conv(DQ(W_int8), bias)",
-}
+RATIO_IN = {"div": "Div(s_t/s_ref)", "mul": "Mul(r_t = s_ref/s_t)"}
+
+
+def graph_description(ratio_op: str, quantize_outputs: bool) -> str:
+    """One line per layer kind of the exported graph, for the manifest."""
+    out = " -> Q(s_out) -> DQ(s_out)" if quantize_outputs else ""
+    act = "Q(s_ref, uint8 zp 128) -> DQ" if quantize_outputs else "Q(s_ref) -> DQ(s_ref)"
+    return (f"x -> {RATIO_IN[ratio_op]} -> {act} -> Conv(DQ(W_int8), no bias){out} -> Mul(s_t/s_ref) -> Add(bias); "
+            f"static layers: x -> {act.replace('s_ref', 's')} -> Conv(DQ(W_int8), bias){out}; Linear layers: "
+            f"MatMul(DQ(x), DQ(W_int8 [K, N])){out} -> [Mul(s_t/s_ref)] -> Add(bias)")
 
 
 def _role(name: str) -> str:
@@ -92,11 +97,14 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
 
 def export_bundle(quant_dir: Union[str, os.PathLike], out: Union[str, os.PathLike],
                   config: ExportConfig = ExportConfig(), *, d2_stats: Optional[Union[str, os.PathLike]] = None,
-                  fp_dir: Optional[Union[str, os.PathLike]] = None) -> Path:
+                  fp_dir: Optional[Union[str, os.PathLike]] = None,
+                  calib_dir: Optional[Union[str, os.PathLike]] = None) -> Path:
     """Export the quantized checkpoint in ``quant_dir`` into the bundle directory ``out``; returns ``out``.
 
     ``fp_dir`` overrides where the FP checkpoint named by the quant card lives (it must still have the recorded
-    sha256). ``d2_stats``: a directory written by ``tdqrt d2-stats`` for this quantized model.
+    sha256). ``d2_stats``: a directory written by ``tdqrt d2-stats`` for this quantized model. ``calib_dir``: the
+    calibration set whose inputs set the output grids of a target that quantizes outputs (``ort-cpu``; default:
+    the set the quant card records).
     """
     out = Path(out)
     rec = load_model_dir(quant_dir)
@@ -114,13 +122,20 @@ def export_bundle(quant_dir: Union[str, os.PathLike], out: Union[str, os.PathLik
         table = D2Table.load(d2_stats)
         _check_d2(table, Path(d2_stats), rec.sha256, schedule)
     qm = rec.model
+    flavour = get_flavour(config.target)
+    calib = None
+    if flavour.quantize_outputs:
+        calib = calib_dir if calib_dir is not None else (rec.card.get("calibration") or {}).get("path")
+        if calib is None or not Path(calib).is_dir():
+            raise ArtifactError(f"target {config.target} sets its output grids from calibration inputs, and the set "
+                                f"{calib} recorded by {quant_dir} is not there; pass one with --calib")
     _prepare_target(out)
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         failed_report = out.parent / f"{out.name}.lint-failed.json"
         files: list[str] = []
-        q: ExportedModel = export_quantized(qm, config)
+        q: ExportedModel = export_quantized(qm, config, calib=calib)
         files += save_onnx(q.model, tmp / UNET_FILE, external_data_mb=config.external_data_mb)
         reports = {}
         if config.lint:
@@ -154,15 +169,16 @@ def export_bundle(quant_dir: Union[str, os.PathLike], out: Union[str, os.PathLik
             "signature": signature,
             "quant": {"config": rec.card["quant"], "options": rec.card.get("options", {}),
                       "qdq": q.plan.summary() if q.plan is not None else None},
-            "export": config.to_dict() | {"flavour": get_flavour(config.target).description,
-                                          "graph": GRAPH_DESCRIPTION[config.ratio_op],
+            "export": config.to_dict() | {"flavour": flavour.description,
+                                          "graph": graph_description(config.ratio_op, flavour.quantize_outputs),
                                           "layer_nodes": {k: v["nodes"] for k, v in q.layers.items()}},
             "schedule": schedule,
             "d2": None if table is None else {"settings": table.settings.to_dict(),
                                               "timesteps": table.timesteps.tolist(),
                                               "num_channels": table.num_channels},
             "sources": {"quant_model": {"path": str(Path(quant_dir).resolve()), "sha256": rec.sha256},
-                        "fp_model": {"path": str(Path(fp.path).resolve()), "sha256": fp.sha256}},
+                        "fp_model": {"path": str(Path(fp.path).resolve()), "sha256": fp.sha256}}
+                       | ({"output_grid_calibration": str(Path(calib).resolve())} if calib is not None else {}),
             "lint": {name: {"clean": bool(r), "errors": len(r.errors), "warnings": len(r.warnings),
                             "checks": r.checks} for name, r in reports.items()},
             "versions": versions(),

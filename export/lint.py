@@ -1,9 +1,10 @@
 """``tdqrt lint``: check an exported ONNX model (or a whole bundle) against the rules its target needs.
 
-Our own Q/DQ rules (TensorRT explicit quantization, notes/tensorrt-qdq.md §1), then ``onnx.checker`` (full check),
-ONNX shape inference (strict, type-checked) and ``polygraphy check lint`` (runs the graph node by node in ONNX
-Runtime). Every finding names the node and says how to fix it. The result is a :class:`LintReport`: truthy when
-there is no error, serialisable to JSON.
+Our own Q/DQ rules (TensorRT explicit quantization, notes/tensorrt-qdq.md §1; ONNX Runtime CPU, §5), then
+``onnx.checker`` (full check), ONNX shape inference (strict, type-checked), ``polygraphy check lint`` (runs the
+graph node by node in ONNX Runtime) and, for ``ort-cpu``, the fusion count of ONNX Runtime's optimized graph.
+Every finding names the node and says how to fix it. The result is a :class:`LintReport`: truthy when there is no
+error, serialisable to JSON.
 
 Rules for the ``trt`` target:
 
@@ -21,6 +22,21 @@ Rules for the ``trt`` target:
 Warnings (the build still works): Q/DQ feeding ops other than weighted ones (TensorRT will not fuse them), Q/DQ
 pairs whose scales differ, FP32 scales inside an FP16 graph (strongly typed TensorRT then runs the consumer in
 FP32), activation×activation MatMuls with Q/DQ (no INT8 MHA in TensorRT).
+
+Rules for the ``ort-cpu`` target (what differs; the weight, scale and per-tensor rules are the same):
+
+* activation zero points are **uint8** (x86 ORT forms int8 kernels only for U8S8: it rewrites a simple int8
+  Q -> DQ pair into uint8 itself, but not one whose Q has several consumers, which then stays unfused, and forcing
+  S8S8 kernels is 3.5-4x slower than FP32 — notes §5); weights stay int8 with zero point 0;
+* every quantized Conv's and MatMul's output goes to exactly one QuantizeLinear (error ``output-not-quantized``):
+  ORT forms QLinearConv / QLinearMatMul only from ``DQ -> op -> Q`` and otherwise runs a Conv (and a 2-D MatMul
+  followed by its bias Add, which it folds into a Gemm) in float on dequantized inputs;
+* the inputs of weighted ops use zero point 128, the torch model's symmetric int8 grid in uint8 (warning
+  ``input-zero-point`` otherwise: it runs, but its codes are not the calibrated ones); output grids may be
+  asymmetric, and output Q/DQ feeding float ops is expected (no ``qdq-placement`` warning);
+* any standard ONNX op is allowed; dtype fp32 only (QLinearConv takes float32 scales);
+* ``ort-fusion``: ONNX Runtime's optimized graph (:func:`optimized_op_counts`) must hold an int8 kernel
+  (:data:`INT8_KERNELS`) for every quantized Conv/MatMul.
 """
 from __future__ import annotations
 
@@ -48,32 +64,22 @@ MAX_IR_VERSION = 10  # ONNX Runtime 1.31 loads IR ≤ 13, TensorRT 10's parser (
 
 @dataclass(frozen=True)
 class Flavour:
-    """What an export target needs. A second target (``ort-cpu``: uint8 activations, Q after each conv so ORT
-    fuses QLinearConv, notes §5) adds an entry here and a branch in the Q/DQ module, not a second exporter."""
+    """What an export target needs; the exporter and the Q/DQ module take it as a parameter (one exporter, two
+    graph conventions)."""
 
     name: str
     description: str
+    backend: str  # who consumes the graph (named in lint messages)
     act_zero_dtype: str  # element type of activation zero points
-    quantize_outputs: bool  # Q/DQ on weighted-op outputs too (ORT CPU fusion) or inputs only (TensorRT)
+    act_zero_point: int  # zero point of the input quantizers: the torch model's signed int8 grid in that type
+    symmetric_activations: bool  # every activation zero point must be 0 (else: any, e.g. on output grids)
+    quantize_outputs: bool  # Q/DQ on weighted-op outputs too (ORT CPU fusion) or on their inputs only (TensorRT)
     min_opset: int
     max_opset: int
     default_opset: int
     fp16_min_opset: int  # fp16 Q/DQ scales appear in QuantizeLinear-19
-    implemented: bool = True
-
-
-FLAVOURS: dict[str, Flavour] = {
-    "trt": Flavour("trt", "TensorRT explicit INT8: symmetric int8 Q/DQ on the inputs of Conv/Gemm/MatMul only, "
-                          "per-channel int8 weights, per-tensor activations", "int8", False, 17, 20, 17, 19),
-    "ort-cpu": Flavour("ort-cpu", "ONNX Runtime x86 CPU: uint8 activations with a Q after each conv (QLinearConv "
-                                  "fusion); not implemented yet", "uint8", True, 17, 21, 17, 19, implemented=False),
-}
-
-
-def get_flavour(name: str) -> Flavour:
-    if name not in FLAVOURS:
-        raise ConfigError(f"export target {name!r} is unknown; choose one of {sorted(FLAVOURS)}")
-    return FLAVOURS[name]
+    dtypes: tuple[str, ...] = ("fp32", "fp16")  # graph float types the backend runs quantized
+    supported_ops: Optional[frozenset] = None  # default-domain ops allowed (None: any standard op)
 
 
 # Ops TensorRT's ONNX parser imports (onnx-tensorrt docs/operators.md, 10.x) that a UNet export may contain.
@@ -86,6 +92,29 @@ Mul Neg Not Or Pad Pow PRelu QuantizeLinear Range Reciprocal ReduceL2 ReduceMax 
 ReduceSum Relu Reshape Resize Round ScatterElements ScatterND Selu Shape Sigmoid Sign Sin Size Slice Softmax Softplus
 Split Sqrt Squeeze Sub Sum Tanh Tile TopK Transpose Trilu Unsqueeze Upsample Where Xor
 """.split())
+
+FLAVOURS: dict[str, Flavour] = {
+    "trt": Flavour(
+        "trt", "TensorRT explicit INT8: symmetric int8 Q/DQ on the inputs of Conv/Gemm/MatMul only, per-channel "
+        "int8 weights, per-tensor activations",
+        backend="TensorRT", act_zero_dtype="int8", act_zero_point=0, symmetric_activations=True,
+        quantize_outputs=False, min_opset=17, max_opset=20, default_opset=17, fp16_min_opset=19,
+        supported_ops=SUPPORTED_OPS),
+    "ort-cpu": Flavour(
+        "ort-cpu", "ONNX Runtime x86 CPU: uint8 activations (zero point 128 on the inputs = the symmetric int8 "
+        "grid), per-channel int8 weights, and a uint8 Q/DQ right after every quantized Conv/MatMul so ORT "
+        "fuses QLinearConv/QLinearMatMul",
+        backend="ONNX Runtime's CPU QDQ fusion", act_zero_dtype="uint8", act_zero_point=128,
+        symmetric_activations=False, quantize_outputs=True, min_opset=17, max_opset=21, default_opset=17,
+        fp16_min_opset=19, dtypes=("fp32",)),
+}
+
+
+def get_flavour(name: str) -> Flavour:
+    if name not in FLAVOURS:
+        raise ConfigError(f"export target {name!r} is unknown; choose one of {sorted(FLAVOURS)}")
+    return FLAVOURS[name]
+
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
@@ -301,10 +330,10 @@ def _check_model_level(g: _Graph, flavour: Flavour, rep: LintReport, file: str) 
         if n.domain not in ("", "ai.onnx"):
             rep.add("error", "unsupported-op", g.name(n), f"op {n.domain}::{n.op_type} is not a standard ONNX op.",
                     "replace it with standard ONNX ops.", file)
-        elif n.op_type not in SUPPORTED_OPS:
+        elif flavour.supported_ops is not None and n.op_type not in flavour.supported_ops:
             rep.add("error", "unsupported-op", g.name(n), f"op {n.op_type} is not in the supported op list "
-                    "(ops TensorRT's ONNX parser imports).",
-                    "rewrite the model part that produces it, or extend SUPPORTED_OPS if TensorRT supports it.", file)
+                    f"(ops {flavour.backend} imports).", "rewrite the model part that produces it, or extend "
+                    f"SUPPORTED_OPS if {flavour.backend} supports it.", file)
 
 
 def _check_qdq_node(g: _Graph, n, flavour: Flavour, rep: LintReport, file: str, fp16_graph: bool) -> None:
@@ -316,8 +345,8 @@ def _check_qdq_node(g: _Graph, n, flavour: Flavour, rep: LintReport, file: str, 
         producer = g.producer.get(scale_name)
         how = f"computed at run time by {producer.op_type} node {g.name(producer)}" if producer is not None else \
             f"graph input {scale_name!r}" if scale_name in g.graph_inputs else "missing"
-        rep.add("error", "runtime-scale", name, f"{n.op_type} scale {scale_name!r} is {how}; TensorRT needs "
-                "every Q/DQ scale to be a build-time constant.",
+        rep.add("error", "runtime-scale", name, f"{n.op_type} scale {scale_name!r} is {how}; {flavour.backend} "
+                "needs every Q/DQ scale to be a build-time constant.",
                 "use a constant scale (initializer); fold a per-timestep scale into Mul/Div ratio nodes around a "
                 "constant-scale Q/DQ (tdqrt export does this).", file)
     else:
@@ -339,32 +368,38 @@ def _check_qdq_node(g: _Graph, n, flavour: Flavour, rep: LintReport, file: str, 
         if fp16_graph and sdt == TensorProto.FLOAT:
             rep.add("warning", "fp32-scale-in-fp16", name, "FP32 scale in an FP16 graph: the DQ outputs FP32 and "
                     "strongly typed TensorRT runs its consumer in FP32.", "export the scales in FP16.", file)
+    # weights: int8, zero point 0 for every target; activations: the flavour's type (and 0 when symmetric)
+    weight = n.op_type == "DequantizeLinear" and g.const_source(n.input[0]) is not None
+    want = "int8" if weight else flavour.act_zero_dtype
+    symmetric = weight or flavour.symmetric_activations
+    hold = f"holding {0 if symmetric else flavour.act_zero_point}"
     zp_name = n.input[2] if len(n.input) > 2 else ""
     if not zp_name:
         if n.op_type == "QuantizeLinear":
-            rep.add("error", "zero-point", name, "QuantizeLinear without a zero point outputs uint8; TensorRT needs "
-                    "int8 with zero point 0.", "add an int8 zero-point initializer holding 0.", file)
+            rep.add("error", "zero-point", name, "QuantizeLinear without a zero point outputs uint8 with zero point "
+                    f"0 (no negative values); target {flavour.name} needs {want} with an explicit zero point.",
+                    f"add a zero-point initializer ({want}, {hold}).", file)
     else:
         zp = g.const_value(zp_name)
         zdt = g.const_dtype(zp_name)
         from onnx import TensorProto
 
-        want = getattr(TensorProto, flavour.act_zero_dtype.upper())
         if zp is None:
             rep.add("error", "zero-point", name, f"zero point {zp_name!r} is computed at run time.",
-                    "use a constant int8 zero-point initializer holding 0.", file)
-        elif zdt != TensorProto.INT8 and not (zdt == want and n.op_type == "QuantizeLinear"):
+                    f"use a constant {want} zero-point initializer {hold}.", file)
+        elif zdt != getattr(TensorProto, want.upper()):
+            what = "weights" if weight else "activations"
             rep.add("error", "zero-point", name, f"zero point {zp_name!r} has type {_dtype_name(zdt)}; target "
-                    f"{flavour.name} needs int8.", "store int8 zero points (0).", file)
-        elif np.any(zp != 0):
+                    f"{flavour.name} needs {want} for {what}.", f"store {want} zero points ({hold}).", file)
+        elif symmetric and np.any(zp != 0):
             rep.add("error", "zero-point", name, f"zero point {zp_name!r} is {np.asarray(zp).ravel()[:4].tolist()}, "
-                    "not 0; TensorRT supports symmetric quantization only.",
-                    "recalibrate with symmetric quantization (zero point 0).", file)
+                    f"not 0; {flavour.backend} takes {'weights' if weight else 'activations'} quantized "
+                    "symmetrically only.", "recalibrate with symmetric quantization (zero point 0).", file)
     if scale is not None and scale.size > 1:
         data_const = g.const_source(n.input[0]) is not None
         if n.op_type == "QuantizeLinear" or not data_const:
             rep.add("error", "per-channel-activation", name, f"{n.op_type} on a run-time tensor has a per-channel "
-                    f"scale ({scale.size} values); TensorRT quantizes activations per tensor only.",
+                    f"scale ({scale.size} values); {flavour.backend} quantizes activations per tensor only.",
                     "use one scale for the whole activation tensor.", file)
     if n.op_type == "QuantizeLinear":
         consumers = g.consumers.get(n.output[0], [])
@@ -397,15 +432,16 @@ def _check_weighted(g: _Graph, op, flavour: Flavour, rep: LintReport, file: str)
         weight_from_q = q is not None and q.op_type == "QuantizeLinear" and g.const_source(q.input[0]) is not None
         if not weight_from_q:
             rep.add("warning", "act-act-matmul", name, "both MatMul inputs are quantized activations (attention); "
-                    "TensorRT has no INT8 MHA and will not fuse it.", "leave attention matmuls in float.", file)
+                    f"{flavour.backend} does not run it as an INT8 attention kernel.",
+                    "leave attention matmuls in float.", file)
             return
     if w_dq is None:
         w = op.input[1]
         src = g.const_source(w)
         what = f"float initializer {w!r}" if src is not None else f"run-time tensor {w!r}"
         rep.add("error", "weight-without-dq", name, f"activation input is quantized (DequantizeLinear "
-                f"{g.name(a_dq)}) but the weight is a {what} without DequantizeLinear; TensorRT cannot run an INT8 "
-                f"{op.op_type} with a float weight.",
+                f"{g.name(a_dq)}) but the weight is a {what} without DequantizeLinear; {flavour.backend} cannot run an "
+                f"INT8 {op.op_type} with a float weight.",
                 "store the weight as int8 codes + DequantizeLinear (per-channel scale), or drop the activation Q/DQ "
                 "to keep the layer in float.", file)
     if a_dq is None:
@@ -449,7 +485,7 @@ def _check_weighted(g: _Graph, op, flavour: Flavour, rep: LintReport, file: str)
         a_scale = g.const_value(a_dq.input[1]) if len(a_dq.input) > 1 else None
         if a_scale is not None and a_scale.size > 1:
             rep.add("error", "per-channel-activation", g.name(a_dq), f"activation input of {name} is dequantized "
-                    f"with {a_scale.size} scales (per channel); TensorRT needs one per tensor.",
+                    f"with {a_scale.size} scales (per channel); {flavour.backend} needs one per tensor.",
                     "use a per-tensor activation scale.", file)
         q = g.producer.get(a_dq.input[0])
         if q is None or q.op_type != "QuantizeLinear":
@@ -460,15 +496,33 @@ def _check_weighted(g: _Graph, op, flavour: Flavour, rep: LintReport, file: str)
             if qs is not None and a_scale is not None and (qs.shape != a_scale.shape or not np.array_equal(qs, a_scale)):
                 rep.add("warning", "qdq-scale-mismatch", g.name(a_dq), f"the Q/DQ pair before {name} uses different "
                         "scales (a requantization).", "use the same scale initializer on Q and DQ.", file)
-            zdt = g.const_dtype(q.input[2]) if len(q.input) > 2 and q.input[2] else None
+            zp_name = q.input[2] if len(q.input) > 2 else ""
+            zdt = g.const_dtype(zp_name) if zp_name else None
+            zp = g.const_value(zp_name) if zp_name else None
             want = getattr(TensorProto, flavour.act_zero_dtype.upper())
             if zdt is not None and zdt != want:
                 rep.add("error", "zero-point", g.name(q), f"activation zero point of {name} is "
                         f"{_dtype_name(zdt)}; target {flavour.name} needs {flavour.act_zero_dtype}.",
                         f"use {flavour.act_zero_dtype} zero points.", file)
+            elif zp is not None and not flavour.symmetric_activations and np.any(zp != flavour.act_zero_point):
+                rep.add("warning", "input-zero-point", g.name(q), f"activation zero point of {name} is "
+                        f"{np.asarray(zp).ravel()[:4].tolist()}, not {flavour.act_zero_point}: its uint8 grid is not "
+                        "the symmetric int8 grid the torch model was calibrated on, so the codes differ from it.",
+                        f"use zero point {flavour.act_zero_point} on the inputs of weighted ops.", file)
+    if flavour.quantize_outputs and op.op_type in ("Conv", "MatMul") and a_dq is not None and w_dq is not None:
+        consumers = g.consumers.get(op.output[0], [])
+        if len(consumers) != 1 or consumers[0].op_type != "QuantizeLinear" or op.output[0] in g.graph_outputs:
+            what = ", ".join(f"{c.op_type} {g.name(c)}" for c in consumers) or "nothing but the graph output"
+            rep.add("error", "output-not-quantized", name, f"the output of this quantized {op.op_type} goes to "
+                    f"{what}, not to a single QuantizeLinear; {flavour.backend} forms QLinear{op.op_type} only from "
+                    f"DQ -> {op.op_type} -> Q and otherwise may run it in float on dequantized inputs (a Conv always, "
+                    "a 2-D MatMul followed by its bias Add too), slower than the FP32 graph.",
+                    f"put QuantizeLinear -> DequantizeLinear (uint8, constant scale) directly after the {op.op_type}, "
+                    "before any ratio Mul or bias Add (tdqrt export --target ort-cpu does).", file)
 
 
 def _check_placement(g: _Graph, rep: LintReport, file: str) -> None:
+    """TensorRT: Q/DQ only on the inputs of weighted ops (ort-cpu has output Q/DQ feeding float ops by design)."""
     for n in g.nodes:
         if n.op_type != "DequantizeLinear" or g.const_source(n.input[0]) is not None:
             continue
@@ -493,7 +547,8 @@ def lint_qdq_rules(model, target: str = "trt", *, file: str = "") -> LintReport:
             _check_qdq_node(g, n, flavour, rep, file, fp16_graph)
         elif n.op_type in WEIGHTED_OPS:
             _check_weighted(g, n, flavour, rep, file)
-    _check_placement(g, rep, file)
+    if not flavour.quantize_outputs:
+        _check_placement(g, rep, file)
     rep.checks["qdq-rules"] = "passed" if not rep.errors else "failed"
     return rep
 
@@ -527,6 +582,60 @@ def _run_onnx_checks(model, path: Optional[Path], rep: LintReport, file: str) ->
         rep.checks["shape-inference"] = "failed"
         rep.add("error", "shape-inference", "model", f"ONNX shape inference (strict) failed: {str(exc).strip()[:800]}",
                 "fix the shape/type inconsistency it names, then re-export.", file)
+
+
+# Kernels ONNX Runtime's CPU provider forms from Q/DQ node units (any domain: QLinearConv becomes
+# com.microsoft:QLinearConv in NHWC on x86).
+INT8_KERNELS = frozenset({"QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "QGemm", "ConvInteger",
+                          "MatMulInteger", "DynamicQuantizeMatMul"})
+
+
+def optimized_op_counts(path: Union[str, os.PathLike], *, threads: int = 1) -> dict[str, int]:
+    """Op types (``domain:op`` outside the default domain) of the graph ONNX Runtime's CPU provider actually runs:
+    the model after its graph optimizations (``SessionOptions.optimized_model_filepath``)."""
+    import collections
+
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="tdqrt-ortopt-") as tmp:
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        so.intra_op_num_threads = threads
+        so.log_severity_level = 3
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        nodes = onnx.load(so.optimized_model_filepath, load_external_data=False).graph.node
+    return dict(collections.Counter(f"{n.domain}:{n.op_type}" if n.domain else n.op_type for n in nodes))
+
+
+def _quantized_weighted_ops(g: _Graph) -> list:
+    """Conv/Gemm/MatMul with a DequantizeLinear on both the activation and an int8-initializer weight."""
+    out = []
+    for n in g.nodes:
+        if n.op_type in WEIGHTED_OPS and len(n.input) > 1:
+            a, w = g.dq_feeding(n.input[0]), g.dq_feeding(n.input[1])
+            if a is not None and w is not None and g.const_source(w.input[0]) is not None:
+                out.append(n)
+    return out
+
+
+def run_fusion_check(model, path: Path, flavour: Flavour, rep: LintReport, file: str) -> None:
+    """``ort-cpu``: every quantized Conv/MatMul must become an int8 kernel (:data:`INT8_KERNELS`) in the graph ONNX
+    Runtime optimizes; a float leftover runs dequantized, slower than the FP32 graph."""
+    expected = _quantized_weighted_ops(_Graph(model))
+    if not expected:
+        rep.checks["ort-fusion"] = "skipped: no quantized weighted ops"
+        return
+    counts = optimized_op_counts(path)
+    fused = sum(c for k, c in counts.items() if k.split(":")[-1] in INT8_KERNELS)
+    if fused >= len(expected):
+        rep.checks["ort-fusion"] = "passed"
+        return
+    rep.checks["ort-fusion"] = "failed"
+    rep.add("error", "ort-fusion", "model", f"ONNX Runtime's CPU provider formed {fused} int8 kernels for "
+            f"{len(expected)} quantized Conv/MatMul (optimized graph: {counts}); the rest run in float on dequantized "
+            f"inputs, slower than the FP32 graph.", f"fix the {flavour.name} Q/DQ rule findings (uint8 activations, a "
+            "single uint8 Q right after each Conv, constant scales), then re-export.", file)
 
 
 def _polygraphy_command() -> Optional[list[str]]:
@@ -586,8 +695,9 @@ def run_polygraphy_lint(path: Path, rep: LintReport, file: str, timeout: float =
 
 
 def lint_model(model_or_path, target: str = "trt", *, polygraphy: bool = True, checker: bool = True,
-               file: str = "") -> LintReport:
-    """Lint one ONNX model (a path or a ``ModelProto``); ``polygraphy`` needs a path (or writes a temp copy)."""
+               fusion: bool = True, file: str = "") -> LintReport:
+    """Lint one ONNX model (a path or a ``ModelProto``); ``polygraphy`` and ``fusion`` (the ONNX Runtime fusion
+    count of a flavour that needs it, ``ort-cpu``) need a path (or write a temp copy)."""
     import onnx
 
     path: Optional[Path] = None
@@ -603,19 +713,29 @@ def lint_model(model_or_path, target: str = "trt", *, polygraphy: bool = True, c
         file = file or path.name
     else:
         model = model_or_path
+    flavour = get_flavour(target)
     rep = lint_qdq_rules(model, target, file=file)
     if checker:
         _run_onnx_checks(model, path, rep, file)
-    if polygraphy:
-        if path is None:
-            with tempfile.TemporaryDirectory(prefix="tdqrt-lint-") as tmp:
-                p = Path(tmp) / "model.onnx"
-                onnx.save(model, str(p))
-                run_polygraphy_lint(p, rep, file)
-        else:
-            run_polygraphy_lint(path, rep, file)
-    else:
+    fusion = fusion and flavour.quantize_outputs
+
+    def file_checks(p: Path) -> None:
+        if polygraphy:
+            run_polygraphy_lint(p, rep, file)
+        if fusion:
+            run_fusion_check(model, p, flavour, rep, file)
+
+    if path is not None:
+        file_checks(path)
+    elif polygraphy or fusion:
+        with tempfile.TemporaryDirectory(prefix="tdqrt-lint-") as tmp:
+            p = Path(tmp) / "model.onnx"
+            onnx.save(model, str(p))
+            file_checks(p)
+    if not polygraphy:
         rep.checks["polygraphy-lint"] = "skipped: disabled"
+    if flavour.quantize_outputs and not fusion:
+        rep.checks["ort-fusion"] = "skipped: disabled"
     return rep
 
 

@@ -3,8 +3,9 @@ exporter, ``dynamo=False``) emits ONNX ``QuantizeLinear`` / ``DequantizeLinear``
 
 Each :class:`~tdqrt.calibration.quant.qmodel.QuantLayer` is swapped for a :class:`QDQLayer` whose forward calls
 ``torch.autograd.Function``\\ s with ``symbolic`` staticmethods. Their torch forward computes exactly what the ONNX
-op computes (divide, round half to even, saturate to int8; multiply back), so the export module *is* the fake-quant
-model numerically, and tracing sees ordinary tensors.
+op computes (divide, round half to even, add the zero point, saturate to int8 / uint8; subtract it, multiply back),
+so the export module *is* the fake-quant model numerically (plus the output grids of ``ort-cpu``), and tracing sees
+ordinary tensors.
 
 Graph of one quantized Conv (notes/tensorrt-qdq.md §2(d); ``r_t = s_ref / s_t``, ``ρ_t = 1/r_t = s_t / s_ref``)::
 
@@ -12,6 +13,21 @@ Graph of one quantized Conv (notes/tensorrt-qdq.md §2(d); ``r_t = s_ref / s_t``
                                        W_int8 → DQ(s_w, axis 0) ┴→ Conv(no bias) → Mul(ρ_t) → Add(b)
     static layer:        x → Q(s) → DQ(s) ─┐
                          W_int8 → DQ(s_w) ─┴→ Conv(bias b)
+
+``ort-cpu`` flavour (ONNX Runtime x86 CPU, notes §5): the activation Q/DQ are uint8 with zero point 128 —
+``q_u8 = q_s8 + 128``, the same grid, so the codes stay exact — and every Conv gets a uint8 ``Q(s_out, z_out) →
+DQ`` right after it (before ``Mul(ρ_t)`` / ``Add(b)``), which is what ORT fuses into QLinearConv
+(QLinearMatMul for a Linear)::
+
+    per-timestep layer:  x → Div(ρ_t) → Q(s_ref, 128) → DQ ─┐
+                                     W_int8 → DQ(s_w) ─┴→ Conv(no bias) → Q(s_out, z_out) → DQ
+                                                                           → Mul(ρ_t) → Add(b)
+    static layer:        x → Q(s, 128) → DQ → Conv(DQ(W), bias b) → Q(s_out, z_out) → DQ
+
+The output grid is constant: the conv output is observed in the ratio domain (input divided by ρ_t), where its
+range hardly depends on t (:func:`calibrate_output_grids`). A Linear's MatMul gets the same output Q/DQ (before
+its bias Add) and becomes QLinearMatMul: without it ORT fuses a 3-D MatMul into MatMulIntegerToFloat, but folds a
+2-D ``MatMul → Add(bias)`` into a float Gemm first (measured, ORT 1.31).
 
 ``ρ_t`` is the layer's column of a constant ``[T, L]`` table gathered by the ``timestep`` input
 (``Gather(table, timestep)`` → ``[B, L]`` → column ``l`` → reshape ``[B, 1, 1, 1]``), so every Q/DQ scale is a
@@ -38,16 +54,17 @@ every activation by up to the full spread of the table before Q, with no benefit
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tdqrt.calibration.quant.qmodel import QuantizedModel, QuantLayer
-from tdqrt.engines.errors import ConfigError
+from tdqrt.engines.errors import ArtifactError, ConfigError, DataError
+from tdqrt.export.lint import FLAVOURS, Flavour
 
-ACT_QMIN, ACT_QMAX = -128, 127  # QuantizeLinear's int8 saturation = the tdqrt 8-bit activation grid
+ZERO_DTYPES = {"int8": torch.int8, "uint8": torch.uint8}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -55,11 +72,14 @@ ACT_QMIN, ACT_QMAX = -128, 127  # QuantizeLinear's int8 saturation = the tdqrt 8
 
 
 class QuantizeLinearFn(torch.autograd.Function):
-    """``QuantizeLinear(x, scale, zero_point=int8 0)``: ``clamp(round_half_even(x / scale), -128, 127)`` as int8."""
+    """``QuantizeLinear(x, scale, zero_point)``: ``saturate(round_half_even(x / scale) + zero_point)`` in the zero
+    point's type (int8: [-128, 127]; uint8: [0, 255])."""
 
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:  # noqa: ARG004
-        return torch.clamp(torch.round(x / scale), ACT_QMIN, ACT_QMAX).to(torch.int8)
+        info = torch.iinfo(zero_point.dtype)
+        q = torch.round(x / scale) + zero_point.to(x.dtype)
+        return torch.clamp(q, info.min, info.max).to(zero_point.dtype)
 
     @staticmethod
     def symbolic(g, x, scale, zero_point):
@@ -67,16 +87,16 @@ class QuantizeLinearFn(torch.autograd.Function):
 
 
 class DequantizeLinearFn(torch.autograd.Function):
-    """``DequantizeLinear(q, scale, zero_point=0, axis)``: ``q · scale`` (per-channel along ``axis`` when ``scale``
-    is a vector)."""
+    """``DequantizeLinear(q, scale, zero_point, axis)``: ``(q - zero_point) · scale`` (per-channel along ``axis``
+    when ``scale`` is a vector)."""
 
     @staticmethod
     def forward(ctx, q: Tensor, scale: Tensor, zero_point: Tensor, axis: Optional[int]) -> Tensor:  # noqa: ARG004
         if scale.ndim == 1:
             shape = [1] * q.ndim
             shape[axis] = -1
-            scale = scale.reshape(shape)
-        return q.to(scale.dtype) * scale
+            scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+        return (q.to(scale.dtype) - zero_point.to(scale.dtype)) * scale
 
     @staticmethod
     def symbolic(g, q, scale, zero_point, axis):
@@ -117,12 +137,18 @@ def is_static_column(column: Tensor) -> bool:
 
 class RatioContext:
     """Per-call rows of the ratio tables (``[B, L]``), set by :class:`ExportUNet` and read by every QDQLayer:
-    ``scale_ratio`` = ``s_t / s_ref`` (= 1/r_t) and, for ``ratio_op="mul"``, ``ratio`` = ``s_ref / s_t`` (= r_t)."""
+    ``scale_ratio`` = ``s_t / s_ref`` (= 1/r_t) and, for ``ratio_op="mul"``, ``ratio`` = ``s_ref / s_t`` (= r_t).
+
+    ``observer``, while set, receives ``(layer name, weighted-op output)`` of every layer that quantizes its output
+    (``ort-cpu``), which then passes the float output on unquantized: how :func:`calibrate_output_grids` sees
+    the values the output QuantizeLinear will get.
+    """
 
     def __init__(self) -> None:
         self.scale_ratio: Optional[Tensor] = None
         self.ratio: Optional[Tensor] = None
         self.trace: list[str] = []  # layer names in call order while tracing (to name the ONNX nodes)
+        self.observer: Optional[Callable[[str, Tensor], None]] = None
 
 
 class QDQLayer(nn.Module):
@@ -130,11 +156,13 @@ class QDQLayer(nn.Module):
 
     ``column`` is the layer's index into the ratio tables, or ``None`` for a static layer (plain Q/DQ with the
     constant scale). Buffers become ONNX initializers: ``w_int8`` (int8 codes; ``[K, N]`` for a Linear),
-    ``w_scale`` ``[C_out]``, ``w_zero`` (int8 zeros), ``a_scale`` (0-d), ``a_zero`` (0-d int8), ``bias``.
+    ``w_scale`` ``[C_out]``, ``w_zero`` (int8 zeros), ``a_scale`` (0-d), ``a_zero`` (0-d: int8 0, or uint8 128
+    for ``ort-cpu``), ``bias``; for a flavour that quantizes outputs also ``out_scale`` / ``out_zero`` (uint8),
+    set by :meth:`set_output_grid`.
     """
 
     def __init__(self, layer: QuantLayer, name: str, a_scale: float, column: Optional[int],
-                 ctx: RatioContext) -> None:
+                 ctx: RatioContext, flavour: Flavour) -> None:
         super().__init__()
         wq = layer.weight_quant
         if not wq.frozen:
@@ -156,8 +184,25 @@ class QDQLayer(nn.Module):
         self.register_buffer("w_scale", wq.scale.detach().cpu().float().clone())
         self.register_buffer("w_zero", torch.zeros(codes.shape[self.w_axis], dtype=torch.int8))
         self.register_buffer("a_scale", torch.tensor(float(a_scale), dtype=torch.float32))
-        self.register_buffer("a_zero", torch.tensor(0, dtype=torch.int8))
+        self.register_buffer("a_zero", torch.tensor(flavour.act_zero_point, dtype=ZERO_DTYPES[flavour.act_zero_dtype]))
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().cpu().float().clone())
+        self.quantize_output = flavour.quantize_outputs
+        self.register_buffer("out_scale", None)
+        self.register_buffer("out_zero", None)
+
+    def set_output_grid(self, scale: float, zero_point: int) -> None:
+        """The constant uint8 grid of the output QuantizeLinear (``ort-cpu``)."""
+        self.out_scale = torch.tensor(float(scale), dtype=torch.float32, device=self.a_scale.device)
+        self.out_zero = torch.tensor(int(zero_point), dtype=torch.uint8, device=self.a_scale.device)
+
+    def _quantize_output(self, y: Tensor) -> Tensor:
+        if self.ctx.observer is not None:
+            self.ctx.observer(self.layer_name, y)
+            return y
+        if self.out_scale is None:
+            raise ConfigError(f"layer {self.layer_name} has no output quantization grid; calibrate it with "
+                              "calibrate_output_grids before exporting an ort-cpu graph")
+        return dequantize(quantize(y, self.out_scale, self.out_zero), self.out_scale, self.out_zero)
 
     def _per_sample(self, table_rows: Tensor, ndim: int) -> Tensor:
         return table_rows[:, self.column].reshape([-1] + [1] * (ndim - 1))
@@ -180,6 +225,8 @@ class QDQLayer(nn.Module):
         else:
             y = torch.matmul(x, w)
             bias = self.bias
+        if self.quantize_output:  # right after the weighted op: ORT fuses DQ-op-Q into QLinearConv/QLinearMatMul
+            y = self._quantize_output(y)
         if ratio:
             y = y * self._per_sample(self.ctx.scale_ratio, y.ndim)
         if bias is not None and (ratio or self.kind == "linear"):
@@ -238,13 +285,14 @@ class QDQPlan:
         self.ratio = (ref.double()[None, :] / table.double()).float()
         self.scale_ratio[:, self.static] = 1.0
         self.ratio[:, self.static] = 1.0
+        self.output_grids: dict[str, dict] = {}  # ort-cpu: layer -> observed range and uint8 grid of its output
 
     @property
     def per_timestep(self) -> bool:
         return not all(self.static)
 
     def summary(self) -> dict:
-        return {
+        out = {
             "layers": self.layer_names,
             "per_timestep_layers": [n for n, s in zip(self.layer_names, self.static) if not s],
             "act_scale": self.scales,
@@ -252,9 +300,79 @@ class QDQPlan:
             "s_ref_rule": "2^round(log2(geometric mean over t of s_t)); r_t = s_ref / s_t",
             "num_train_timesteps": int(self.table.shape[0]),
         }
+        if self.output_grids:
+            out |= {"output_grid": [self.output_grids[n] for n in self.layer_names],
+                    "output_grid_rule": OUTPUT_GRID_RULE}
+        return out
 
 
-def build_qdq_module(qm: QuantizedModel, ratio_op: str = "div") -> tuple[ExportUNet, QDQPlan]:
+OUTPUT_GRID_RULE = ("uint8 grid over [min(lo, 0), max(hi, 0)] of the weighted-op output observed on the calibration "
+                    "inputs (per-timestep layers: in the ratio domain, before Mul(s_t/s_ref)); scale = (hi - lo) / "
+                    "255, zero point = round(-lo / scale)")
+
+
+def output_grid(lo: float, hi: float) -> tuple[float, int]:
+    """Scale and uint8 zero point of the grid that spans ``[min(lo, 0), max(hi, 0)]`` (0 exactly representable)."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    scale = max(hi - lo, 1e-8) / 255.0  # an all-zero output still needs a positive scale
+    return scale, int(min(max(round(-lo / scale), 0), 255))
+
+
+@torch.no_grad()
+def calibrate_output_grids(module: ExportUNet, plan: QDQPlan, batches: Iterable[tuple]) -> None:
+    """Give every output-quantizing layer of ``module`` (``ort-cpu``) its output grid: run ``batches`` of
+    ``(x, t, y)`` through the module with the output Q/DQ bypassed, record the min and max each layer's
+    weighted op produces, and apply :func:`output_grid` (recorded in ``plan.output_grids``).
+
+    The bypass makes this the range of the torch fake-quant model's own conv outputs (later layers see
+    unrequantized inputs, as in the model being exported).
+    """
+    layers = _output_quantizing_layers(module)
+    lo = dict.fromkeys(layers, float("inf"))
+    hi = dict.fromkeys(layers, float("-inf"))
+
+    def observe(name: str, y: Tensor) -> None:
+        lo[name] = min(lo[name], float(y.min()))
+        hi[name] = max(hi[name], float(y.max()))
+
+    module.ctx.observer = observe
+    try:
+        for x, t, y in batches:
+            module(x, t, y)
+    finally:
+        module.ctx.observer = None
+    missing = [n for n in layers if lo[n] == float("inf")]
+    if missing:
+        raise DataError(f"the calibration inputs never reached layers {missing[:5]}; pass a calibration set of this "
+                        "model")
+    for name in layers:
+        scale, zero = output_grid(lo[name], hi[name])
+        plan.output_grids[name] = {"min": lo[name], "max": hi[name], "scale": scale, "zero_point": zero}
+    apply_output_grids(module, plan.output_grids)
+
+
+def _output_quantizing_layers(module: ExportUNet) -> dict[str, QDQLayer]:
+    layers = {m.layer_name: m for m in module.modules() if isinstance(m, QDQLayer) and m.quantize_output}
+    if not layers:
+        raise ConfigError("this export module has no output-quantizing layers (built for a flavour without them)")
+    return layers
+
+
+def apply_output_grids(module: ExportUNet, grids: dict[str, dict]) -> None:
+    """Set the output grids ``{layer: {"scale": s, "zero_point": z, ...}}`` (``plan.output_grids``, or the
+    ``output_grid`` list of a bundle manifest) on every output-quantizing layer of ``module``: with them the module
+    computes what the exported ``ort-cpu`` graph computes."""
+    layers = _output_quantizing_layers(module)
+    if set(grids) != set(layers):
+        raise ArtifactError(f"output grids are given for {len(grids)} layers, the model quantizes the outputs of "
+                            f"{len(layers)} (missing: {sorted(set(layers) - set(grids))[:3]}, unknown: "
+                            f"{sorted(set(grids) - set(layers))[:3]}); re-export the bundle")
+    for name, layer in layers.items():
+        layer.set_output_grid(grids[name]["scale"], grids[name]["zero_point"])
+
+
+def build_qdq_module(qm: QuantizedModel, ratio_op: str = "div",
+                     flavour: Flavour = FLAVOURS["trt"]) -> tuple[ExportUNet, QDQPlan]:
     """A copy of ``qm``'s UNet with every QuantLayer replaced by a :class:`QDQLayer`, wrapped in the export
     signature. ``qm`` is left untouched.
 
@@ -263,6 +381,9 @@ def build_qdq_module(qm: QuantizedModel, ratio_op: str = "div") -> tuple[ExportU
     model's ``x / s_t``, so the activation codes are *exactly* those of ``Q(x; s_t)``, ties included.
     ``"mul"`` multiplies by ``r_t = s_ref / s_t`` rounded to float32: the same math, codes equal except within
     float rounding of a tie (the form of notes §2(d)). After the conv both use ``Mul(s_t / s_ref)``.
+
+    ``flavour`` sets the activation zero point (int8 0 / uint8 128) and whether outputs get a Q/DQ; when they do,
+    :func:`calibrate_output_grids` must run before the module is traced.
     """
     import copy
 
@@ -277,7 +398,7 @@ def build_qdq_module(qm: QuantizedModel, ratio_op: str = "div") -> tuple[ExportU
         layer = model.get_submodule(name)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, QDQLayer(layer, name, plan.scales[j], None if plan.static[j] else j, ctx))
+        setattr(parent, child, QDQLayer(layer, name, plan.scales[j], None if plan.static[j] else j, ctx, flavour))
     conditional = bool(getattr(qm, "num_classes", 0))
     if plan.per_timestep:
         wrapper = ExportUNet(model, conditional, plan.scale_ratio.clone(),

@@ -53,7 +53,8 @@ class EpsCorrection:
         gain, offset, noise_std: float coefficients ``[K]`` or ``[K, 1, C, 1, 1]``.
         sigma: float64 σ' per step, ``[K]`` or ``[K, 1, C, 1, 1]``.
 
-    z1 is drawn from the per-sample noise streams only on steps where some ``noise_std`` is non-zero, so a hook
+    z1 is drawn from the per-sample hook streams (``noise.hook_noise``) only on steps where some ``noise_std`` is
+    non-zero, so the sampler's own noise is the same with or without a correction, and a hook
     with all-zero coefficients reproduces the uncorrected sampler bit for bit.
     """
 
@@ -93,7 +94,7 @@ class EpsCorrection:
         gain, offset, noise_std, sigma = self._coefficients(eps)
         corrected = gain[i] * eps - offset[i]
         if self.draws_z1[i]:
-            corrected = corrected - noise_std[i] * noise.randn(eps.shape[1:]).to(eps)
+            corrected = corrected - noise_std[i] * noise.hook_noise.randn(eps.shape[1:]).to(eps)
         return corrected, sigma[i]
 
 

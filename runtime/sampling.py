@@ -132,10 +132,15 @@ class NoiseSource:
     The per-sample seed goes through ``numpy.random.SeedSequence`` (a hash-based mixer), so neighbouring
     indices or seeds give unrelated streams. Because every draw of a sample comes from its own stream, a
     sample's trajectory does not depend on the batch it is computed in.
+
+    ``stream`` selects an independent family of streams: 0 is the sampler's (x_T and the per-step z); step hooks
+    draw from :attr:`hook_noise` (stream 1), so a correction that samples (S-D²) leaves the sampler's noise, and
+    hence the comparison with an uncorrected run of the same seed, untouched.
     """
 
     def __init__(
-        self, seed: int, sample_indices: Union[Tensor, Sequence[int]], device: Union[str, torch.device] = "cpu"
+        self, seed: int, sample_indices: Union[Tensor, Sequence[int]], device: Union[str, torch.device] = "cpu",
+        stream: int = 0,
     ) -> None:
         indices = torch.as_tensor(sample_indices, dtype=torch.long).reshape(-1).tolist()
         if not _is_int(seed) or seed < 0:
@@ -146,12 +151,22 @@ class NoiseSource:
                 "(each sample's global index); give every sample its own index."
             )
         self.device = torch.device(device)
+        self.seed, self.stream = seed, stream
         self.sample_indices = indices
         self.generators = []
         for index in indices:
+            entropy = [seed, index] if stream == 0 else [seed, index, stream]
             generator = torch.Generator(device=self.device)
-            generator.manual_seed(int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0]))
+            generator.manual_seed(int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0]))
             self.generators.append(generator)
+        self._hook_noise: Optional["NoiseSource"] = None
+
+    @property
+    def hook_noise(self) -> "NoiseSource":
+        """The streams step hooks draw from (stream 1 of the same seed and samples), created on first use."""
+        if self._hook_noise is None:
+            self._hook_noise = NoiseSource(self.seed, self.sample_indices, self.device, stream=self.stream + 1)
+        return self._hook_noise
 
     def __len__(self) -> int:
         return len(self.generators)
@@ -211,16 +226,24 @@ class Sampler:
         degrades gracefully. ``noise`` may be None only when the effective σ is 0 everywhere.
         """
         a_t, a_p = float(self.alpha_bar[i]), float(self.alpha_bar_prev[i])
-        sigma = torch.as_tensor(self.sigmas[i] if sigma is None else sigma, dtype=torch.float64, device=x.device)
         eps = eps.to(x.dtype)  # the update runs in x's dtype whatever a backend or hook returns
         # DDIM eq. 12: predicted x0, then x_p = sqrt(ᾱ_p)·x0 + sqrt(1 − ᾱ_p − σ²)·ε + σ·z (no clipping of x0).
         x0 = (x - math.sqrt(1.0 - a_t) * eps) / math.sqrt(a_t)
-        direction = torch.sqrt(torch.clamp(1.0 - a_p - sigma**2, min=0.0)).to(x.dtype)
-        x_prev = math.sqrt(a_p) * x0 + direction * eps
-        if bool((sigma != 0).any()):
+        if sigma is None:  # the schedule's σ_t: host floats, so a device loop copies nothing per step
+            s = float(self.sigmas[i])
+            x_prev = math.sqrt(a_p) * x0 + math.sqrt(max(0.0, 1.0 - a_p - s * s)) * eps
+            if s == 0.0:
+                return x_prev
             if noise is None:
                 raise ValueError(f"step {i} has sigma > 0 but no noise tensor was given.")
-            x_prev = x_prev + sigma.to(x.dtype) * noise
+            return x_prev + s * noise
+        sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device)
+        direction = torch.sqrt(torch.clamp(1.0 - a_p - sigma**2, min=0.0)).to(x.dtype)
+        x_prev = math.sqrt(a_p) * x0 + direction * eps
+        if noise is not None:
+            return x_prev + sigma.to(x.dtype) * noise
+        if x.device.type == "cpu" and bool((sigma != 0).any()):  # on a device, reading σ would synchronise
+            raise ValueError(f"step {i} has sigma > 0 but no noise tensor was given.")
         return x_prev
 
 
@@ -260,12 +283,15 @@ def _require_cfg_labels(y: Optional[Tensor], null_label: Optional[int], scale: f
 
 
 def _checked(eps: Tensor, shape: Sequence[int], t: Tensor) -> Tensor:
-    where = f"at timestep t={int(t[0])}"
+    """Shape check always; the NaN/Inf check reads the result on the host, so on CPU only (:func:`sample`
+    checks device outputs once at the end, keeping the device loop free of host synchronisation)."""
     if not isinstance(eps, Tensor) or tuple(eps.shape) != tuple(shape):
         got = tuple(eps.shape) if isinstance(eps, Tensor) else type(eps).__name__
-        raise DataError(f"denoiser returned {got} {where}, expected a tensor of shape {tuple(shape)}.")
-    if not bool(torch.isfinite(eps).all()):
-        raise DataError(f"denoiser returned NaN/Inf {where}; check the model/engine (overflow in fp16/int8?).")
+        raise DataError(f"denoiser returned {got} at timestep t={int(t[0])}, expected a tensor of shape "
+                        f"{tuple(shape)}.")
+    if eps.device.type == "cpu" and not bool(torch.isfinite(eps).all()):
+        raise DataError(f"denoiser returned NaN/Inf at timestep t={int(t[0])}; check the model/engine "
+                        "(overflow in fp16/int8?).")
     return eps
 
 
@@ -288,6 +314,9 @@ def sample(
     Noise draws, per sample stream: x_T first, then per step (after the denoiser and the hook) one ``z`` of
     ``shape`` — every step whenever the update can be stochastic (η > 0, "ddpm", or a hook is set, since a hook
     may make σ' > 0), never otherwise. Drawing unconditionally in those cases keeps the streams aligned.
+
+    On a CUDA device nothing inside the loop waits for the device: the denoiser outputs' NaN/Inf check is
+    accumulated on the device (first bad step) and read once after the last step.
     """
     sampler = Sampler(schedule, config)
     g = config.guidance_scale
@@ -301,6 +330,8 @@ def sample(
             raise ConfigError(f"y has shape {tuple(y.shape)}, expected ({B},): one class label per sample.")
     draw_z = sampler.stochastic or hook is not None
     x = noise.randn(shape)
+    on_device = noise.device.type != "cpu"
+    first_bad = torch.full((), -1, dtype=torch.long, device=noise.device)  # first step with NaN/Inf (device only)
     with torch.inference_mode():
         for i in tqdm(range(len(sampler)), desc="sampling", disable=not progress, leave=False):
             info = sampler.info(i)
@@ -309,9 +340,15 @@ def sample(
                 eps = guided_eps(denoiser, x, t, y, null_label, g).float()
             except DataError as err:
                 raise DataError(f"sampling step {i + 1}/{len(sampler)}: {err}") from err
+            if on_device:
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(eps).all(), i, first_bad)
             sigma = None
             if hook is not None:
                 eps, sigma = hook(info, x, eps, noise)
             z = noise.randn(shape) if draw_z else None
             x = sampler.step(i, x, eps, z, sigma)
+    if on_device and int(first_bad) >= 0:  # the loop's one host synchronisation
+        step = int(first_bad)
+        raise DataError(f"sampling step {step + 1}/{len(sampler)}: denoiser returned NaN/Inf at timestep "
+                        f"t={sampler.info(step).t}; check the model/engine (overflow in fp16/int8?).")
     return x

@@ -40,6 +40,9 @@ def main() -> None:
     ap.add_argument("--calib-num", type=int, default=128)
     ap.add_argument("--methods", nargs="*", default=list(METHODS))
     ap.add_argument("--bits", nargs="*", default=[f"W{w}A{a}" for w, a in BITS])
+    ap.add_argument("--variant", nargs=3, action="append", default=[], metavar=("NAME", "METHOD", "OPTIONS_JSON"),
+                    help="an extra row per --bits: METHOD with these method options, e.g. "
+                         "lsq-qat tdq-qat '{\"act_scale\": \"static\"}'")
     args = ap.parse_args()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -74,16 +77,19 @@ def main() -> None:
     run_row("FP", args.model, None)
     for bits in args.bits:
         w, a = int(bits[1]), int(bits[3])
-        for method in args.methods:
-            name = f"{method} W{w}A{a}"
-            qdir = out / "models" / f"{method}-w{w}a{a}"
+        rows = [(m, m, {}) for m in args.methods] + [(n, m, json.loads(o)) for n, m, o in args.variant]
+        for label, method, options in rows:
+            name = f"{label} W{w}A{a}"
+            qdir = out / "models" / f"{label}-w{w}a{a}"
             t0 = time.perf_counter()
             if name not in results["rows"] and not (qdir / "quant.json").exists():
-                calibrate(args.model, qdir, CalibrateConfig(quant=QuantConfig(method=method, wbits=w, abits=a)),
-                          calib_dir=calib_dir, progress=False)
+                cfg = CalibrateConfig(quant=QuantConfig(method=method, wbits=w, abits=a), options=options)
+                calibrate(args.model, qdir, cfg, calib_dir=calib_dir, progress=False)
             run_row(name, qdir, round(time.perf_counter() - t0, 1))
     results["meta"] = {"command": "python scripts/calibration_table.py " + " ".join(
-        f"--{k.replace('_', '-')} {v if not isinstance(v, list) else ' '.join(map(str, v))}" for k, v in vars(args).items()),
+        f"--{k.replace('_', '-')} {v if not isinstance(v, list) else ' '.join(map(str, v))}"
+        for k, v in vars(args).items() if k != "variant") + "".join(
+        f" --variant {n} {m} '{o}'" for n, m, o in args.variant),
         "machine": f"{platform.machine()} {platform.processor() or ''} {platform.node()}", "versions": versions(),
         "sampler": sampler.to_dict()}
     write_json_atomic(results_path, results)

@@ -1,45 +1,116 @@
-"""Regenerate ``docs/results.md`` from the JSON files the results scripts write.
+"""Regenerate ``docs/results.md`` from the result JSON files in ``docs/data/`` (one command, no arguments):
 
-    python scripts/results_doc.py runs/calib-table/results.json [more results.json ...] > docs/results.md
+    python scripts/results_doc.py            # writes docs/results.md
+
+Each JSON file is one section. Its ``kind`` picks the table layout:
+
+* ``calibration`` — rows ``{name: {metrics, eps_mse_mean, calibrate_s}}`` from ``scripts/calibration_table.py``;
+* ``d2`` — rows ``{name: {metrics, traj_mse_mean, x0_mse}}`` and ``cost`` from ``scripts/d2_table.py``;
+* ``bench`` — the JSON ``tdqrt bench`` writes (``results``: one entry per measured variant).
+
+``title`` and ``notes`` (Markdown) say what the section shows; ``meta`` (or ``runs``, a list of metas when rows come
+from several runs) holds the command, machine and versions, printed under every table.
 """
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from tdqrt.tools.quality import markdown_table
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA, OUT = ROOT / "docs" / "data", ROOT / "docs" / "results.md"
 
 
 def metric(row: dict, name: str) -> float:
     return next(v for k, v in row["metrics"].items() if k.startswith(name + "["))
 
 
-def main(paths: list[str]) -> str:
-    runs = [json.load(open(p)) for p in paths]
-    rows, seen = [], set()
-    for run in runs:
-        for name, r in run["rows"].items():
-            if name in seen:
-                continue
-            seen.add(name)
-            rows.append([name, metric(r, "FID"), metric(r, "KID"), r["eps_mse_mean"], r["calibrate_s"] or "-"])
-    order = lambda r: (r[0] != "FP", r[0].split()[-1] if " " in r[0] else "", r[0])
-    rows.sort(key=order)
-    fe = next(k for k in runs[0]["rows"]["FP"]["metrics"] if k.startswith("FID["))[4:-1]
-    out = ["# Results", "", "## Calibration methods on the `small` digits model (issue 3)", "",
-           markdown_table(["model", f"FID [{fe}]", f"KID [{fe}]", "mean per-step ε MSE vs FP", "calibration s"], rows),
-           "", f"FID/KID use `{fe}`, the project's own digits CNN (not Inception); 300 samples per row vs the 1797 "
-           "sklearn digits; KID is torch-fidelity's unbiased estimate (negative values mean 'indistinguishable at "
-           "this sample size'). Sampler: DDIM 50 steps, eta 0, no guidance; the commands that made the rows:", ""]
-    for path, run in zip(paths, runs):
-        meta = run.get("meta")
-        if meta is None:  # the script writes meta when it finishes; rows are saved as they complete
-            out.append(f"- `{path}`: rows of a run that had not finished when this file was generated")
-            continue
-        out += [f"- `{meta['command']}` on {meta['machine']}, versions "
-                + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())]
-    return "\n".join(out) + "\n"
+def extractor(rows: dict) -> str:
+    return next(k for k in next(iter(rows.values()))["metrics"] if k.startswith("FID["))[4:-1]
+
+
+def calibration_table(doc: dict) -> str:
+    fe = extractor(doc["rows"])
+    rows = [[n, metric(r, "FID"), metric(r, "KID"), r["eps_mse_mean"], r.get("calibrate_s") or "-"]
+            for n, r in doc["rows"].items()]
+    rows.sort(key=lambda r: (r[0] != "FP", r[0].split()[-1] if " " in r[0] else "", r[0]))
+    return markdown_table(["model", f"FID [{fe}]", f"KID [{fe}]", "mean per-step ε MSE vs FP", "calibration s"], rows)
+
+
+def d2_table(doc: dict) -> str:
+    fe = extractor(doc["rows"])
+    rows = []
+    for name, r in doc["rows"].items():
+        model, setting = (s.strip() for s in name.split("|"))
+        rows.append([setting, model, metric(r, "FID"), metric(r, "KID"), r["traj_mse_mean"], r["x0_mse"]])
+    rows.sort(key=lambda r: (r[0], r[1].split()[0] != "FP", r[1].split()[0]))
+    table = markdown_table(["sampler", "model / correction", f"FID [{fe}]", f"KID [{fe}]",
+                            "mean per-step trajectory MSE vs FP", "x0 MSE vs FP"], rows)
+    cost = doc.get("cost", {})
+    if cost:
+        kinds = [k for k in next(iter(cost.values())) if k not in ("batch", "unet_s")]
+        crow = [[key, c["batch"], c["unet_s"] * 1e3, *(c[k] for k in kinds)] for key, c in cost.items()]
+        table += "\n\nPer-step cost of the correction relative to one (guided) UNet call:\n\n" + markdown_table(
+            ["model | sampler", "batch", "UNet call ms", *(f"{k} / UNet" for k in kinds)], crow)
+    return table
+
+
+def bench_table(doc: dict) -> str:
+    """Latency rows (``tdqrt bench unet``/``loop``); loop rows add the overhead and D²-update fractions."""
+    loop = any("loop_overhead" in r for r in doc["results"])
+    header = ["variant", "batch", "median ms", "IQR ms", "images/s", "speedup vs baseline"]
+    header += ["loop overhead %", "D² update % of step"] if loop else []
+    rows = []
+    for r in doc["results"]:
+        s = r["seconds"]
+        row = [r["variant"], r["batch"], s["median"] * 1e3, s["iqr"] * 1e3, r["images_per_s"], r["speedup_vs_baseline"]]
+        if loop:
+            row += [100 * r["loop_overhead"]["median"], 100 * r["d2_update"]["median"] if r.get("d2_update") else "-"]
+        rows.append(row)
+    table = markdown_table(header, rows)
+    for skipped in doc.get("skipped", []):
+        table += f"\n\n*{skipped['variant']} skipped:* {skipped['reason']}"
+    m = doc["machine"]
+    threads = doc["threads"]
+    return table + (f"\n\nMachine: {m['cpu']}, {m['cores']} cores, GPU {m['gpu'] or 'none'}, 1-min load "
+                    f"{m.get('load_average_1m', 0):.1f} during the run; threads: torch {threads.get('torch_intra_op')}, "
+                    f"ONNX Runtime {threads.get('onnxruntime_intra_op')}.")
+
+
+RENDERERS = {"calibration": calibration_table, "d2": d2_table, "bench": bench_table}
+
+
+def provenance(doc: dict) -> list[str]:
+    metas = doc.get("runs") or ([doc["meta"]] if "meta" in doc else [])
+    if doc["kind"] == "bench":
+        metas = [{"command": doc["command"], "machine": doc["machine"]["cpu"], "versions": doc["versions"]}]
+    lines = []
+    for meta in metas:
+        versions = ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items())
+        lines.append(f"- `{meta['command']}` — {meta.get('machine', '?')}; {versions}")
+    return lines
+
+
+def render(paths: list[Path]) -> str:
+    out = ["# Results", "", "Regenerated by `python scripts/results_doc.py` from the JSON files in `docs/data/`.", ""]
+    for path in paths:
+        doc = json.loads(path.read_text())
+        out += [f"## {doc['title']}", "", RENDERERS[doc["kind"]](doc), ""]
+        if doc.get("notes"):
+            out += [doc["notes"].strip(), ""]
+        out += [f"Data: `docs/data/{path.name}`. Commands:", "", *provenance(doc), ""]
+    return "\n".join(out)
+
+
+def main() -> None:
+    paths = sorted(DATA.glob("*.json"))
+    if not paths:
+        sys.exit(f"no result files in {DATA}; the results scripts write them (see scripts/)")
+    OUT.write_text(render(paths))
+    print(f"wrote {OUT} from {len(paths)} files")
 
 
 if __name__ == "__main__":
-    sys.stdout.write(main(sys.argv[1:]))
+    main()

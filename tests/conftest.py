@@ -30,3 +30,24 @@ def tiny_calib_set(tiny_digits_model, tmp_path_factory):
     cfg = CalibSetConfig(num=8, keep_steps=5, batch=4, sampler=SamplerConfig(steps=10), null_fraction=0.25)
     return collect_calibration_set(fp.model, NoiseSchedule(fp.schedule), cfg, tmp_path_factory.mktemp("calib"),
                                    progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_w4_model(tiny_digits_model, tiny_calib_set, tmp_path_factory):
+    """The tiny model quantized to W4A8 (min-max) on the tiny calibration set."""
+    from tdqrt.calibration.quant.api import CalibrateConfig, calibrate
+    from tdqrt.calibration.quant.config import QuantConfig
+
+    return calibrate(tiny_digits_model, tmp_path_factory.mktemp("w4"), CalibrateConfig(quant=QuantConfig(wbits=4)),
+                     calib_dir=tiny_calib_set.path, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_w4_d2_stats(tiny_digits_model, tiny_w4_model, tmp_path_factory):
+    """D² statistics of the W4 model for DDIM-5, eta 1, guidance 2 (what corrected sampling in tests uses)."""
+    from tdqrt.tools.cli import main
+
+    out = tmp_path_factory.mktemp("d2")
+    assert main(["d2-stats", "--fp", str(tiny_digits_model), "--quant", str(tiny_w4_model), "--out", str(out),
+                 "--num", "6", "--batch", "3", "--steps", "5", "--eta", "1", "--guidance", "2"]) == 0
+    return out

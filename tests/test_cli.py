@@ -1,4 +1,4 @@
-"""The command line end to end: train -> sample on digits and shapes, the quick demo, env, error exits."""
+"""The command line end to end: train -> sample on digits and shapes, env, error exits (the demo: test_demo.py)."""
 import json
 
 import numpy as np
@@ -33,15 +33,6 @@ def test_sample_is_independent_of_batch_size(tiny_digits_model, tmp_path):
     assert main(["sample", *common, "--out", str(tmp_path / "b"), "--batch", "2"]) == 0
     a, b = np.load(tmp_path / "a" / "samples.npz")["arr_0"], np.load(tmp_path / "b" / "samples.npz")["arr_0"]
     assert np.array_equal(a, b)
-
-
-def test_quick_demo(tmp_path):
-    assert main(["demo", "--out", str(tmp_path), "--quick"]) == 0
-    report = (tmp_path / "report.md").read_text()
-    for section in ("## FP model", "## Samples (FP)", "## Timings", "samples/grid.png"):
-        assert section in report
-    assert (tmp_path / "samples" / "grid.png").is_file()
-    assert json.loads((tmp_path / "demo.json").read_text())["model_origin"] == "trained by this demo"
 
 
 def test_env_prints_versions(capsys):

@@ -16,7 +16,7 @@ from test_d2_stats import SyntheticPair, table_from_moments
 
 from tdqrt.calibration.d2_stats import collect_d2_stats
 from tdqrt.engines.errors import ConfigError
-from tdqrt.runtime import NoiseSchedule, NoiseSource, Sampler, SamplerConfig, StepInfo, sample
+from tdqrt.runtime import NoiseSchedule, NoiseSource, Sampler, SamplerConfig, ScheduleConfig, StepInfo, sample
 from tdqrt.runtime.corrections import (
     DeterministicD2,
     EpsCorrection,
@@ -261,3 +261,24 @@ def test_factory_and_hook_refuse_misuse():
         hook(wrong_t, torch.zeros(1, *SHAPE), torch.zeros(1, *SHAPE), None)
     with pytest.raises(ConfigError, match="C=3"):
         hook(sampler.info(0), torch.zeros(1, 4, 8, 8), torch.zeros(1, 4, 8, 8), None)
+
+
+def test_hook_draws_leave_the_sampler_noise_unchanged():
+    """A correction that samples (S-D²) draws from the hook streams, so at eta = 1 the sampler's own z per step is
+    the same as in an uncorrected run: a hook that draws and discards noise changes nothing."""
+    schedule = NoiseSchedule(ScheduleConfig())
+    cfg = SamplerConfig(kind="ddim", steps=6, eta=1.0)
+    denoiser = lambda x, t, y=None: 0.5 * x
+
+    def quiet(info, x, eps, noise):
+        return eps, info.sigma
+
+    def drawing(info, x, eps, noise):
+        noise.hook_noise.randn(x.shape[1:])
+        return eps, info.sigma
+
+    runs = [sample(denoiser, schedule, cfg, sample_indices=[3, 4], seed=1, shape=(1, 4, 4), hook=h)
+            for h in (quiet, drawing)]
+    assert torch.equal(runs[0], runs[1])
+    hook_z = NoiseSource(1, [3, 4]).hook_noise.randn((1, 4, 4))
+    assert not torch.equal(hook_z, NoiseSource(1, [3, 4]).randn((1, 4, 4)))

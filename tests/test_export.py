@@ -375,8 +375,10 @@ def test_fp16_export_lints_and_runs(quant_dirs, tiny_digits_model, tmp_path):
 
 
 def test_export_refuses_unsupported_settings(quant_dirs):
-    with pytest.raises(ConfigError, match="not implemented"):
-        ExportConfig(target="ort-cpu")
+    with pytest.raises(ConfigError, match="unknown"):
+        ExportConfig(target="ort-gpu")
+    with pytest.raises(ConfigError, match="fp32"):
+        ExportConfig(target="ort-cpu", dtype="fp16")  # QLinearConv takes float32 scales
     with pytest.raises(ConfigError, match="opset"):
         ExportConfig(dtype="fp16", opset=17)
     with pytest.raises(ConfigError):
@@ -609,5 +611,5 @@ def test_cli_export_and_lint(quant_dirs, tmp_path, capsys):
     assert json.loads((tmp_path / "r.json").read_text())["clean"]
     assert main(["lint", str(out / "unet.onnx"), "--no-polygraphy"]) == 0
     assert main(["export", "--quant", str(quant_dirs["mse"]), "--out", str(tmp_path / "o"), "--target",
-                 "ort-cpu"]) == 2
-    assert "not implemented" in capsys.readouterr().err
+                 "ort-gpu"]) == 2
+    assert "unknown" in capsys.readouterr().err

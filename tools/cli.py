@@ -6,6 +6,7 @@ Errors tdqrt raises on purpose (``TdqrtError``) are printed as one line and exit
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -24,6 +25,64 @@ def _sampler_config(args: argparse.Namespace):
 
     return SamplerConfig(kind=args.sampler, steps=args.steps, eta=args.eta, spacing=args.spacing,
                          guidance_scale=args.guidance)
+
+
+def _add_bench_parsers(sub) -> None:
+    """``tdqrt bench {unet,loop,calibrate}`` (tdqrt.tools.bench)."""
+    bench = sub.add_parser("bench", help="timings side by side in one run: UNet step, sampling loop, calibration")
+    kinds = bench.add_subparsers(dest="bench_kind", required=True, metavar="BENCH")
+
+    def common(p: argparse.ArgumentParser, warmup: int | None, repeats: int) -> None:
+        if warmup is not None:
+            p.add_argument("--warmup", type=int, default=warmup, help=f"untimed runs per variant (default {warmup})")
+        p.add_argument("--repeats", type=int, default=repeats, help=f"timed runs per variant (default {repeats})")
+        p.add_argument("--device", default="cpu")
+        p.add_argument("--threads", type=int, default=None, help="torch and ONNX Runtime intra-op threads")
+        p.add_argument("--out", type=Path, default=None, help="result JSON (a bar chart goes beside it as .png)")
+        p.set_defaults(run=_run_bench)
+
+    p = kinds.add_parser("unet", help="UNet step latency per backend (torch FP32/FP16/fake-quant, ORT FP/INT8)")
+    p.add_argument("--model", type=Path, default=None, help="FP checkpoint directory")
+    p.add_argument("--preset", default=None, help="random weights of this architecture instead of --model")
+    p.add_argument("--image-size", type=int, default=32, help="--preset only (default 32)")
+    p.add_argument("--channels", type=int, default=3, help="--preset only (default 3)")
+    p.add_argument("--classes", type=int, default=0, help="--preset only: class count, 0 = unconditional")
+    p.add_argument("--quant", type=Path, default=None, help="quantized checkpoint directory (torch fake-quant)")
+    p.add_argument("--bundle", type=Path, action="append", default=[], help="bundle from `tdqrt export`; repeatable")
+    p.add_argument("--backends", nargs="+", default=None,
+                   help="subset of torch-fp32 torch-fp16 torch-fakequant ort-fp ort-int8 (default: all with a source)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
+    p.add_argument("--guidance", type=float, default=1.0, help="CFG scale; > 1 doubles the batch the UNet sees")
+    p.add_argument("--baseline", default=None, help="variant the speedups refer to (default torch-fp32)")
+    p.add_argument("--seed", type=int, default=0)
+    common(p, warmup=3, repeats=10)
+
+    p = kinds.add_parser("loop", help="sampling throughput with D² off/on, loop overhead and D² update share")
+    p.add_argument("--model", required=True, type=Path, help="FP or quantized checkpoint, or bundle directory")
+    p.add_argument("--batch", type=int, nargs="+", default=[64])
+    p.add_argument("--seed", type=int, default=0)
+    _add_sampler_args(p)
+    p.add_argument("--d2", choices=("off", "s", "d", "ptqd"), default="d", help="correction of the 'on' variant")
+    p.add_argument("--d2-granularity", choices=("tensor", "channel"), default="channel")
+    p.add_argument("--d2-stats", type=Path, default=None, help="`tdqrt d2-stats` directory (default: the bundle's)")
+    p.add_argument("--d2-force", action="store_true", help="use statistics collected for other settings")
+    common(p, warmup=1, repeats=5)
+
+    p = kinds.add_parser("calibrate", help="calibration wall time and peak memory per method, and of D² collection")
+    p.add_argument("--model", required=True, type=Path, help="FP checkpoint directory")
+    p.add_argument("--methods", nargs="+", default=["minmax", "mse", "brecq", "tdq-ptq", "tdq-qat"])
+    p.add_argument("--wbits", type=int, default=8)
+    p.add_argument("--abits", type=int, default=8)
+    p.add_argument("--option", action="append", default=[], metavar="METHOD:KEY=VALUE",
+                   help="method option override (e.g. brecq:iters_w=50); repeatable")
+    p.add_argument("--calib", type=Path, default=None, help="reuse this calibration set (else one is collected)")
+    p.add_argument("--calib-num", type=int, default=256)
+    p.add_argument("--calib-keep", type=int, default=20)
+    p.add_argument("--calib-steps", type=int, default=50)
+    p.add_argument("--d2-num", type=int, default=64, help="D² collection trajectories (0 skips the D² job)")
+    p.add_argument("--d2-steps", type=int, default=50)
+    p.add_argument("--work", type=Path, default=None, help="keep the outputs here (default: a temporary directory)")
+    common(p, warmup=None, repeats=1)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,12 +126,20 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_run_calibrate)
 
     p = sub.add_parser("sample", help="sample a model to samples.npz + grid.png")
-    p.add_argument("--model", required=True, type=Path, help="FP (model.json) or quantized (quant.json) model directory")
+    p.add_argument("--model", type=Path, default=None,
+                   help="FP (model.json) or quantized (quant.json) model directory, a bundle (ONNX Runtime) or a "
+                        "TensorRT .plan/.engine file")
+    p.add_argument("--engine", type=Path, default=None,
+                   help="TensorRT plan from `tdqrt build` (its bundle: --model, default the one in engine.json); "
+                        "the loop then runs on cuda unless --device says otherwise")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--num", type=int, default=64)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default=None,
+                   help="default cpu; with --distributed each rank takes cuda:LOCAL_RANK (cpu without CUDA)")
+    p.add_argument("--distributed", action="store_true",
+                   help="shard the batches over the processes torchrun starts (gloo on CPU, nccl on CUDA)")
     _add_sampler_args(p)
     p.add_argument("--d2", choices=("off", "s", "d", "ptqd"), default="off",
                    help="quantization-error correction: S-D², D-D², PTQD (default off)")
@@ -98,7 +165,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="bundle directory to write")
     p.add_argument("--d2-stats", type=Path, default=None, help="D² statistics directory to ship in the bundle")
     p.add_argument("--fp", type=Path, default=None, help="FP model directory if it moved (default: the path in quant.json)")
-    p.add_argument("--target", default="trt", help="graph flavour: trt (ort-cpu planned)")
+    p.add_argument("--target", default="trt",
+                   help="graph flavour: trt (TensorRT, default) or ort-cpu (ONNX Runtime x86 CPU: uint8 activations "
+                        "and a Q/DQ after every conv, fused into QLinearConv)")
+    p.add_argument("--calib", type=Path, default=None,
+                   help="ort-cpu: calibration set whose inputs set the conv output grids (default: the one in "
+                        "quant.json)")
+    p.add_argument("--calib-samples", type=int, default=512,
+                   help="ort-cpu: calibration inputs observed for the output grids (default 512)")
     p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17; 19 with --dtype fp16)")
     p.add_argument("--ratio-op", choices=("div", "mul"), default="div",
@@ -106,12 +180,31 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-polygraphy", action="store_true", help="skip `polygraphy check lint` (our rules still run)")
     p.set_defaults(run=_run_export)
 
-    p = sub.add_parser("lint", help="check a bundle or an .onnx file against the TensorRT Q/DQ rules")
+    p = sub.add_parser("lint", help="check a bundle or an .onnx file against its target's Q/DQ rules (trt, ort-cpu)")
     p.add_argument("path", type=Path, help="bundle directory or model.onnx")
     p.add_argument("--target", default=None, help="rules of this flavour (default: the bundle's, or trt)")
     p.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
     p.add_argument("--no-polygraphy", action="store_true", help="skip `polygraphy check lint`")
     p.set_defaults(run=_run_lint)
+
+    p = sub.add_parser("build", help="build an engine of a bundle: TensorRT INT8 plan (trt) or ONNX Runtime check "
+                                     "(ort)")
+    p.add_argument("--bundle", required=True, type=Path, help="bundle directory written by `tdqrt export`")
+    p.add_argument("--backend", choices=("trt", "ort"), default="trt",
+                   help="trt: TensorRT plan (needs the trt extra and a GPU); ort: ONNX Runtime session check and "
+                        "optimized graph (default trt)")
+    p.add_argument("--max-batch", type=int, default=16,
+                   help="most images per call (doubled for classifier-free guidance on class-conditional bundles; "
+                        "default 16)")
+    p.add_argument("--opt-batch", type=int, default=None, help="batch size TensorRT tunes for (default --max-batch)")
+    p.add_argument("--no-cfg", action="store_true", help="do not double the batch for classifier-free guidance")
+    p.add_argument("--workspace", type=float, default=None, help="TensorRT workspace limit in GiB (default TensorRT's)")
+    p.add_argument("--timing-cache", type=Path, default=None, help="TensorRT timing cache to load (if present) and update")
+    p.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimization level 0..5 (default 3)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="engine file (default BUNDLE/trt/unet.trt.plan or BUNDLE/ort/unet.ort.onnx); engine.json is "
+                        "written beside it")
+    p.set_defaults(run=_run_build)
 
     p = sub.add_parser("validate", help="check a bundle's ONNX graphs against its torch models (Polygraphy Comparator)")
     p.add_argument("bundle", type=Path, help="bundle directory written by `tdqrt export`")
@@ -121,16 +214,29 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timesteps", type=int, default=5, help="timesteps from the calibration set (default 5)")
     p.add_argument("--per-timestep", type=int, default=5, help="samples per timestep (default 5)")
     p.add_argument("--out", type=Path, default=None, help="report folder (default BUNDLE/validation)")
-    p.add_argument("--engine", type=Path, default=None, help="TensorRT engine of unet.onnx (used when tensorrt imports)")
+    p.add_argument("--engine", type=Path, default=None,
+                   help="TensorRT plan from `tdqrt build` (compared when TensorRT and a GPU are there)")
     p.set_defaults(run=_run_validate)
 
-    p = sub.add_parser("demo", help="run the end-to-end demo on the bundled digits")
+    p = sub.add_parser("demo", help="the end-to-end demo on the bundled digits: FP -> W8A8/W4A8 -> D² -> ONNX bundle "
+                                    "-> validation -> samples -> FID/KID -> report; finished stages are reused")
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--quick", action="store_true", help="tiny model, few steps: a smoke test in seconds")
+    p.add_argument("--quick", action="store_true", help="tiny model, tiny everything: every stage in about a minute")
     p.add_argument("--retrain", action="store_true", help="train the demo model instead of using the shipped one")
-    p.add_argument("--num", type=int, default=100)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--num", type=int, default=None, help="images per sample set (default 200; quick 20)")
+    p.add_argument("--batch", type=int, default=None, help="sampling batch, also of the speed table (default 100)")
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default 50; quick 5)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--calib-num", type=int, default=None, help="calibration trajectories (default 64)")
+    p.add_argument("--w8a8-method", default=None, help="static method of the W8A8 model (default mse)")
+    p.add_argument("--w4a8-method", default=None, help="method of the W4A8 model that is exported (default tdq-ptq)")
+    p.add_argument("--w4a8-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="W4A8 method option, merged into the preset's (e.g. iters_w=200); repeatable")
+    p.add_argument("--d2", choices=("s", "d", "ptqd"), default=None, help="correction of the INT8+D² row (default d)")
+    p.add_argument("--d2-num", type=int, default=None, help="trajectories of the D² statistics (default 64)")
+    p.add_argument("--err-num", type=int, default=None, help="trajectories of the per-step ε error (default 32)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--device", default=None)
     p.set_defaults(run=_run_demo)
 
     p = sub.add_parser("extractor", help="train the small CNN feature extractor that eval uses on digits/shapes")
@@ -166,6 +272,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch/BLAS CPU threads during the evaluation")
     p.set_defaults(run=_run_eval)
+
+    _add_bench_parsers(sub)
 
     p = sub.add_parser("env", help="print the versions of torch, onnx, onnxruntime, polygraphy, tensorrt, CUDA")
     p.set_defaults(run=_run_env)
@@ -229,13 +337,23 @@ def _run_calibrate(args: argparse.Namespace) -> int:
 
 
 def _run_sample(args: argparse.Namespace) -> int:
+    from tdqrt.engines.engine_card import is_engine_file
+    from tdqrt.engines.errors import ConfigError
+    from tdqrt.tools.distributed import process_group
     from tdqrt.tools.sample import SampleJob, sample_model
 
-    job = SampleJob(num=args.num, batch=args.batch, seed=args.seed, device=args.device, sampler=_sampler_config(args),
-                    d2=args.d2, d2_granularity=args.d2_granularity,
-                    d2_stats=None if args.d2_stats is None else str(args.d2_stats), d2_force=args.d2_force)
-    res = sample_model(args.model, args.out, job)
-    print(f"{len(res.images)} samples in {res.seconds:.1f} s -> {res.out_dir}/samples.npz, grid.png")
+    if args.model is None and args.engine is None:
+        raise ConfigError("pass --model (a model directory, a bundle or a .plan file) or --engine PLAN")
+    engine = args.model if args.engine is None and is_engine_file(args.model) else args.engine
+    device = args.device if args.device is not None or engine is None else "cuda"
+    with process_group(args.distributed, device) as device:
+        job = SampleJob(num=args.num, batch=args.batch, seed=args.seed, device=device, sampler=_sampler_config(args),
+                        d2=args.d2, d2_granularity=args.d2_granularity,
+                        d2_stats=None if args.d2_stats is None else str(args.d2_stats), d2_force=args.d2_force,
+                        engine=None if engine is None else str(engine))
+        res = sample_model(args.model if args.model is not None else engine, args.out, job)
+    if res is not None:  # rank 0 (or the only process)
+        print(f"{len(res.images)} samples in {res.seconds:.1f} s -> {res.out_dir}/samples.npz, grid.png")
     return 0
 
 
@@ -254,10 +372,10 @@ def _run_export(args: argparse.Namespace) -> int:
     from tdqrt.export.exporter import ExportConfig
 
     cfg = ExportConfig(target=args.target, dtype=args.dtype, opset=args.opset, ratio_op=args.ratio_op,
-                       polygraphy=not args.no_polygraphy)
-    out = export_bundle(args.quant, args.out, cfg, d2_stats=args.d2_stats, fp_dir=args.fp)
-    print(f"bundle written to {out} (unet.onnx, unet_fp.onnx, manifest.json{', d2' if args.d2_stats else ''}); "
-          f"lint clean, report in {out / 'lint.json'}")
+                       polygraphy=not args.no_polygraphy, calib_samples=args.calib_samples)
+    out = export_bundle(args.quant, args.out, cfg, d2_stats=args.d2_stats, fp_dir=args.fp, calib_dir=args.calib)
+    print(f"{cfg.target} bundle written to {out} (unet.onnx, unet_fp.onnx, manifest.json"
+          f"{', d2' if args.d2_stats else ''}); lint clean, report in {out / 'lint.json'}")
     return 0
 
 
@@ -272,6 +390,27 @@ def _run_lint(args: argparse.Namespace) -> int:
     if args.json is not None:
         report.save(args.json)
     return 0 if report else 1
+
+
+def _run_build(args: argparse.Namespace) -> int:
+    from tdqrt.engines.build import LAYERS_FILE, BuildConfig, build_engine
+
+    cfg = BuildConfig(backend=args.backend, max_batch=args.max_batch, opt_batch=args.opt_batch,
+                      workspace_gb=args.workspace, opt_level=args.opt_level,
+                      timing_cache=None if args.timing_cache is None else str(args.timing_cache),
+                      cfg=False if args.no_cfg else None)
+    out, card = build_engine(args.bundle, cfg, args.out)
+    runtime, batch, report = card["runtime"], card["profile"]["sample"], card["report"]
+    where = f" on {runtime['gpu']}" if runtime["gpu"] else ""
+    print(f"{args.backend} engine written to {out} ({runtime['name']} {runtime['version']}{where}; batch "
+          f"{batch['min'][0]}/{batch['opt'][0]}/{batch['max'][0]} min/opt/max; engine.json beside it)")
+    if "precision_counts" in report:
+        counts = ", ".join(f"{k} {v}" for k, v in report["precision_counts"].items())
+        print(f"{report['layers']} layers ({counts}); {len(report['unfused_qdq'])} unfused Q/DQ; "
+              f"per-layer report in {out.parent / LAYERS_FILE}")
+    for warning in report["warnings"]:
+        print(f"warning: {warning}")
+    return 0
 
 
 def _run_validate(args: argparse.Namespace) -> int:
@@ -290,8 +429,12 @@ def _run_validate(args: argparse.Namespace) -> int:
 def _run_demo(args: argparse.Namespace) -> int:
     from tdqrt.tools.demo import DemoConfig, run_demo
 
-    report = run_demo(args.out, DemoConfig(quick=args.quick, retrain=args.retrain, num=args.num, steps=args.steps,
-                                           device=args.device))
+    cfg = DemoConfig.create(quick=args.quick, retrain=args.retrain, num=args.num, batch=args.batch, steps=args.steps,
+                            seed=args.seed, calib_num=args.calib_num, w8a8_method=args.w8a8_method,
+                            w4a8_method=args.w4a8_method, w4a8_options=_parse_options(args.w4a8_option),
+                            d2=args.d2, d2_num=args.d2_num, err_num=args.err_num, threads=args.threads,
+                            device=args.device)
+    report = run_demo(args.out, cfg)
     print(f"report: {report}")
     return 0
 
@@ -333,8 +476,55 @@ def _run_env(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_config(args: argparse.Namespace):
+    from tdqrt.calibration.quant.calib_set import CalibSetConfig
+    from tdqrt.engines.errors import ConfigError
+    from tdqrt.runtime.sampling import SamplerConfig
+    from tdqrt.tools import bench
+    from tdqrt.tools.d2 import D2StatsJob
+
+    common = dict(repeats=args.repeats, device=args.device, threads=args.threads)
+    path = lambda p: None if p is None else str(p)
+    if args.bench_kind == "unet":
+        return bench.bench_unet, bench.UnetBenchConfig(
+            model=path(args.model), preset=args.preset, image_size=args.image_size, in_channels=args.channels,
+            num_classes=args.classes, quant=path(args.quant), bundles=tuple(map(str, args.bundle)),
+            backends=args.backends, batches=tuple(args.batch), guidance=args.guidance, warmup=args.warmup,
+            baseline=args.baseline, seed=args.seed, **common)
+    if args.bench_kind == "loop":
+        return bench.bench_loop, bench.LoopBenchConfig(
+            model=str(args.model), batches=tuple(args.batch), sampler=_sampler_config(args), d2=args.d2,
+            d2_granularity=args.d2_granularity, d2_stats=path(args.d2_stats), d2_force=args.d2_force,
+            warmup=args.warmup, seed=args.seed, **common)
+    options: dict = {}
+    for item in args.option:
+        method, sep, pair = item.partition(":")
+        if not sep or not method:
+            raise ConfigError(f"--option {item!r} must look like METHOD:KEY=VALUE (e.g. brecq:iters_w=50)")
+        options.setdefault(method, {}).update(_parse_options([pair]))
+    calib_set = CalibSetConfig(num=args.calib_num, keep_steps=args.calib_keep,
+                               sampler=SamplerConfig(kind="ddim", steps=args.calib_steps))
+    d2 = D2StatsJob(sampler=SamplerConfig(steps=args.d2_steps), num=args.d2_num) if args.d2_num else None
+    return bench.bench_calibrate, bench.CalibrateBenchConfig(
+        model=str(args.model), methods=tuple(args.methods), wbits=args.wbits, abits=args.abits, options=options,
+        calib=path(args.calib), calib_set=calib_set, d2=d2, work_dir=path(args.work), **common)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from tdqrt.tools.bench import format_report, save_report
+
+    run, cfg = _bench_config(args)
+    report = run(cfg, command=args.command_line, progress=True)
+    for line in format_report(report):
+        print(line)
+    if args.out is not None:
+        print(f"report written to {save_report(report, args.out)} (and {args.out.with_suffix('.png').name})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.command_line = shlex.join(["tdqrt", *map(str, sys.argv[1:] if argv is None else argv)])
     try:
         return args.run(args)
     except TdqrtError as exc:

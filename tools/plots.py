@@ -70,3 +70,93 @@ def save_scale_curves(path: str | Path, table, layer_names: list[str], *, title:
     t = list(range(table.shape[0]))
     series = {layer_names[i]: (t, table[:, i].tolist()) for i in picks}
     return save_curve(path, series, xlabel="timestep t", ylabel="activation scale", title=title, logy=True)
+
+
+def save_bars(path: str | Path, groups: dict[str, dict[str, float]], *, ylabel: str, title: str,
+              logy: bool = False) -> Path:
+    """Grouped bar chart ``{group: {bar: value}}`` (e.g. batch size -> variant -> images/s), saved as PNG.
+
+    Every group gets one bar per name that occurs in any group (missing ones are left empty), in first-seen
+    order, so a variant keeps its colour and position across groups.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(name for bars in groups.values() for name in bars))
+    width = 0.8 / max(1, len(names))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(groups) * max(1, len(names)) * 0.6), 3.8), dpi=100)
+    for k, name in enumerate(names):
+        xs = [g + (k - (len(names) - 1) / 2) * width for g, bars in enumerate(groups.values()) if name in bars]
+        ys = [bars[name] for bars in groups.values() if name in bars]
+        ax.bar(xs, ys, width=width, label=name)
+    ax.set_xticks(range(len(groups)), list(groups))
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if logy:
+        ax.set_yscale("log")
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return Path(path)
+
+
+def save_image_panels(path: str | Path, panels: dict[str, np.ndarray], *, nrow: int = 10, title: str = "") -> Path:
+    """Image grids side by side, one titled panel per entry ``{title: uint8 NHWC images}``: the same sample
+    indices under different models, so differences show image by image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grids = [image_grid(imgs, nrow=min(nrow, len(imgs)), scale=max(1, 32 // imgs.shape[1])) for imgs in panels.values()]
+    height, width = max(g.shape[0] for g in grids), sum(g.shape[1] for g in grids)
+    fig, axes = plt.subplots(1, len(grids), figsize=(max(4.0, width / 80), max(2.5, height / 80 + 0.6)), dpi=100,
+                             squeeze=False)
+    for ax, (name, grid) in zip(axes[0], zip(panels, grids)):
+        ax.imshow(grid[..., 0] if grid.shape[2] == 1 else grid, cmap="gray", vmin=0, vmax=255,
+                  interpolation="nearest")
+        ax.set_title(name, fontsize=10)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return Path(path)
+
+
+def save_scale_comparison(path: str | Path, tables: dict[str, np.ndarray], layer_names: list[str],
+                          layers: list[int], *, title: str) -> Path:
+    """Activation scale vs timestep of the same ``layers`` (indices into ``layer_names``) under several models
+    on one set of axes: one colour per layer, one line style per model (``tables``: name -> ``[T, L]``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    styles = ("-", "--", ":", "-.")
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for m, (model, table) in enumerate(tables.items()):
+        table = np.asarray(table)
+        t = np.arange(table.shape[0])
+        for c, i in enumerate(layers):
+            ax.plot(t, table[:, i], styles[m % len(styles)], color=colours[c % len(colours)], linewidth=1.2,
+                    label=f"{layer_names[i]} ({model})")
+    ax.set_xlabel("timestep t")
+    ax.set_ylabel("activation scale")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return Path(path)

@@ -2,14 +2,16 @@
 guided-diffusion evaluator), ``grid.png`` and ``sample.json`` (the settings and the model they came from).
 
 Every sample has a global index; its noise comes from (seed, index) alone, so the same index gives the same
-image whatever the batch size. Class-conditional models get label ``index % num_classes``.
+image whatever the batch size, the rank that draws it or the number of ranks. Class-conditional models get label
+``index % num_classes``. Finished batches are saved as shards (:mod:`tdqrt.tools.shards`) as they complete, so a
+killed run resumes, and several ranks (``torchrun ... --distributed``) draw one job together.
 """
 from __future__ import annotations
 
-import io
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -19,13 +21,15 @@ from tqdm.auto import tqdm
 
 from tdqrt.calibration.data.images import to_uint8_nhwc
 from tdqrt.calibration.quant.api import load_model_dir
-from tdqrt.engines.artifacts import atomic_path, write_json_atomic
+from tdqrt.engines.artifacts import write_bytes_atomic, write_json_atomic
 from tdqrt.engines.errors import ConfigError
 from tdqrt.runtime.corrections import CORRECTION_KINDS, GRANULARITIES, make_correction
 from tdqrt.runtime.d2 import D2Table
 from tdqrt.runtime.sampling import Sampler, SamplerConfig, StepHook, sample
 from tdqrt.runtime.schedules import NoiseSchedule
+from tdqrt.tools.distributed import Ranks
 from tdqrt.tools.plots import save_grid
+from tdqrt.tools.shards import ShardStore, npz_bytes, settings_diff
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,7 @@ class SampleJob:
     d2_granularity: str = "channel"
     d2_stats: Optional[str] = None
     d2_force: bool = False
+    engine: Optional[str] = None  # TensorRT plan from `tdqrt build`; the model path is then its bundle (or the plan)
 
     def __post_init__(self) -> None:
         if self.num < 1 or self.batch < 1:
@@ -67,10 +72,7 @@ class SampleResult:
 
 def write_samples(out_dir: Path, images: np.ndarray, labels: np.ndarray, meta: dict) -> None:
     """Write ``samples.npz``, ``grid.png`` (at most 100 images) and ``sample.json`` atomically."""
-    buf = io.BytesIO()
-    np.savez(buf, arr_0=images, labels=labels)
-    with atomic_path(out_dir / "samples.npz") as tmp:
-        tmp.write_bytes(buf.getvalue())
+    write_bytes_atomic(out_dir / "samples.npz", npz_bytes(arr_0=images, labels=labels))
     shown = images[:100]
     save_grid(shown, out_dir / "grid.png", nrow=min(10, len(shown)), scale=max(1, 64 // images.shape[1]))
     write_json_atomic(out_dir / "sample.json", meta)
@@ -88,44 +90,108 @@ def correction_hook(job: SampleJob, schedule: NoiseSchedule, model_sha256: str) 
     return make_correction(job.d2, job.d2_granularity, table, Sampler(schedule, job.sampler), force=job.d2_force)
 
 
-def load_model_or_bundle(path: str | Path, *, device: str = "cpu"):
+def load_model_or_bundle(path: str | Path, *, device: str = "cpu", threads: Optional[int] = None,
+                         engine: Optional[str | Path] = None):
     """An FP/quantized checkpoint directory (torch model), or an exported bundle (``tdqrt export``): its INT8
-    ``unet.onnx`` run by ONNX Runtime, with the bundle's schedule. For a bundle, ``sha256`` is the quantized
-    model's (what D² statistics record), and ``--d2-stats`` may point at the bundle itself when it ships them."""
+    ``unet.onnx`` run by ONNX Runtime (``threads`` intra-op threads; None: ONNX Runtime's default), with the
+    bundle's schedule. A TensorRT plan (``engine``, or ``path`` itself ending in .plan/.engine) runs in TensorRT
+    instead, ``path`` then naming its bundle (default: the one its engine.json records). For a bundle, ``sha256``
+    is the quantized model's (what D² statistics record), and ``--d2-stats`` may point at the bundle itself when
+    it ships them."""
     from tdqrt.calibration.checkpoint import FPCheckpoint
     from tdqrt.engines.bundle import is_bundle_dir, open_bundle
+    from tdqrt.engines.engine_card import is_engine_file
     from tdqrt.engines.ort import OrtDenoiser
+    from tdqrt.engines.trt import TrtDenoiser
     from tdqrt.runtime.schedules import ScheduleConfig
 
-    if not is_bundle_dir(path):
+    if engine is None and is_engine_file(path):
+        engine = path
+    if engine is not None:
+        denoiser = TrtDenoiser(engine, bundle=None if Path(path) == Path(engine) else path)
+        bundle = denoiser.bundle
+    elif not is_bundle_dir(path):
         return load_model_dir(path, device=device)
-    bundle = open_bundle(path)
+    else:
+        bundle = open_bundle(path)
+        denoiser = OrtDenoiser(bundle, threads=threads)
     sha = bundle.manifest.get("sources", {}).get("quant_model", {}).get("sha256", bundle.sha256)
-    return FPCheckpoint(OrtDenoiser(bundle), ScheduleConfig.from_dict(bundle.schedule), bundle.manifest,
-                        bundle.path, sha)
+    return FPCheckpoint(denoiser, ScheduleConfig.from_dict(bundle.schedule), bundle.manifest, bundle.path, sha)
 
 
-def sample_model(model_dir: str | Path, out_dir: str | Path, job: SampleJob, *, progress: bool = True) -> SampleResult:
-    """Draw ``job.num`` images from the FP or quantized (fake-quant) checkpoint in ``model_dir`` into ``out_dir``."""
+def shard_settings(job: SampleJob, model_sha256: str) -> dict:
+    """What fixes the samples' values, recorded in the shard manifest: the job (its device by type only, since
+    cuda:0 and cuda:1 draw the same), the model and the torch version."""
+    return job.to_dict() | {"device": torch.device(job.device).type, "model_sha256": model_sha256,
+                            "torch": torch.__version__}
+
+
+def sample_model(model_dir: str | Path, out_dir: str | Path, job: SampleJob, *,
+                 progress: bool = True) -> Optional[SampleResult]:
+    """Draw ``job.num`` images from the FP or quantized (fake-quant) checkpoint or the bundle in ``model_dir``.
+
+    Runs over the current ``torch.distributed`` process group when there is one (:class:`Ranks`), else as its
+    one process; either way every finished batch is written to ``out_dir/shards`` at once. The batches not yet
+    on disk are dealt round-robin to the ranks, which draw them in lockstep rounds (a failing rank stops the
+    others within one batch); each rank loads its own denoiser on ``job.device``. Rank 0 then merges the shards
+    into ``samples.npz``, ``grid.png`` and ``sample.json``, removes them and returns the result; other ranks
+    return None. A killed run restarted with the same settings draws only the missing batches, with any number
+    of ranks; other settings are refused.
+    """
+    ranks = Ranks.current()
     out_dir = Path(out_dir)
-    ckpt = load_model_or_bundle(model_dir, device=job.device)
+
+    def load():
+        ckpt = load_model_or_bundle(model_dir, device=job.device, engine=job.engine)
+        return ckpt, correction_hook(job, NoiseSchedule(ckpt.schedule), ckpt.sha256)
+
+    ckpt, hook = ranks.collective(load)
+    t0 = time.perf_counter()
     model = ckpt.model
     schedule = NoiseSchedule(ckpt.schedule)
     shape = (model.in_channels, model.image_size, model.image_size)
-    hook = correction_hook(job, schedule, ckpt.sha256)
-    images, labels = [], []
-    t0 = time.perf_counter()
-    batches = range(math.ceil(job.num / job.batch))
-    for b in tqdm(batches, disable=not progress or len(batches) == 1, desc="batches"):
-        idx = torch.arange(b * job.batch, min(job.num, (b + 1) * job.batch))
+    store = ShardStore(out_dir / "shards", job.num, job.batch, (model.image_size, model.image_size, model.in_channels))
+    every = ranks.gather(shard_settings(job, ckpt.sha256))
+
+    def plan() -> Optional[list[int]]:
+        if ranks.rank != 0:
+            return None
+        for rank, settings in enumerate(every[1:], start=1):
+            diffs = settings_diff(every[0], settings)
+            if diffs:
+                raise ConfigError(f"rank {rank} was started with other settings than rank 0 (rank 0 vs rank {rank}: "
+                                  f"{'; '.join(diffs)}); start every rank with the same command")
+        return store.open(every[0])
+
+    pending = ranks.broadcast(ranks.collective(plan))
+
+    def draw(batch: Optional[int]) -> None:
+        if batch is None:  # this rank has no batch left in this round
+            return
+        start, stop = store.ranges[batch]
+        idx = torch.arange(start, stop)
         y = (idx % model.num_classes).to(job.device) if model.num_classes else None
         x = sample(model, schedule, job.sampler, sample_indices=idx, seed=job.seed, shape=shape, y=y,
-                   null_label=model.null_label, hook=hook, device=job.device, progress=progress)
-        images.append(to_uint8_nhwc(x.cpu()))
-        labels.append(y.cpu().numpy() if y is not None else np.full(len(idx), -1, np.int64))
-    seconds = time.perf_counter() - t0
-    images_np, labels_np = np.concatenate(images), np.concatenate(labels)
-    meta = {"format": "tdqrt-samples", "version": 1, "job": job.to_dict(), "model": str(Path(model_dir)),
-            "model_sha256": ckpt.sha256, "seconds": round(seconds, 3)}
-    write_samples(out_dir, images_np, labels_np, meta)
-    return SampleResult(images_np, labels_np, seconds, out_dir)
+                   null_label=model.null_label, hook=hook, device=job.device, progress=progress and ranks.rank == 0)
+        labels = y.cpu().numpy() if y is not None else np.full(len(idx), -1, np.int64)
+        store.write(batch, to_uint8_nhwc(x.cpu()), labels)
+
+    mine = pending[ranks.rank::ranks.world]
+    rounds = range(math.ceil(len(pending) / ranks.world))
+    for r in tqdm(rounds, disable=not progress or ranks.rank != 0 or len(rounds) <= 1, desc="batches"):
+        ranks.collective(partial(draw, mine[r] if r < len(mine) else None))
+
+    def merge() -> Optional[SampleResult]:
+        if ranks.rank != 0:
+            return None
+        images, labels = store.merge()
+        seconds = time.perf_counter() - t0
+        meta = {"format": "tdqrt-samples", "version": 1, "job": job.to_dict(), "model": str(Path(model_dir)),
+                "model_sha256": ckpt.sha256, "seconds": round(seconds, 3), "world_size": ranks.world,
+                "batches": {"total": len(store.ranges), "drawn": len(pending),
+                            "resumed": len(store.ranges) - len(pending)}}
+        write_samples(out_dir, images, labels, meta)
+        store.remove()
+        return SampleResult(images, labels, seconds, out_dir)
+
+    return ranks.collective(merge)

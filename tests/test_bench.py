@@ -1,0 +1,227 @@
+"""``tdqrt bench``: statistics and ratios on known inputs, config refusals, the report schema, and tiny end-to-end
+runs of ``bench unet`` / ``bench loop`` / ``bench calibrate``. No absolute time is ever asserted."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from tdqrt.calibration.quant.api import CalibrateConfig, calibrate
+from tdqrt.engines.errors import ConfigError
+from tdqrt.export.bundle import export_bundle
+from tdqrt.export.exporter import ExportConfig
+from tdqrt.runtime.sampling import SamplerConfig
+from tdqrt.tools.bench import (CalibrateBenchConfig, LoopBenchConfig, SpanTimer, UnetBenchConfig, bench_calibrate,
+                               bench_loop, bench_unet, format_report, run_interleaved, save_report, speedup, summarize)
+from tdqrt.tools.cli import main
+from tdqrt.tools.d2 import D2StatsJob, collect_to_dir
+
+STEPS = 4
+SAMPLER = SamplerConfig(steps=STEPS, eta=1.0, guidance_scale=2.0)
+
+
+@pytest.fixture(scope="module")
+def quant_dir(tiny_digits_model, tiny_calib_set, tmp_path_factory):
+    return calibrate(tiny_digits_model, tmp_path_factory.mktemp("bench_q"), CalibrateConfig(),
+                     calib_dir=tiny_calib_set.path, progress=False)
+
+
+@pytest.fixture(scope="module")
+def d2_dir(tiny_digits_model, quant_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_d2")
+    collect_to_dir(tiny_digits_model, quant_dir, out, D2StatsJob(sampler=SAMPLER, num=4, batch=4), progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(quant_dir, d2_dir, tmp_path_factory):
+    """A trt-flavour bundle that ships the D² statistics."""
+    return export_bundle(quant_dir, tmp_path_factory.mktemp("bench_b") / "bundle", ExportConfig(polygraphy=False),
+                         d2_stats=d2_dir)
+
+
+def check_schema(report: dict, bench: str, repeats: int) -> None:
+    """The keys and types every bench report carries."""
+    top = {"format": str, "version": int, "bench": str, "command": str, "created": str, "machine": dict,
+           "versions": dict, "threads": dict, "config": dict, "method": dict, "results": list, "skipped": list}
+    for key, typ in top.items():
+        assert isinstance(report[key], typ), key
+    assert report["format"] == "tdqrt-bench" and report["bench"] == bench
+    assert {"cpu", "cores", "gpu", "device"} <= set(report["machine"]) and report["machine"]["cores"] >= 1
+    assert "torch" in report["versions"] and isinstance(report["threads"]["torch_intra_op"], int)
+    assert {"warmup", "repeats", "baseline"} <= set(report["method"])
+    assert report["results"]
+    for row in report["results"]:
+        assert isinstance(row["variant"], str)
+        assert set(row["seconds"]) == {"n", "median", "q1", "q3", "iqr", "min", "max", "mean"}
+        assert row["seconds"]["n"] == repeats and len(row["samples_s"]) == repeats
+        assert row["seconds"]["min"] <= row["seconds"]["median"] <= row["seconds"]["max"]
+        assert row["speedup_vs_baseline"] is None or row["speedup_vs_baseline"] > 0
+    baseline = [r for r in report["results"] if r["variant"] == report["method"]["baseline"]]
+    assert baseline and all(r["speedup_vs_baseline"] == 1.0 for r in baseline)
+    json.dumps(report, allow_nan=False)  # plain JSON, no NaN
+
+
+# ------------------------------------------------------------------------------------------- known inputs
+
+
+def test_summarize_known_inputs():
+    s = summarize([4.0, 1.0, 3.0, 2.0])
+    assert s == {"n": 4, "median": 2.5, "q1": 1.75, "q3": 3.25, "iqr": 1.5, "min": 1.0, "max": 4.0, "mean": 2.5}
+    assert summarize([0.5]) == {"n": 1, "median": 0.5, "q1": 0.5, "q3": 0.5, "iqr": 0.0, "min": 0.5, "max": 0.5,
+                                "mean": 0.5}
+    for bad in ([], [1.0, math.nan]):
+        with pytest.raises(ConfigError):
+            summarize(bad)
+
+
+def test_speedup_known_inputs():
+    ratio, paired = speedup([2.0, 4.0, 6.0], [1.0, 2.0, 3.0])
+    assert ratio == 2.0 and paired["median"] == 2.0 and paired["iqr"] == 0.0
+    ratio, paired = speedup([1.0, 1.0, 1.0, 1.0], [2.0, 4.0, 1.0, 0.5])  # medians 1 and 1.5
+    assert ratio == pytest.approx(1 / 1.5) and paired["min"] == 0.25 and paired["max"] == 2.0
+    with pytest.raises(ConfigError, match="equally long"):
+        speedup([1.0, 2.0], [1.0])
+    with pytest.raises(ConfigError, match="positive"):
+        speedup([1.0], [0.0])
+
+
+def test_rounds_are_interleaved():
+    calls = []
+    out = run_interleaved(["a", "b"], lambda v: calls.append(v) or len(calls), warmup=1, repeats=2)
+    assert calls == ["a", "b", "a", "b", "a", "b"]
+    assert out == {"a": [3, 5], "b": [4, 6]}
+
+
+def test_span_timer_counts_and_resets():
+    timer = SpanTimer("cpu")
+    f = timer.wrap(lambda x, y=1: x + y)
+    assert f(1, y=2) == 3 and f(2) == 3 and timer.calls == 2 and timer.seconds() >= 0
+    timer.reset()
+    assert timer.calls == 0 and timer.seconds() == 0
+
+
+# ------------------------------------------------------------------------------------------- config refusals
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(preset="tiny", batches=(0,)), "batch sizes"),
+    (dict(preset="tiny", batches=()), "batch sizes"),
+    (dict(preset="tiny", backends=("torch-int4",)), "unknown backend"),
+    (dict(preset="tiny", backends=("ort-int8",)), "needs --bundle"),
+    (dict(preset="tiny", repeats=0), "repeats"),
+    (dict(preset="tiny", warmup=-1), "warmup"),
+    (dict(preset="tiny", threads=0), "threads"),
+    (dict(preset="tiny", device="tpu"), "device"),
+    (dict(preset="nope"), "unknown preset"),
+    (dict(), "nothing to measure"),
+])
+def test_unet_config_refusals(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        UnetBenchConfig(**kwargs)
+
+
+def test_config_refuses_missing_or_wrong_dirs(tmp_path, tiny_digits_model, quant_dir):
+    with pytest.raises(ConfigError, match="not a bundle"):
+        UnetBenchConfig(preset="tiny", bundles=(str(tmp_path / "missing"),))
+    with pytest.raises(ConfigError, match="either --model"):
+        UnetBenchConfig(model=str(tiny_digits_model), preset="tiny")
+    with pytest.raises(ConfigError, match="not an FP checkpoint"):
+        UnetBenchConfig(model=str(quant_dir))
+    with pytest.raises(ConfigError, match="not a quantized checkpoint"):
+        UnetBenchConfig(quant=str(tiny_digits_model))
+    with pytest.raises(ConfigError, match="--d2-stats"):
+        LoopBenchConfig(model=str(quant_dir))
+    with pytest.raises(ConfigError, match="not a directory"):
+        LoopBenchConfig(model=str(tmp_path / "missing"), d2="off")
+    with pytest.raises(ConfigError, match="not one of"):
+        CalibrateBenchConfig(model=str(tiny_digits_model), methods=("minmax", "gptq"))
+    with pytest.raises(ConfigError, match="not among the methods"):
+        CalibrateBenchConfig(model=str(tiny_digits_model), methods=("minmax",), options={"brecq": {"iters_w": 1}})
+    with pytest.raises(ConfigError, match="unknown key"):
+        CalibrateBenchConfig(model=str(tiny_digits_model), methods=("brecq",), options={"brecq": {"iterz": 1}})
+
+
+def test_cli_refusals_exit_2(tmp_path, capsys):
+    assert main(["bench", "unet", "--preset", "tiny", "--batch", "0"]) == 2
+    assert "batch sizes" in capsys.readouterr().err
+    assert main(["bench", "unet", "--preset", "tiny", "--bundle", str(tmp_path)]) == 2
+    assert "not a bundle" in capsys.readouterr().err
+    assert main(["bench", "unet", "--preset", "tiny", "--backends", "tensorrt"]) == 2
+    assert "unknown backend" in capsys.readouterr().err
+    assert main(["bench", "calibrate", "--model", str(tmp_path), "--option", "iters_w=5"]) == 2
+    assert "METHOD:KEY=VALUE" in capsys.readouterr().err
+
+
+def test_configs_round_trip_through_json(tiny_digits_model, quant_dir, d2_dir):
+    configs = [UnetBenchConfig(preset="tiny", batches=(1, 4), backends=("torch-fp32",)),
+               LoopBenchConfig(model=str(quant_dir), sampler=SAMPLER, d2_stats=str(d2_dir)),
+               CalibrateBenchConfig(model=str(tiny_digits_model), methods=("minmax", "brecq"),
+                                    options={"brecq": {"iters_w": 2}}, d2=D2StatsJob(num=2))]
+    for cfg in configs:
+        assert type(cfg).from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+# ------------------------------------------------------------------------------------------- end to end
+
+
+def test_bench_unet_end_to_end(tiny_digits_model, quant_dir, bundle_dir, tmp_path):
+    cfg = UnetBenchConfig(model=str(tiny_digits_model), quant=str(quant_dir), bundles=(str(bundle_dir),),
+                          batches=(1, 2), guidance=2.0, warmup=1, repeats=2, threads=1)
+    report = bench_unet(cfg, command="test")
+    check_schema(report, "unet", repeats=2)
+    names = {r["variant"] for r in report["results"]}
+    assert names == {"torch-fp32", "torch-fakequant", "ort-fp[trt]", "ort-int8[trt]"}
+    assert [s["variant"] for s in report["skipped"]] == ["torch-fp16"]  # CPU: skipped with its reason
+    assert "CUDA" in report["skipped"][0]["reason"]
+    assert {(r["batch"], r["model_batch"]) for r in report["results"]} == {(1, 2), (2, 4)}  # CFG doubles the batch
+    assert report["method"]["baseline"] == "torch-fp32" and report["threads"]["torch_intra_op"] == 1
+    assert all(r["providers"] == ["CPUExecutionProvider"] for r in report["results"] if r["backend"] == "onnxruntime")
+    out = save_report(report, tmp_path / "unet.json")
+    assert json.loads(out.read_text())["results"] == report["results"]
+    assert (tmp_path / "unet.png").stat().st_size > 1000
+    table = format_report(report)
+    assert table[0].startswith("| variant |") and any("torch-fp16" in line for line in table)
+
+
+def test_bench_loop_end_to_end_via_cli(quant_dir, d2_dir, tmp_path, capsys):
+    out = tmp_path / "loop.json"
+    args = ["bench", "loop", "--model", str(quant_dir), "--batch", "2", "--steps", str(STEPS), "--eta", "1",
+            "--guidance", "2", "--d2", "d", "--d2-stats", str(d2_dir), "--warmup", "0", "--repeats", "2",
+            "--threads", "1", "--out", str(out)]
+    assert main(args) == 0
+    assert "loop overhead" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    check_schema(report, "loop", repeats=2)
+    assert report["command"].startswith("tdqrt bench loop --model")
+    rows = {r["variant"]: r for r in report["results"]}
+    assert set(rows) == {"d2-off", "d2-d"} and report["method"]["baseline"] == "d2-off"
+    for r in rows.values():
+        assert r["unet_calls_per_loop"] == STEPS and r["model_batch"] == 4 and r["images_per_s"] > 0
+        assert 0 < r["loop_overhead"]["median"] < 1 and r["unet_s"]["median"] > 0
+    assert rows["d2-off"]["d2_update"] is None and 0 < rows["d2-d"]["d2_update"]["median"] < 1
+
+
+def test_bench_loop_uses_the_bundles_d2(bundle_dir):
+    cfg = LoopBenchConfig(model=str(bundle_dir), batches=(2,), sampler=SAMPLER, warmup=0, repeats=2, threads=1)
+    report = bench_loop(cfg, command="test")
+    check_schema(report, "loop", repeats=2)
+    assert report["method"]["d2_stats"] == str(bundle_dir)
+    assert [r["variant"] for r in report["results"]] == ["d2-off", "d2-d"]
+
+
+@pytest.mark.slow
+def test_bench_calibrate_end_to_end(tiny_digits_model, tiny_calib_set, tmp_path):
+    """One method and the D² collection, each in its own spawn child (peak RSS read by the child)."""
+    cfg = CalibrateBenchConfig(model=str(tiny_digits_model), methods=("minmax",), calib=str(tiny_calib_set.path),
+                               d2=D2StatsJob(sampler=SamplerConfig(steps=2), num=2, batch=2), threads=1,
+                               work_dir=str(tmp_path))
+    report = bench_calibrate(cfg, command="test")
+    check_schema(report, "calibrate", repeats=1)
+    rows = {r["variant"]: r for r in report["results"]}
+    assert set(rows) == {"minmax", "d2-stats"}
+    assert rows["d2-stats"]["speedup_vs_baseline"] is None
+    for r in rows.values():
+        assert r["peak_rss_mb"] > 0 and r["peak_increase_mb"] >= 0 and r["peak_rss_mb"] >= r["rss_before_mb"]
+    assert (tmp_path / "minmax" / "r1" / "quant.json").is_file() and (tmp_path / "d2" / "d2.npz").is_file()
