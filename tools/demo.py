@@ -86,6 +86,7 @@ QUICK = {"train_steps": 10, "num": 20, "batch": 20, "steps": 5, "calib_num": 8, 
 
 
 def shipped_model_dir() -> Path:
+    """Where the installed package keeps the demo's FP checkpoint."""
     return Path(str(resources.files("tdqrt.tools") / "assets" / SHIPPED_MODEL))
 
 
@@ -321,6 +322,7 @@ class StageRunner:
 # --------------------------------------------------------------------------------------------- stage bodies
 
 def _model_stage(runner: StageRunner, cfg: DemoConfig) -> Stage:
+    """The shipped checkpoint (recorded by path and sha256, nothing copied), or a model trained into the stage."""
     if not (cfg.quick or cfg.retrain):
         shipped = shipped_model_dir()
         try:
@@ -377,6 +379,7 @@ def _extractor_stage(runner: StageRunner, cfg: DemoConfig) -> Stage:
 
 
 def _calibrate_stage(runner: StageRunner, cfg: DemoConfig, which: str, model: Stage, calib: Stage) -> Stage:
+    """``calibrate`` the ``w8a8`` or ``w4a8`` model on the shared calibration set."""
     ccfg = cfg.calibrate_config(which)
 
     def body(tmp: Path) -> dict:
@@ -392,6 +395,7 @@ def _calibrate_stage(runner: StageRunner, cfg: DemoConfig, which: str, model: St
 
 def _sample_stage(runner: StageRunner, cfg: DemoConfig, name: str, source: Stage, model_dir: Path,
                   d2: Optional[Path] = None) -> Stage:
+    """``sample_model`` on the FP model or the bundle (with the D² correction when ``d2`` names statistics)."""
     job = SampleJob(num=cfg.num, batch=cfg.batch, seed=cfg.seed, device=cfg.device, sampler=cfg.sampler,
                     d2=cfg.d2 if d2 is not None else "off", d2_stats=None if d2 is None else str(d2))
 
@@ -407,6 +411,7 @@ def _sample_stage(runner: StageRunner, cfg: DemoConfig, name: str, source: Stage
 
 
 def _eval_stage(runner: StageRunner, cfg: DemoConfig, extractor: Stage, samples: dict[str, Stage]) -> Stage:
+    """FID/KID of every sample set against the 1797 digits, one ``eval.json`` per set."""
     def body(tmp: Path) -> dict:
         out = {}
         for name, stage in samples.items():
@@ -422,6 +427,7 @@ def _eval_stage(runner: StageRunner, cfg: DemoConfig, extractor: Stage, samples:
 
 
 def _eps_error_stage(runner: StageRunner, cfg: DemoConfig, model: Stage, w8a8: Stage, export: Stage) -> Stage:
+    """Per-step ε error vs FP of the W8A8 fake-quant model and of the bundle's INT8 graph (what was sampled)."""
     bundle = export.path / "bundle"
 
     def body(tmp: Path) -> dict:
@@ -458,6 +464,7 @@ def _time_sampling(denoiser, schedule: NoiseSchedule, cfg: DemoConfig) -> float:
 
 
 def _speed_stage(runner: StageRunner, cfg: DemoConfig, model: Stage, w4a8: Stage, export: Stage) -> Stage:
+    """Seconds per sampler step of each backend, measured back to back in one process at the demo batch."""
     bundle = export.path / "bundle"
 
     def body(tmp: Path) -> dict:
@@ -489,6 +496,7 @@ def _speed_stage(runner: StageRunner, cfg: DemoConfig, model: Stage, w4a8: Stage
 # ---------------------------------------------------------------------------------------------------- report
 
 def _png(src: Path, dst_dir: Path, name: str) -> str:
+    """Copy a stage's PNG into the report directory (the report must stand alone); returns its relative name."""
     shutil.copyfile(src, dst_dir / name)
     return name
 
@@ -500,10 +508,12 @@ def _scale_layers(tdq: np.ndarray, count: int = 4) -> list[int]:
 
 
 def _metric(metrics: dict, label: str) -> float:
+    """The value of ``label`` (FID, KID) in an eval result whose keys read ``LABEL[extractor]``."""
     return next(v for k, v in metrics.items() if k.startswith(label + "["))
 
 
 def _report_stage(runner: StageRunner, cfg: DemoConfig, st: dict[str, Stage]) -> Stage:
+    """The report depends on every stage before it (its timings table included)."""
     def body(tmp: Path) -> dict:
         return _write_report(tmp, cfg, st, runner)
 
@@ -512,6 +522,7 @@ def _report_stage(runner: StageRunner, cfg: DemoConfig, st: dict[str, Stage]) ->
 
 
 def _write_report(tmp: Path, cfg: DemoConfig, st: dict[str, Stage], runner: StageRunner) -> dict:
+    """``report.md`` and its PNGs, ``metrics.json`` and ``demo.json`` into ``tmp``; returns the stage summary."""
     fp_card = load_fp_checkpoint(st["model"].summary["dir"]).card
     training = fp_card.get("training", {})
     ext = st["extractor"].summary
@@ -667,6 +678,7 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), *, progress: bool 
 
 
 def _run_stages(runner: StageRunner, cfg: DemoConfig) -> None:
+    """Every stage in order, each fed the finished upstream stages it reads."""
     st: dict[str, Stage] = {}
     st["model"] = model = _model_stage(runner, cfg)
     st["extractor"] = _extractor_stage(runner, cfg)
