@@ -59,6 +59,9 @@ def d2_table(doc: dict) -> str:
 
 def bench_table(doc: dict) -> str:
     """Latency rows (``tdqrt bench unet``/``loop``); loop rows add the overhead and D²-update fractions."""
+    if any("peak_rss_mb" in r for r in doc["results"]):  # tdqrt bench calibrate: wall time and peak memory per job
+        rows = [[r["variant"], r["seconds"]["median"], r["peak_rss_mb"], r["peak_increase_mb"]] for r in doc["results"]]
+        return markdown_table(["job", "median s", "peak RSS MB", "RSS increase MB"], rows)
     loop = any("loop_overhead" in r for r in doc["results"])
     header = ["variant", "batch", "median ms", "IQR ms", "images/s", "speedup vs baseline"]
     header += ["loop overhead %", "D² update % of step"] if loop else []
