@@ -55,8 +55,13 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
+            try:
+                os.replace(tmp, path)
+            except OSError:
+                os.replace(old / path.name, path)  # put the previous directory back
+                raise
+            finally:
+                shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
     finally:

@@ -7,7 +7,8 @@ when large), ``unet_fp.onnx`` (the FP reference with the same signature),
 ``manifest.json`` last: format tag and version, sha256 and size of every file, the model description, quant and
 export settings, schedule, D² sampler settings, sources (paths + sha256) and tool versions.
 
-Atomicity: everything is written into a temporary directory beside the target and renamed onto it at the end; a
+Atomicity (:func:`tdqrt.engines.artifacts.atomic_dir`): everything is written into a temporary directory beside the
+target and renamed onto it at the end; a
 failure (export error, lint error, Ctrl-C) removes the temporary directory, so a half bundle never appears under
 the real name. An existing bundle at the target is replaced only once the new one is complete.
 """
@@ -15,14 +16,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
 from tdqrt.calibration.checkpoint import load_fp_checkpoint
 from tdqrt.calibration.quant.api import load_model_dir
 from tdqrt.calibration.quant.checkpoint import QUANT_FORMAT
-from tdqrt.engines.artifacts import sha256_file, versions, write_json_atomic
+from tdqrt.engines.artifacts import atomic_dir, sha256_file, versions, write_json_atomic
 from tdqrt.engines.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST_FILE, UNET_FILE, UNET_FP_FILE, is_bundle_dir
 from tdqrt.engines.errors import ArtifactError, ConfigError
 from tdqrt.export.exporter import ExportConfig, ExportedModel, export_fp, export_quantized, save_onnx
@@ -80,21 +80,6 @@ def _prepare_target(out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
 
 
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        old.rmdir()
-        os.replace(out, old)
-        try:
-            os.replace(tmp, out)
-        except OSError:
-            os.replace(old, out)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
 def export_bundle(quant_dir: Union[str, os.PathLike], out: Union[str, os.PathLike],
                   config: ExportConfig = ExportConfig(), *, d2_stats: Optional[Union[str, os.PathLike]] = None,
                   fp_dir: Optional[Union[str, os.PathLike]] = None,
@@ -131,9 +116,8 @@ def export_bundle(quant_dir: Union[str, os.PathLike], out: Union[str, os.PathLik
                                 f"{calib} recorded by {quant_dir} is not there; pass one with --calib")
     _prepare_target(out)
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        failed_report = out.parent / f"{out.name}.lint-failed.json"
+    failed_report = out.parent / f"{out.name}.lint-failed.json"
+    with atomic_dir(out) as tmp:
         files: list[str] = []
         q: ExportedModel = export_quantized(qm, config, calib=calib)
         files += save_onnx(q.model, tmp / UNET_FILE, external_data_mb=config.external_data_mb)
@@ -184,13 +168,6 @@ def export_bundle(quant_dir: Union[str, os.PathLike], out: Union[str, os.PathLik
             "versions": versions(),
         }
         write_json_atomic(tmp / MANIFEST_FILE, manifest)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private; a bundle is a normal directory
-        _swap_into_place(tmp, out)
-        if failed_report.exists():
-            failed_report.unlink()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    if failed_report.exists():
+        failed_report.unlink()
     return out
