@@ -82,6 +82,7 @@ def test_changed_setting_reruns_it_and_downstream_only(demo):
 
 
 def test_damaged_or_unfinished_stage_reruns(demo):
+    _rerun(demo, w8a8_method="minmax")  # the settings below, whatever the tests before left (order-independent)
     (demo / "samples-fp" / "grid.png").write_bytes(b"truncated")  # a file that no longer has its recorded hash
     stale = demo / ".calib.tmp-killed"  # what a killed run leaves behind
     stale.mkdir()
