@@ -27,7 +27,7 @@ from tdqrt.calibration.quant.api import load_model_dir
 from tdqrt.engines.artifacts import versions, write_bytes_atomic, write_json_atomic
 from tdqrt.runtime.corrections import make_correction
 from tdqrt.runtime.d2 import D2Table
-from tdqrt.runtime.sampling import Sampler, SamplerConfig, guided_eps, sample
+from tdqrt.runtime.sampling import NoiseSource, Sampler, SamplerConfig, guided_eps, sample
 from tdqrt.runtime.schedules import NoiseSchedule
 from tdqrt.tools.d2 import D2StatsJob, collect_to_dir
 from tdqrt.tools.metrics import EvalConfig, evaluate
@@ -78,8 +78,6 @@ def correction_cost(model, schedule, cfg: SamplerConfig, table: D2Table, batch: 
     y = torch.arange(batch) % m.num_classes if m.num_classes else None
     info = sampler.info(len(sampler) // 2)
     t = torch.full((batch,), info.t, dtype=torch.long)
-    from tdqrt.runtime.sampling import NoiseSource
-
     noise = NoiseSource(0, range(batch))
 
     def median_s(fn) -> float:
