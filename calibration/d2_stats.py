@@ -163,12 +163,12 @@ def _fp_trajectories(
             noise = NoiseSource(seed, indices, device)
             y = torch.tensor([i % num_classes for i in indices], device=device) if num_classes > 0 else None
             x = noise.randn(shape)
+            zs = noise.draws(len(sampler), shape) if sampler.stochastic else None
             for i in range(len(sampler)):
                 t = torch.full((len(indices),), int(sampler.timesteps[i]), dtype=torch.long, device=device)
                 eps = guided_eps(fp, x, t, y, null_label, g).float()
                 yield i, guided_eps(quant, x, t, y, null_label, g).float(), eps
-                z = noise.randn(shape) if sampler.stochastic else None
-                x = sampler.step(i, x, eps, z)
+                x = sampler.step(i, x, eps, None if zs is None else next(zs))
                 bar.update(1)
 
 

@@ -10,15 +10,16 @@ update, DDIM eq. 12 (Song et al. 2021, https://arxiv.org/abs/2010.02502):
 
 With η = 1, σ² is the DDPM posterior variance β̃ ("fixed_small", Ho et al. 2020 eq. 7) and the update is
 exactly ancestral sampling from q(x_p | x_t, x0) on the (possibly strided) timestep grid, so "ddpm" is this
-update with η = 1. Noise is drawn per sample from its own generator (:class:`NoiseSource`), which makes a
-sample depend only on (seed, its global index, config): sharding a run over processes reproduces it.
+update with η = 1. Noise is drawn per sample from its own counter-based stream (:class:`NoiseSource`), which
+makes a sample depend only on (seed, its global index, config), not on the batch or the device: sharding a run
+over processes or moving it to a GPU reproduces it.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Protocol, Sequence, Union
+from typing import Any, Iterator, Mapping, Optional, Protocol, Sequence, Union
 
 import numpy as np
 import torch
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 from tdqrt.engines.denoiser import Denoiser
 from tdqrt.engines.errors import ConfigError, DataError
 from tdqrt.engines.config import config_from_dict
+from tdqrt.runtime.philox import normal_from_bits, philox4x32
 from tdqrt.runtime.schedules import NoiseSchedule, _is_int, _is_number
 
 SAMPLER_KINDS = ("ddim", "ddpm")
@@ -127,11 +129,14 @@ class StepHook(Protocol):
 
 
 class NoiseSource:
-    """One ``torch.Generator`` per sample, seeded from ``(seed, global sample index)``.
+    """Per-sample standard-normal streams from the counter-based Philox4x32-10 (:mod:`tdqrt.runtime.philox`).
 
-    The per-sample seed goes through ``numpy.random.SeedSequence`` (a hash-based mixer), so neighbouring
-    indices or seeds give unrelated streams. Because every draw of a sample comes from its own stream, a
-    sample's trajectory does not depend on the batch it is computed in.
+    Sample ``index`` of ``seed`` has the key ``SeedSequence([seed, index])`` (a hash-based mixer, so neighbouring
+    indices or seeds give unrelated streams); element block ``j`` of its ``d``-th draw is the counter
+    ``(j, d, 0, 0)``. A value therefore depends only on (seed, global sample index, draw number, position): not
+    on the batch it is computed in, nor on the device — CPU and CUDA give the same integers, and normals equal to
+    float32 rounding of one float64 ulp. A whole batch's draw is one vectorised evaluation (no launch per sample),
+    and :meth:`draws` evaluates several draws at once.
 
     ``stream`` selects an independent family of streams: 0 is the sampler's (x_T and the per-step z); step hooks
     draw from :attr:`hook_noise` (stream 1), so a correction that samples (S-D²) leaves the sampler's noise, and
@@ -153,12 +158,13 @@ class NoiseSource:
         self.device = torch.device(device)
         self.seed, self.stream = seed, stream
         self.sample_indices = indices
-        self.generators = []
-        for index in indices:
-            entropy = [seed, index] if stream == 0 else [seed, index, stream]
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0]))
-            self.generators.append(generator)
+        keys = [np.random.SeedSequence([seed, i] if stream == 0 else [seed, i, stream]).generate_state(2)
+                for i in indices]
+        keys = torch.from_numpy(np.stack(keys).astype(np.int64))  # [B, 2] 32-bit words
+        if self.device.type == "cuda":  # a pinned, asynchronous copy: a pageable one would synchronise the stream
+            keys = keys.pin_memory()
+        self.keys = keys.to(self.device, non_blocking=True)
+        self.draws_taken = 0
         self._hook_noise: Optional["NoiseSource"] = None
 
     @property
@@ -169,13 +175,39 @@ class NoiseSource:
         return self._hook_noise
 
     def __len__(self) -> int:
-        return len(self.generators)
+        return len(self.sample_indices)
+
+    def randn_many(self, count: int, shape: Sequence[int]) -> Tensor:
+        """The next ``count`` draws of every sample's stream at once: float32 ``[count, B, *shape]``, equal to
+        ``count`` successive :meth:`randn` calls."""
+        numel = math.prod(shape)
+        blocks = -(-numel // 4)  # one Philox evaluation gives 4 normals
+        draw = torch.arange(self.draws_taken, self.draws_taken + count, dtype=torch.int64, device=self.device)
+        block = torch.arange(blocks, dtype=torch.int64, device=self.device)
+        counter = torch.zeros(count, 1, blocks, 4, dtype=torch.int64, device=self.device)
+        counter[..., 0] = block
+        counter[..., 1] = draw[:, None, None]
+        bits = philox4x32(counter.expand(count, len(self), blocks, 4), self.keys[None, :, None, :])
+        self.draws_taken += count
+        z = normal_from_bits(bits).flatten(-2)[..., :numel].to(torch.float32)
+        return z.reshape(count, len(self), *shape)
 
     def randn(self, shape: Sequence[int]) -> Tensor:
         """Next standard-normal values of every sample's stream: float32 ``[B, *shape]`` on ``device``."""
-        return torch.stack(
-            [torch.randn(tuple(shape), generator=g, device=self.device, dtype=torch.float32) for g in self.generators]
-        )
+        return self.randn_many(1, shape)[0]
+
+    def draws(self, count: int, shape: Sequence[int], chunk_bytes: int = 16 << 20) -> Iterator[Tensor]:
+        """The next ``count`` draws one at a time, evaluated in chunks of up to ``chunk_bytes`` of output (on a
+        GPU, one batched evaluation — about a hundred small kernels — then serves many sampling steps; the
+        evaluation's temporaries peak near ten times the chunk). Draws are taken from the stream as each chunk is
+        made."""
+        per_draw = 4 * len(self) * math.prod(shape)
+        chunk = max(1, min(count, chunk_bytes // max(per_draw, 1)))
+        left = count
+        while left > 0:
+            block = self.randn_many(min(chunk, left), shape)
+            left -= len(block)
+            yield from block
 
 
 class Sampler:
@@ -330,6 +362,7 @@ def sample(
             raise ConfigError(f"y has shape {tuple(y.shape)}, expected ({B},): one class label per sample.")
     draw_z = sampler.stochastic or hook is not None
     x = noise.randn(shape)
+    zs = noise.draws(len(sampler), shape) if draw_z else None
     on_device = noise.device.type != "cpu"
     first_bad = torch.full((), -1, dtype=torch.long, device=noise.device)  # first step with NaN/Inf (device only)
     with torch.inference_mode():
@@ -345,8 +378,7 @@ def sample(
             sigma = None
             if hook is not None:
                 eps, sigma = hook(info, x, eps, noise)
-            z = noise.randn(shape) if draw_z else None
-            x = sampler.step(i, x, eps, z, sigma)
+            x = sampler.step(i, x, eps, None if zs is None else next(zs), sigma)
     if on_device and int(first_bad) >= 0:  # the loop's one host synchronisation
         step = int(first_bad)
         raise DataError(f"sampling step {step + 1}/{len(sampler)}: denoiser returned NaN/Inf at timestep "

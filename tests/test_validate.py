@@ -22,7 +22,7 @@ from tdqrt.engines.errors import ConfigError
 from tdqrt.export.bundle import export_bundle
 from tdqrt.export.exporter import ExportConfig
 from tdqrt.tools.cli import main
-from tdqrt.tools.validate import ValidateConfig, compare_arrays, tensorrt_status, validate_models
+from tdqrt.tools.validate import ValidateConfig, _check, compare_arrays, tensorrt_status, validate_models
 
 SMALL = ValidateConfig(timesteps=3, per_timestep=3)
 
@@ -59,10 +59,28 @@ def test_config_is_validated():
         ValidateConfig(timesteps=0)
     with pytest.raises(ConfigError):
         ValidateConfig(per_timestep=0)
-    with pytest.raises(ConfigError):
-        ValidateConfig(int8_min_cosine=1.5)
+    with pytest.raises(ConfigError, match="int8_max_error_ratio"):
+        ValidateConfig(int8_max_error_ratio=0)
+    with pytest.raises(ConfigError, match="int8_negligible_rel_l2"):
+        ValidateConfig(int8_negligible_rel_l2=float("nan"))
     with pytest.raises(ConfigError):
         ValidateConfig(fp_max_abs=0)
+
+
+@pytest.mark.parametrize("rel_l2,ratio,passes", [
+    (0.078, 0.16, True),  # good tdq-ptq W4A8 bundle at t=0: a tie cascade, small against the quantization error
+    (0.004, 0.26, True),  # good bundle at t=260: the largest ratio measured on a good bundle
+    (0.004, 0.9, True),  # any deviation this small is negligible, whatever the quantization error
+    (0.012, 1.34, False),  # a middle layer's scale x4 (minmax W8A8, t=260)
+    (0.029, 1.92, False),  # the first layer's scale x4 (tdq-ptq W4A8, t=520)
+])
+def test_int8_rule(rel_l2, ratio, passes):
+    """The trt-bundle rule on per-timestep medians measured with scripts/validate_margins.py."""
+    metrics = {"median_sample_rel_l2": rel_l2, "median_sample_error_ratio": ratio}
+    bad = _check("int8", metrics, ValidateConfig())
+    assert (not bad) == passes
+    if bad:
+        assert "error ratio" in bad[0] and "rel-L2" in bad[0]
 
 
 def test_compare_arrays():
@@ -98,7 +116,7 @@ def test_good_bundle_passes_and_writes_report(bundle_dir, tmp_path, capsys):
                     report["pairs"]["ort_fp vs ort_int8"]["per_timestep"]):
         assert r["median_sample_rel_l2"] <= 1e-5 and r["median_sample_cosine"] >= 0.999999
         assert e["median_sample_rel_l2"] > 1e-3
-    assert report["config"]["int8_min_cosine"] == 0.999
+    assert report["config"]["int8_max_error_ratio"] == 0.5
     assert report["tensorrt"]["ran"] is False and report["tensorrt"]["reason"]
     assert report["sources"]["bundle_sha256"]
 

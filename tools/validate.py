@@ -19,16 +19,24 @@ Pairs (reference first) and tolerances, per timestep:
 * ``torch_fp`` vs ``ort_fp``: max-abs ≤ ``fp_max_abs`` (1e-4). Both compute the same float32 function; the only
   difference is the summation order of convolutions/GroupNorm/attention (measured ~2e-7 relative, ~1e-6 absolute on
   unit-variance ε), so 1e-4 leaves ~100x headroom while a wrong weight, op or input dtype shows up at 1e-2 or more.
-* ``torch_quant`` vs ``ort_int8`` of a **trt** bundle: the **median over the samples** of the per-sample cosine ≥
-  ``int8_min_cosine`` (0.999) and of the per-sample relative L2 ≤ ``int8_max_rel_l2`` (0.02). With
-  ``ratio_op="div"`` the activation codes are bit-identical, so a sample agrees to ~1e-7 — unless float
-  summation-order noise flips one code that sits on a rounding tie and the flip cascades through later quantizers
-  (tests/test_export.py). That is a rare, per-sample event (measured on the tiny minmax bundle: 3 of 40 samples,
-  rel-L2 0.02-0.08 at t ≥ 700 where the quantization error itself is 0.06-0.19), so a batch-wide statistic would
-  fail good bundles at high t. A wrong graph — one activation scale x4 in the least harmful layer — moves *every*
-  sample (measured per-sample rel-L2 0.004 at t=0 … 0.13-0.17 at t=900), so the median stays 0 on a good bundle and
-  crosses 0.02 on a broken one. The batch-wide metrics and the worst sample are reported too
-  (``max_sample_rel_l2``).
+* ``torch_quant`` vs ``ort_int8`` of a **trt** bundle: with ``ratio_op="div"`` the activation codes are
+  bit-identical, so a sample agrees to ~1e-7 — unless float summation-order noise flips one code that sits on a
+  rounding tie and the flip cascades through later quantizers (tests/test_export.py). How far a cascade goes
+  depends on the timestep: at t=0, where ε is least predictable and the model amplifies every perturbation (the
+  quantization error itself is rel-L2 0.49-0.62 there), good small-model bundles show a median per-sample rel-L2
+  of up to 0.078 (tdq-ptq W4A8), while at t ≥ 260 they stay ≤ 0.004. So a fixed rel-L2 bound either fails good
+  bundles at t=0 or misses broken ones elsewhere; the check is relative to the quantization error, as for
+  ort-cpu but tighter, because this graph is meant to be code-exact: the median over the samples of the error
+  ratio ``‖ort_int8 − torch_quant‖ / ‖torch_quant − torch_fp‖`` ≤ ``int8_max_error_ratio`` (0.5), or a median
+  per-sample rel-L2 ≤ ``int8_negligible_rel_l2`` (0.005: a deviation that small is negligible even where the
+  quantization error is tiny, e.g. a near-lossless W8A8 model). Measured with ``scripts/validate_margins.py``
+  (5 timesteps x 5 samples; small digits model; minmax W8A8, tdq-ptq, brecq and tdq-qat W4A8): good bundles
+  0.00-0.26 (largest at t=260, rel-L2 0.004); the first or the last activation quantizer on a x4 or x1/4 grid
+  1.7-76 at every t ≥ 260 and 2.4-3.9 at t=0; a middle one (``up.2.blocks.1.resblock.in_conv``, a layer that
+  hardly matters) 0.54-1.34 at some timestep for x4 on all four models and x1/4 on minmax, but 0.40-0.48 at most
+  for x1/4 on the other three — a break that small in units of the quantization noise is not separable by any
+  output tolerance. The per-sample cosine and rel-L2 medians and the worst sample (``max_sample_rel_l2``) are
+  reported too.
 * ``torch_quant`` vs ``ort_int8`` of an **ort-cpu** bundle (the manifest's export target): that graph quantizes
   every conv (and Linear) output to uint8, an approximation the torch model does not have, and ONNX Runtime runs it
   as fused integer kernels. No code-exact agreement exists: a one-step difference in one output code (bias rounded
@@ -49,7 +57,8 @@ Pairs (reference first) and tolerances, per timestep:
   flavour"). ``median_sample_error_ratio`` is reported for every pair whose reference is ``torch_quant`` (and the
   batch-wide ``error_ratio`` in ``overall``).
 * ``ort_fp`` vs ``ort_int8``: the quantization error itself — reported, never checked.
-* ``torch_quant`` vs ``trt_int8`` (when TensorRT ran): the INT8 tolerances above.
+* ``torch_quant`` vs ``trt_int8`` (when TensorRT ran): the trt-bundle rule above (TensorRT's integer convolutions
+  are exact; its float layers sum in other orders, which makes the same tie cascades).
 
 Metrics: max-abs, relative L2 ``‖a-b‖/‖ref‖``, SQNR dB ``10·log10(‖ref‖²/‖a-b‖²)``, cosine similarity.
 """
@@ -87,8 +96,8 @@ class ValidateConfig:
     timesteps: int = 5  # timesteps spread over those in the calibration set
     per_timestep: int = 5  # samples (batch) per timestep; odd, so the median is one sample
     fp_max_abs: float = 1e-4  # torch FP vs ORT FP
-    int8_min_cosine: float = 0.999  # torch fake-quant vs ORT INT8 (and TensorRT)
-    int8_max_rel_l2: float = 0.02
+    int8_max_error_ratio: float = 0.5  # trt bundles: torch fake-quant vs ORT INT8 (and TensorRT) ...
+    int8_negligible_rel_l2: float = 0.005  # ... unless the deviation is this small anyway
     ort_cpu_max_error_ratio: float = 2.0  # ort-cpu bundles: torch fake-quant vs ORT INT8, relative to quant error
     seed: int = 0  # which samples of a timestep are picked
 
@@ -99,12 +108,10 @@ class ValidateConfig:
             raise ConfigError(f"--per-timestep must be ≥ 1, got {self.per_timestep}")
         if not (self.fp_max_abs > 0 and math.isfinite(self.fp_max_abs)):
             raise ConfigError(f"fp_max_abs must be a positive number, got {self.fp_max_abs}")
-        if not -1.0 <= self.int8_min_cosine <= 1.0:
-            raise ConfigError(f"int8_min_cosine must lie in [-1, 1], got {self.int8_min_cosine}")
-        if not (self.int8_max_rel_l2 > 0 and math.isfinite(self.int8_max_rel_l2)):
-            raise ConfigError(f"int8_max_rel_l2 must be a positive number, got {self.int8_max_rel_l2}")
-        if not (self.ort_cpu_max_error_ratio > 0 and math.isfinite(self.ort_cpu_max_error_ratio)):
-            raise ConfigError(f"ort_cpu_max_error_ratio must be a positive number, got {self.ort_cpu_max_error_ratio}")
+        for name in ("int8_max_error_ratio", "int8_negligible_rel_l2", "ort_cpu_max_error_ratio"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+                raise ConfigError(f"{name} must be a positive number, got {value!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -322,7 +329,8 @@ def _limits(kind: Optional[str], cfg: ValidateConfig) -> Optional[dict]:
     if kind == "fp":
         return {"max_abs": cfg.fp_max_abs}
     if kind == "int8":
-        return {"median_sample_cosine_min": cfg.int8_min_cosine, "median_sample_rel_l2_max": cfg.int8_max_rel_l2}
+        return {"median_sample_error_ratio_max": cfg.int8_max_error_ratio,
+                "or_median_sample_rel_l2_max": cfg.int8_negligible_rel_l2}
     if kind == "ort-cpu":
         return {"median_sample_error_ratio_max": cfg.ort_cpu_max_error_ratio}
     return None
@@ -334,11 +342,11 @@ def _check(kind: Optional[str], m: dict, cfg: ValidateConfig) -> list[str]:
     bad = []
     if kind == "fp" and not m["max_abs"] <= cfg.fp_max_abs:
         bad.append(f"max-abs {m['max_abs']:.3g} > {cfg.fp_max_abs:g}")
-    if kind == "int8":  # medians over the samples: robust to a rare near-tie cascade, see the module docstring
-        if not m["median_sample_cosine"] >= cfg.int8_min_cosine:
-            bad.append(f"median per-sample cosine {m['median_sample_cosine']:.6f} < {cfg.int8_min_cosine:g}")
-        if not m["median_sample_rel_l2"] <= cfg.int8_max_rel_l2:
-            bad.append(f"median per-sample rel-L2 {m['median_sample_rel_l2']:.3g} > {cfg.int8_max_rel_l2:g}")
+    if kind == "int8" and not (m["median_sample_error_ratio"] <= cfg.int8_max_error_ratio
+                               or m["median_sample_rel_l2"] <= cfg.int8_negligible_rel_l2):
+        bad.append(f"median per-sample error ratio {m['median_sample_error_ratio']:.3g} > {cfg.int8_max_error_ratio:g}"
+                   f" and median per-sample rel-L2 {m['median_sample_rel_l2']:.3g} > {cfg.int8_negligible_rel_l2:g} "
+                   "(the INT8 graph is not the fake-quant model: a wrong scale, zero point or op?)")
     if kind == "ort-cpu" and not m["median_sample_error_ratio"] <= cfg.ort_cpu_max_error_ratio:
         bad.append(f"median per-sample error ratio {m['median_sample_error_ratio']:.3g} > "
                    f"{cfg.ort_cpu_max_error_ratio:g} (the ORT graph adds more than that many times the quantization "
