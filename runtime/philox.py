@@ -30,34 +30,47 @@ def philox4x32(counter: Tensor, key: Tensor, rounds: int = ROUNDS) -> Tensor:
     broadcastable to the counter's batch shape); returns int64 ``[..., 4]`` with words in [0, 2^32)."""
     if counter.dtype != torch.int64 or key.dtype != torch.int64:
         raise TypeError("philox4x32 takes int64 counters and keys holding 32-bit words")
-    m_hi = _lanes(*(m >> 16 for m in _MULTIPLIERS), device=counter.device)
-    m_lo = _lanes(*(m & _MASK16 for m in _MULTIPLIERS), device=counter.device)
-    weyl = _lanes(*_WEYL, device=counter.device)
-    even, odd = counter[..., 0::2], counter[..., 1::2]  # (c0, c2), (c1, c3)
+    return torch.stack(philox4x32_words(*counter.unbind(-1), *key.unbind(-1), rounds=rounds), dim=-1)
+
+
+def philox4x32_words(c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor, k0: Tensor, k1: Tensor,
+                     rounds: int = ROUNDS) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`philox4x32` on the four counter words and two key words as separate broadcastable int64 tensors
+    (contiguous words make every round a few dense element-wise ops)."""
     for _ in range(rounds):
-        p_hi, p_lo = even * m_hi, even * m_lo  # both < 2^48
-        mid = p_hi + (p_lo >> 16)  # (c·M) >> 16
-        hi = mid >> 16  # (c·M) >> 32
-        lo = ((mid & _MASK16) << 16) | (p_lo & _MASK16)  # (c·M) mod 2^32
-        # (c0, c1, c2, c3) <- (hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0)
-        even, odd = hi.flip(-1) ^ odd ^ key, lo.flip(-1)
-        key = (key + weyl) & _MASK32
-    return torch.stack((even[..., 0], odd[..., 0], even[..., 1], odd[..., 1]), dim=-1)
+        hi0, lo0 = _mulhilo(c0, _MULTIPLIERS[0])
+        hi1, lo1 = _mulhilo(c2, _MULTIPLIERS[1])
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + _WEYL[0]) & _MASK32, (k1 + _WEYL[1]) & _MASK32
+    return c0, c1, c2, c3
 
 
-def _lanes(first: int, second: int, device: torch.device) -> Tensor:
-    """int64 ``[first, second]`` made on ``device`` by a kernel, not copied from the host (a host copy would
-    synchronise a CUDA stream)."""
-    return first + (second - first) * torch.arange(2, dtype=torch.int64, device=device)
+def _mulhilo(word: Tensor, multiplier: int) -> tuple[Tensor, Tensor]:
+    """High and low 32 bits of ``word · multiplier`` from 16-bit halves of the multiplier (products < 2^48)."""
+    low = word * (multiplier & _MASK16)
+    mid = word * (multiplier >> 16)
+    mid += low >> 16  # (word·M) >> 16
+    hi = mid >> 16  # (word·M) >> 32
+    mid &= _MASK16
+    mid <<= 16
+    mid |= low & _MASK16  # (word·M) mod 2^32
+    return hi, mid
 
 
 def normal_from_bits(bits: Tensor) -> Tensor:
-    """Standard normals from 32-bit words ``[..., 4]`` (two Box–Muller pairs each); float64 ``[..., 4]``.
+    """Standard normals from 32-bit words ``[..., 4]``; float64 ``[..., 4]`` (see :func:`normal_from_words`)."""
+    return normal_from_words(*bits.unbind(-1))
+
+
+def normal_from_words(w0: Tensor, w1: Tensor, w2: Tensor, w3: Tensor) -> Tensor:
+    """Two Box–Muller pairs from the words (w0, w1) and (w2, w3): float64 ``[..., 4]``.
 
     ``u = (w + 1/2) / 2^32`` lies strictly inside (0, 1), so ``log u`` is finite; the float64 transcendental
     functions agree across devices to an ulp, far below float32 resolution.
     """
-    u = (bits.to(torch.float64) + 0.5) * 2.0**-32
-    radius = torch.sqrt(-2.0 * torch.log(u[..., 0::2]))  # pairs (w0, w1), (w2, w3)
-    angle = (2.0 * math.pi) * u[..., 1::2]
-    return torch.stack((radius * torch.cos(angle), radius * torch.sin(angle)), dim=-1).flatten(-2)
+    out = []
+    for radius_word, angle_word in ((w0, w1), (w2, w3)):
+        radius = torch.sqrt(-2.0 * torch.log((radius_word.to(torch.float64) + 0.5) * 2.0**-32))
+        angle = (angle_word.to(torch.float64) + 0.5) * (2.0 * math.pi * 2.0**-32)
+        out += [radius * torch.cos(angle), radius * torch.sin(angle)]
+    return torch.stack(out, dim=-1)

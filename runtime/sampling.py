@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from tdqrt.engines.denoiser import Denoiser
 from tdqrt.engines.errors import ConfigError, DataError
 from tdqrt.engines.config import config_from_dict
-from tdqrt.runtime.philox import normal_from_bits, philox4x32
+from tdqrt.runtime.philox import normal_from_words, philox4x32_words
 from tdqrt.runtime.schedules import NoiseSchedule, _is_int, _is_number
 
 SAMPLER_KINDS = ("ddim", "ddpm")
@@ -182,25 +182,27 @@ class NoiseSource:
         ``count`` successive :meth:`randn` calls."""
         numel = math.prod(shape)
         blocks = -(-numel // 4)  # one Philox evaluation gives 4 normals
-        draw = torch.arange(self.draws_taken, self.draws_taken + count, dtype=torch.int64, device=self.device)
         block = torch.arange(blocks, dtype=torch.int64, device=self.device)
-        counter = torch.zeros(count, 1, blocks, 4, dtype=torch.int64, device=self.device)
-        counter[..., 0] = block
-        counter[..., 1] = draw[:, None, None]
-        bits = philox4x32(counter.expand(count, len(self), blocks, 4), self.keys[None, :, None, :])
+        draw = torch.arange(self.draws_taken, self.draws_taken + count, dtype=torch.int64, device=self.device)
+        full = (count, len(self), blocks)
+        words = philox4x32_words(block.expand(full), draw[:, None, None].expand(full), torch.zeros_like(block),
+                                 torch.zeros_like(block), self.keys[None, :, 0:1], self.keys[None, :, 1:2])
         self.draws_taken += count
-        z = normal_from_bits(bits).flatten(-2)[..., :numel].to(torch.float32)
+        z = normal_from_words(*words).flatten(-2)[..., :numel].to(torch.float32)
         return z.reshape(count, len(self), *shape)
 
     def randn(self, shape: Sequence[int]) -> Tensor:
         """Next standard-normal values of every sample's stream: float32 ``[B, *shape]`` on ``device``."""
         return self.randn_many(1, shape)[0]
 
-    def draws(self, count: int, shape: Sequence[int], chunk_bytes: int = 16 << 20) -> Iterator[Tensor]:
-        """The next ``count`` draws one at a time, evaluated in chunks of up to ``chunk_bytes`` of output (on a
-        GPU, one batched evaluation — about a hundred small kernels — then serves many sampling steps; the
-        evaluation's temporaries peak near ten times the chunk). Draws are taken from the stream as each chunk is
-        made."""
+    def draws(self, count: int, shape: Sequence[int], chunk_bytes: Optional[int] = None) -> Iterator[Tensor]:
+        """The next ``count`` draws one at a time, evaluated in chunks of up to ``chunk_bytes`` of output. The
+        default is 16 MiB on an accelerator, so one batched evaluation (about a hundred small kernels, temporaries
+        near ten times the chunk) serves many sampling steps, and one draw at a time on the CPU, where there is no
+        launch cost to share (a chunk's large temporaries made a draw 2.4x slower there: 64 CIFAR-size samples,
+        1 thread). Draws are taken from the stream as each chunk is made."""
+        if chunk_bytes is None:
+            chunk_bytes = 0 if self.device.type == "cpu" else 16 << 20
         per_draw = 4 * len(self) * math.prod(shape)
         chunk = max(1, min(count, chunk_bytes // max(per_draw, 1)))
         left = count
