@@ -6,7 +6,9 @@ Each JSON file is one section. Its ``kind`` picks the table layout:
 
 * ``calibration`` — rows ``{name: {metrics, eps_mse_mean, calibrate_s}}`` from ``scripts/calibration_table.py``;
 * ``d2`` — rows ``{name: {metrics, traj_mse_mean, x0_mse}}`` and ``cost`` from ``scripts/d2_table.py``;
-* ``bench`` — the JSON ``tdqrt bench`` writes (``results``: one entry per measured variant).
+* ``bench`` — the JSON ``tdqrt bench`` writes (``results``: one entry per measured variant);
+* ``validate-margins`` — good and deliberately broken bundles through ``tdqrt validate``'s INT8 rule, from
+  ``scripts/validate_margins.py``.
 
 ``title`` and ``notes`` (Markdown) say what the section shows; ``meta`` (or ``runs``, a list of metas when rows come
 from several runs) holds the command, machine and versions, printed under every table.
@@ -82,7 +84,32 @@ def bench_table(doc: dict) -> str:
                     f"ONNX Runtime {threads.get('onnxruntime_intra_op')}.")
 
 
-RENDERERS = {"calibration": calibration_table, "d2": d2_table, "bench": bench_table}
+def validate_margins_table(doc: dict) -> str:
+    """Per model and graph (good, or one activation quantizer on a wrong grid): the error ratio per timestep and
+    whether ``tdqrt validate``'s rule for the bundle's target fails it."""
+    from tdqrt.tools.validate import ValidateConfig, _check
+
+    config, kind = ValidateConfig(**doc["config"]), "ort-cpu" if doc["target"] == "ort-cpu" else "int8"
+
+    def row(model: str, graph: str, per_t: list) -> list:
+        failed = [r["t"] for r in per_t if _check(kind, {"median_sample_error_ratio": r["median_error_ratio"],
+                                                         "median_sample_rel_l2": r["median_rel_l2"]}, config)]
+        ratios = " / ".join(f"{r['median_error_ratio']:.2f}" for r in per_t)
+        return [model, graph, ratios, f"{max(r['quant_rel_l2'] for r in per_t):.3g}",
+                "fails at t=" + ",".join(map(str, failed)) if failed else "passes"]
+
+    rows = []
+    for path, m in doc["models"].items():
+        name = Path(path).name
+        rows.append(row(name, "good", m["good"]))
+        rows += [row(name, f"{b['node'].split('/')[0]} x{b['factor']:g}", b["per_timestep"]) for b in m["broken"]]
+    timesteps = "/".join(str(r["t"]) for r in next(iter(doc["models"].values()))["good"])
+    return markdown_table(["model", "graph", f"median error ratio at t = {timesteps}", "max quant. rel-L2",
+                           "validate"], rows)
+
+
+RENDERERS = {"calibration": calibration_table, "d2": d2_table, "bench": bench_table,
+             "validate-margins": validate_margins_table}
 
 
 def provenance(doc: dict) -> list[str]:

@@ -13,7 +13,8 @@ relative L2 error of the fake-quant model itself against FP.
 from __future__ import annotations
 
 import argparse
-import json
+import platform
+import sys
 import tempfile
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import onnx
 from onnx import numpy_helper
 
 from tdqrt.calibration.quant.api import load_model_dir
-from tdqrt.engines.artifacts import write_json_atomic
+from tdqrt.engines.artifacts import versions, write_json_atomic
 from tdqrt.export.bundle import export_bundle
 from tdqrt.export.exporter import ExportConfig
 from tdqrt.tools.validate import ValidateConfig, validate_models
@@ -86,8 +87,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     config = ValidateConfig(timesteps=args.timesteps, per_timestep=args.per_timestep)
-    result = {"target": args.target, "config": config.to_dict(),
-              "models": {str(q): margins(q, args.target, config) for q in args.quant_dirs}}
+    result = {"kind": "validate-margins", "title": f"`tdqrt validate` on good and broken {args.target} bundles",
+              "target": args.target, "config": config.to_dict(),
+              "models": {str(q): margins(q, args.target, config) for q in args.quant_dirs},
+              "meta": {"command": "python scripts/validate_margins.py " + " ".join(sys.argv[1:]),
+                       "machine": f"{platform.machine()} {platform.node()}", "versions": versions()}}
     write_json_atomic(args.out, result)
 
 

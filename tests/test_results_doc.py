@@ -22,7 +22,16 @@ def test_every_result_file_renders_all_its_rows():
     for path in paths:
         doc = json.loads(path.read_text())
         assert f"## {doc['title']}" in text
-        names = doc["rows"] if doc["kind"] != "bench" else [r["variant"] for r in doc["results"]]
+        if doc["kind"] == "bench":
+            names = [r["variant"] for r in doc["results"]]
+        elif doc["kind"] == "validate-margins":  # every model's good and broken graphs, with the rule's verdict
+            names = [f"| {Path(m).name} | {b['node'].split('/')[0]} x{b['factor']:g} |"
+                     for m, rows in doc["models"].items() for b in rows["broken"]]
+            good = [line for line in text.splitlines() if any(line.startswith(f"| {Path(m).name} | good |")
+                                                                for m in doc["models"])]
+            assert len(good) == len(doc["models"]) and all(line.endswith("| passes |") for line in good), good
+        else:
+            names = doc["rows"]
         for name in names:
             shown = name.split("|")[0].strip() if doc["kind"] == "d2" else name
             assert shown in text, (path.name, name)
