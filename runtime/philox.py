@@ -37,11 +37,13 @@ def philox4x32_words(c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor, k0: Tensor,
                      rounds: int = ROUNDS) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """:func:`philox4x32` on the four counter words and two key words as separate broadcastable int64 tensors
     (contiguous words make every round a few dense element-wise ops)."""
-    for _ in range(rounds):
+    bumps = torch.arange(rounds, dtype=torch.int64, device=k0.device)  # round r uses k + r·W (mod 2^32)
+    keys0 = ((k0.unsqueeze(-1) + bumps * _WEYL[0]) & _MASK32).unbind(-1)
+    keys1 = ((k1.unsqueeze(-1) + bumps * _WEYL[1]) & _MASK32).unbind(-1)
+    for key0, key1 in zip(keys0, keys1):
         hi0, lo0 = _mulhilo(c0, _MULTIPLIERS[0])
         hi1, lo1 = _mulhilo(c2, _MULTIPLIERS[1])
-        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
-        k0, k1 = (k0 + _WEYL[0]) & _MASK32, (k1 + _WEYL[1]) & _MASK32
+        c0, c1, c2, c3 = hi1 ^ c1 ^ key0, lo1, hi0 ^ c3 ^ key1, lo0
     return c0, c1, c2, c3
 
 
