@@ -59,11 +59,6 @@ def _mulhilo(word: Tensor, multiplier: int) -> tuple[Tensor, Tensor]:
     return hi, mid
 
 
-def normal_from_bits(bits: Tensor) -> Tensor:
-    """Standard normals from 32-bit words ``[..., 4]``; float64 ``[..., 4]`` (see :func:`normal_from_words`)."""
-    return normal_from_words(*bits.unbind(-1))
-
-
 def normal_from_words(w0: Tensor, w1: Tensor, w2: Tensor, w3: Tensor) -> Tensor:
     """Two Box–Muller pairs from the words (w0, w1) and (w2, w3): float64 ``[..., 4]``.
 

@@ -184,9 +184,9 @@ class NoiseSource:
         blocks = -(-numel // 4)  # one Philox evaluation gives 4 normals
         block = torch.arange(blocks, dtype=torch.int64, device=self.device)
         draw = torch.arange(self.draws_taken, self.draws_taken + count, dtype=torch.int64, device=self.device)
-        full = (count, len(self), blocks)
-        words = philox4x32_words(block.expand(full), draw[:, None, None].expand(full), torch.zeros_like(block),
-                                 torch.zeros_like(block), self.keys[None, :, 0:1], self.keys[None, :, 1:2])
+        full, zero = (count, len(self), blocks), torch.zeros_like(block)
+        words = philox4x32_words(block.expand(full), draw[:, None, None].expand(full), zero, zero,
+                                 self.keys[None, :, 0:1], self.keys[None, :, 1:2])
         self.draws_taken += count
         z = normal_from_words(*words).flatten(-2)[..., :numel].to(torch.float32)
         return z.reshape(count, len(self), *shape)

@@ -1,21 +1,13 @@
 """docs/results.md is generated from docs/data/*.json by scripts/results_doc.py: every stored file renders, every
 row of it reaches the document, and the committed document is the generator's current output."""
-import importlib.util
 import json
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _generator():
-    spec = importlib.util.spec_from_file_location("results_doc", ROOT / "scripts" / "results_doc.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from _scripts import ROOT, load_script
 
 
 def test_every_result_file_renders_all_its_rows():
-    gen = _generator()
+    gen = load_script("results_doc")
     paths = sorted((ROOT / "docs" / "data").glob("*.json"))
     assert paths
     text = gen.render(paths)
@@ -38,6 +30,6 @@ def test_every_result_file_renders_all_its_rows():
 
 
 def test_committed_results_doc_is_up_to_date():
-    gen = _generator()
+    gen = load_script("results_doc")
     expected = gen.render(sorted((ROOT / "docs" / "data").glob("*.json")))
     assert (ROOT / "docs" / "results.md").read_text() == expected, "run `python scripts/results_doc.py`"

@@ -12,9 +12,8 @@ import json
 import shutil
 
 import numpy as np
-import onnx
 import pytest
-from onnx import numpy_helper
+from _scripts import load_script
 
 from tdqrt.calibration.quant.api import CalibrateConfig, calibrate, load_model_dir
 from tdqrt.calibration.quant.config import QuantConfig
@@ -22,7 +21,7 @@ from tdqrt.engines.errors import ConfigError
 from tdqrt.export.bundle import export_bundle
 from tdqrt.export.exporter import ExportConfig
 from tdqrt.tools.cli import main
-from tdqrt.tools.validate import ValidateConfig, _check, compare_arrays, tensorrt_status, validate_models
+from tdqrt.tools.validate import ValidateConfig, check_metrics, compare_arrays, tensorrt_status, validate_models
 
 SMALL = ValidateConfig(timesteps=3, per_timestep=3)
 
@@ -38,20 +37,10 @@ def bundle_dir(quant_dir, tmp_path_factory):
     return export_bundle(quant_dir, tmp_path_factory.mktemp("bundles") / "minmax", ExportConfig(polygraphy=False))
 
 
-def _tamper(src, dst, factor: float = 4.0) -> str:
-    """Copy ``src`` to ``dst`` with the scale of the first activation QuantizeLinear multiplied by ``factor`` (a
-    fresh initializer, so its DequantizeLinear keeps the original scale). Returns the Q node's name."""
-    model = onnx.load(str(src))
-    inits = {i.name: i for i in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "QuantizeLinear" and node.input[1] in inits:  # weights are stored as int8 + DQ only
-            scale = numpy_helper.to_array(inits[node.input[1]])
-            new = numpy_helper.from_array((scale * factor).astype(scale.dtype), node.input[1] + "_tampered")
-            model.graph.initializer.append(new)
-            node.input[1] = new.name
-            onnx.save(model, str(dst))
-            return node.name
-    raise AssertionError("no activation QuantizeLinear with an initializer scale")
+def _tamper(src, dst) -> str:
+    """Copy ``src`` to ``dst`` with the first activation quantizer's scale x4 (scripts/validate_margins.py, the
+    script that measured the tolerances on such graphs); returns the Q node's name."""
+    return load_script("validate_margins").tamper(src, dst, index=0, factor=4.0)
 
 
 def test_config_is_validated():
@@ -77,7 +66,7 @@ def test_config_is_validated():
 def test_int8_rule(rel_l2, ratio, passes):
     """The trt-bundle rule on per-timestep medians measured with scripts/validate_margins.py."""
     metrics = {"median_sample_rel_l2": rel_l2, "median_sample_error_ratio": ratio}
-    bad = _check("int8", metrics, ValidateConfig())
+    bad = check_metrics("int8", metrics, ValidateConfig())
     assert (not bad) == passes
     if bad:
         assert "error ratio" in bad[0] and "rel-L2" in bad[0]

@@ -336,7 +336,7 @@ def _limits(kind: Optional[str], cfg: ValidateConfig) -> Optional[dict]:
     return None
 
 
-def _check(kind: Optional[str], m: dict, cfg: ValidateConfig) -> list[str]:
+def check_metrics(kind: Optional[str], m: dict, cfg: ValidateConfig) -> list[str]:
     """The violated limits of metrics ``m`` for a pair of kind ``"fp"``/``"int8"``/``"ort-cpu"`` (None:
     informational)."""
     bad = []
@@ -412,7 +412,7 @@ def validate_models(fp_onnx: Union[str, os.PathLike], int8_onnx: Union[str, os.P
             if ref == "torch_quant":
                 m["median_sample_error_ratio"] = error_ratio(outputs["torch_fp"][k], outputs[ref][k],
                                                              outputs[other][k])
-            bad = _check(kind, m, config)
+            bad = check_metrics(kind, m, config)
             m |= {"timestep": ts, "passed": None if kind is None else not bad}
             per_t.append(m)
             if bad:
