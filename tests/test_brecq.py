@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from tdqrt.calibration.checkpoint import FPCheckpoint, load_fp_checkpoint
+from tdqrt.calibration.quant import brecq
 from tdqrt.calibration.quant.adaround import AdaRound, BetaSchedule, attach_adaround
 from tdqrt.calibration.quant.api import CalibrateConfig, calibrate, load_model_dir
 from tdqrt.calibration.quant.brecq import (
@@ -22,10 +23,11 @@ from tdqrt.calibration.quant.brecq import (
 from tdqrt.calibration.quant.calib_set import CalibSetConfig, collect_calibration_set
 from tdqrt.calibration.quant.config import QuantConfig
 from tdqrt.calibration.quant.intmath import channel_view, qrange, quantize_codes
-from tdqrt.calibration.quant.methods import METHODS, CalibrationJob, MethodSpec, method_spec
+from tdqrt.calibration.quant.job import CalibrationJob
+from tdqrt.calibration.quant.methods import METHODS, MethodSpec, method_spec
 from tdqrt.calibration.quant.qmodel import quantize_model
 from tdqrt.calibration.quant.quantizers import WeightQuantizer
-from tdqrt.engines.errors import ConfigError
+from tdqrt.engines.errors import ConfigError, DataError
 from tdqrt.runtime.sampling import SamplerConfig
 from tdqrt.runtime.schedules import NoiseSchedule, ScheduleConfig
 
@@ -157,6 +159,24 @@ def test_block_reconstruction_beats_nearest_rounding(tiny_digits_model, calib_se
     ada = unit_mse(qm, unit, data)
     # measured: AdaRound / nearest ≈ 0.54 (W4, tiny model)
     assert ada < 0.8 * nearest, (ada, nearest)
+
+
+def test_divergence_is_a_data_error_and_saves_nothing(tiny_digits_model, calib_sets, tmp_path, monkeypatch):
+    """A unit whose reconstruction ends with non-finite numbers (its activation steps made NaN after phase 2) stops
+    BRECQ with DataError, the class tdq-qat raises for a divergence too, and that unit's state is not saved."""
+    def poisoned(qm, unit, data, opts, gen, bar=None):
+        for layer in unit.layers(qm):
+            layer.act_quant.set_mode("static")
+            layer.act_quant.scale.data.fill_(float("nan"))
+
+    monkeypatch.setattr(brecq, "reconstruct_acts", poisoned)
+    fp = load_fp_checkpoint(tiny_digits_model)
+    opts = BrecqOptions(iters_w=0, iters_a=0, batch=8, num_samples=8)
+    job = CalibrationJob(fp, NoiseSchedule(fp.schedule), calib_sets[0], QuantConfig(method="brecq"), opts, tmp_path,
+                         progress=False)
+    with pytest.raises(DataError, match="BRECQ diverged on unit down.0.blocks.0.resblock"):
+        brecq.brecq_model(job)
+    assert not list((tmp_path / "brecq").glob("unit_*.safetensors"))
 
 
 def test_units_follow_execution_order(tiny_digits_model, calib_sets):

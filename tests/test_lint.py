@@ -151,11 +151,11 @@ def test_tiny_builtin_export_is_clean(tiny_digits_model, tiny_calib_set, tmp_pat
 def test_tiny_diffusers_unet_export_is_clean(tmp_path):
     """A diffusers UNet2DModel with attention (Linear to_q/k/v/out on [B, N, C] inputs) quantized with minmax."""
     from tdqrt.calibration.checkpoint import FPCheckpoint
-    import tdqrt.calibration.quant.static  # noqa: F401  (registers minmax)
     from tdqrt.calibration.models import DiffusersUNet
     from tdqrt.calibration.quant.calib_set import CalibSetConfig, collect_calibration_set
     from tdqrt.calibration.quant.config import QuantConfig
-    from tdqrt.calibration.quant.methods import CalibrationJob, method_spec, options_from_dict
+    from tdqrt.calibration.quant.job import CalibrationJob
+    from tdqrt.calibration.quant.methods import method_spec, options_from_dict
     from tdqrt.export.exporter import ExportConfig, export_quantized, save_onnx
     from tdqrt.runtime.sampling import SamplerConfig
     from tdqrt.runtime.schedules import NoiseSchedule, ScheduleConfig
