@@ -259,15 +259,8 @@ def test_resume_loads_finished_units_and_matches_the_uninterrupted_run(calibrate
 # Diffusers adapter
 
 
-def test_diffusers_unet_blocks_are_reconstructed(tmp_path):
-    from tdqrt.calibration.models import DiffusersUNet
-
-    torch.manual_seed(0)
-    model = DiffusersUNet.from_config({
-        "sample_size": 8, "in_channels": 1, "out_channels": 1, "block_out_channels": [8, 16],
-        "layers_per_block": 1, "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-        "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "norm_num_groups": 4, "attention_head_dim": 8,
-    }).eval()
+def test_diffusers_unet_blocks_are_reconstructed(tmp_path, tiny_diffusers_unet):
+    model = tiny_diffusers_unet()
     schedule = ScheduleConfig()
     calib = collect_calibration_set(model, NoiseSchedule(schedule), CalibSetConfig(
         num=4, keep_steps=4, batch=4, sampler=SamplerConfig(steps=4)), tmp_path / "calib", progress=False)
