@@ -50,13 +50,7 @@ def save_fp_checkpoint(
     ema: bool,
 ) -> Path:
     """Write the weights and the card atomically; the card is written last, so its presence means complete."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(out_dir / WEIGHTS_FILE) as tmp:
-        save_file(tensors, str(tmp))
-        digest = sha256_file(tmp)
-    card = {
+    return write_card_and_weights(out_dir, model, WEIGHTS_FILE, CARD_FILE, {
         "format": FP_FORMAT,
         "version": FP_VERSION,
         "model": model.spec(),
@@ -64,10 +58,22 @@ def save_fp_checkpoint(
         "data": data,
         "training": training,
         "ema": ema,
-        "weights": {"file": WEIGHTS_FILE, "sha256": digest},
-        "versions": versions(),
-    }
-    write_json_atomic(out_dir / CARD_FILE, card)
+    })
+
+
+def write_card_and_weights(out_dir: str | Path, model: torch.nn.Module, weights_file: str, card_file: str,
+                           card: dict) -> Path:
+    """Save ``model``'s state dict as safetensors, then ``card`` with the weights' file name and sha256 and the
+    versions that wrote them (the counterpart of :func:`read_card_and_weights`). Both writes are atomic and the
+    card comes last, so its presence means the checkpoint is complete."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(out_dir / weights_file) as tmp:
+        save_file(tensors, str(tmp))
+        digest = sha256_file(tmp)
+    write_json_atomic(out_dir / card_file, card | {"weights": {"file": weights_file, "sha256": digest},
+                                                   "versions": versions()})
     return out_dir
 
 

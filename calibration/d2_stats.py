@@ -1,16 +1,18 @@
 """Collect the D² / PTQD quantization-error statistics on FP sampler trajectories, streaming float64 moments.
 
-Collection (notes §1, as in both papers' code): ``num`` trajectories of the FP sampler; at every step both
-denoisers are evaluated on the same x_t through ``guided_eps`` (so the statistics are of CFG-combined outputs and
-hold only for that guidance scale), the moments of (ε̂, Δ = ε̂ − ε, ε) are accumulated, and x is advanced with the
-FP ε by the sampler's own update. The statistics therefore describe the quantized model on FP trajectories.
-Sample i uses the noise streams ``NoiseSource(seed, [i])`` and label ``i % num_classes``: the FP trajectories are
-exactly those of ``sample(fp, ...)`` and do not depend on the batching.
+Collection (as in the code of both papers: D²-DPM, Zeng et al., arXiv 2501.08180; PTQD, He et al., arXiv
+2305.10657): ``num`` trajectories of the FP sampler, run by :func:`tdqrt.runtime.sampling.sample` itself with a
+step hook. At every step the hook gets the FP model's CFG-combined ε, evaluates the quantized model on the same x_t
+through ``guided_eps`` (so the statistics are of CFG-combined outputs and hold only for that guidance scale),
+accumulates the moments of (ε̂, Δ = ε̂ − ε, ε) and returns ``(ε, σ_t)`` unchanged, so x is advanced with the FP ε by
+the sampler's own update. The statistics therefore describe the quantized model on FP trajectories. Sample i uses
+``sample()``'s noise streams for ``(seed, [i])`` and label ``i % num_classes``: the trajectories are exactly those
+of ``sample(fp, ...)`` and do not depend on the batching.
 
 Nothing per sample is kept: the state is a ``[K, C, 9]`` float64 array (``tdqrt.runtime.d2.MOMENTS``) per moment
 set, whatever ``num`` is (the original code stored ~4 GB of raw tensors).
 
-Outlier filter (D²'s rule, notes §2.1): a pair is dropped when |Δ − mean Δ| > k·std Δ (k = ``outlier_sigma``,
+Outlier filter (D²'s rule, arXiv 2501.08180): a pair is dropped when |Δ − mean Δ| > k·std Δ (k = ``outlier_sigma``,
 population std). The mean and std come from the unfiltered moments of pass 1; pass 2 replays the same trajectories
 (deterministic from the seed, so it sees the same pairs as long as the denoisers are deterministic) and accumulates
 only the inliers. This costs a second full collection run: 2× the model calls (4 UNet evaluations per step and
@@ -29,7 +31,7 @@ no outlier filter, uses the unfiltered pass-1 moments. ``outlier_sigma=None`` sk
 from __future__ import annotations
 
 import math
-from typing import Iterator, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -39,7 +41,7 @@ from tqdm.auto import tqdm
 from tdqrt.engines.denoiser import Denoiser
 from tdqrt.engines.errors import ConfigError
 from tdqrt.runtime.d2 import MOMENTS, ZERO_VAR_RTOL, D2Settings, D2Table
-from tdqrt.runtime.sampling import NoiseSource, Sampler, SamplerConfig, guided_eps
+from tdqrt.runtime.sampling import Sampler, SamplerConfig, StepInfo, guided_eps, sample
 from tdqrt.runtime.schedules import NoiseSchedule
 
 
@@ -115,61 +117,68 @@ def collect_d2_stats(
     stepper = Sampler(schedule, sampler)
     K, C = len(stepper), int(shape[0])
 
-    def replay(desc: str) -> Iterator[tuple[int, Tensor, Tensor]]:
-        return _fp_trajectories(fp, quant, stepper, num=num, batch=batch, seed=seed, shape=shape,
-                                num_classes=num_classes, null_label=null_label, device=device,
-                                progress=progress, desc=desc)
+    def replay(desc: str, visit: Visit) -> None:
+        _fp_trajectories(fp, quant, schedule, sampler, visit, num=num, batch=batch, seed=seed, shape=shape,
+                         num_classes=num_classes, null_label=null_label, device=device, progress=progress, desc=desc)
 
     with torch.inference_mode():
         raw = MomentAccumulator(K, C, device)
-        for i, eps_hat, eps in replay("D² stats" if outlier_sigma is None else "D² stats, pass 1/2"):
-            raw.add(i, eps_hat, eps)
+        replay("D² stats" if outlier_sigma is None else "D² stats, pass 1/2", raw.add)
         if outlier_sigma is None:
             tensor = channel = raw
         else:
-            tensor, channel = _filtered_pass(raw, replay("D² stats, pass 2/2"), outlier_sigma, device)
+            tensor, channel = _filtered_pass(raw, replay, outlier_sigma, device)
     settings = D2Settings(sampler=sampler, schedule=schedule.config, num_samples=num, seed=seed,
                           outlier_sigma=None if outlier_sigma is None else float(outlier_sigma),
                           fp_model_sha256=fp_model_sha256, quant_model_sha256=quant_model_sha256)
     return D2Table(stepper.timesteps.numpy(), raw.numpy(), tensor.numpy(), channel.numpy(), settings)
 
 
+Visit = Callable[[int, Tensor, Tensor], None]  # (step, ε̂, ε) of one batch at one step
+
+
 def _filtered_pass(
-    raw: MomentAccumulator, pairs: Iterator[tuple[int, Tensor, Tensor]], k: float, device
+    raw: MomentAccumulator, replay: Callable[[str, Visit], None], k: float, device
 ) -> tuple[MomentAccumulator, MomentAccumulator]:
     """Pass 2: accumulate the pairs inside the tensor-wise limits (per t) and inside the channel limits (per t, c)."""
     K, C, _ = raw.sums.shape
     tensor, channel = MomentAccumulator(K, C, device), MomentAccumulator(K, C, device)
     t_mean, t_half = _delta_limits(raw.sums.sum(dim=1), k)  # [K]
     c_mean, c_half = _delta_limits(raw.sums, k)  # [K, C]
-    for i, eps_hat, eps in pairs:
+
+    def add_inliers(i: int, eps_hat: Tensor, eps: Tensor) -> None:
         delta = eps_hat.double() - eps.double()
         per_channel = (-1, *[1] * (delta.dim() - 2))
         tensor.add(i, eps_hat, eps, keep=(delta - t_mean[i]).abs() <= t_half[i])
         channel.add(i, eps_hat, eps, keep=(delta - c_mean[i].view(per_channel)).abs() <= c_half[i].view(per_channel))
+
+    replay("D² stats, pass 2/2", add_inliers)
     return tensor, channel
 
 
 def _fp_trajectories(
-    fp: Denoiser, quant: Denoiser, sampler: Sampler, *, num: int, batch: int, seed: int, shape: Sequence[int],
-    num_classes: int, null_label: Optional[int], device, progress: bool, desc: str,
-) -> Iterator[tuple[int, Tensor, Tensor]]:
-    """Yield ``(step, ε̂, ε)`` along FP trajectories; the noise order is that of ``sample()`` without a hook."""
-    g = sampler.config.guidance_scale
+    fp: Denoiser, quant: Denoiser, schedule: NoiseSchedule, config: SamplerConfig, visit: Visit, *, num: int,
+    batch: int, seed: int, shape: Sequence[int], num_classes: int, null_label: Optional[int], device, progress: bool,
+    desc: str,
+) -> None:
+    """Run ``sample(fp, ...)`` for samples ``0 .. num-1`` in batches; at every step call ``visit(step, ε̂, ε)`` with
+    the quantized model's guided ε̂ on the step's x_t. The hook leaves ε and σ_t as they are, so the trajectories
+    are ``sample()``'s own."""
+    g = config.guidance_scale
     starts = range(0, num, batch)
-    with tqdm(total=len(starts) * len(sampler), desc=desc, disable=not progress, leave=False) as bar:
+    with tqdm(total=len(starts) * config.steps, desc=desc, disable=not progress, leave=False) as bar:
         for start in starts:
             indices = list(range(start, min(start + batch, num)))
-            noise = NoiseSource(seed, indices, device)
             y = torch.tensor([i % num_classes for i in indices], device=device) if num_classes > 0 else None
-            x = noise.randn(shape)
-            zs = noise.draws(len(sampler), shape) if sampler.stochastic else None
-            for i in range(len(sampler)):
-                t = torch.full((len(indices),), int(sampler.timesteps[i]), dtype=torch.long, device=device)
-                eps = guided_eps(fp, x, t, y, null_label, g).float()
-                yield i, guided_eps(quant, x, t, y, null_label, g).float(), eps
-                x = sampler.step(i, x, eps, None if zs is None else next(zs))
+
+            def pair(info: StepInfo, x: Tensor, eps: Tensor, noise) -> tuple[Tensor, float]:
+                t = torch.full((len(indices),), info.t, dtype=torch.long, device=x.device)
+                visit(info.index, guided_eps(quant, x, t, y, null_label, g).float(), eps)
                 bar.update(1)
+                return eps, info.sigma
+
+            sample(fp, schedule, config, sample_indices=indices, seed=seed, shape=shape, y=y, null_label=null_label,
+                   hook=pair, device=device)
 
 
 def _check_args(num: int, batch: int, shape: Sequence[int], num_classes: int, outlier_sigma: Optional[float]) -> None:

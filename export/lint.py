@@ -48,7 +48,7 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 
@@ -760,8 +760,3 @@ def lint_path(path: Union[str, os.PathLike], **kwargs) -> LintReport:
     if path.is_dir():
         return lint_bundle(path, **kwargs)
     return lint_model(path, **kwargs)
-
-
-def iter_errors(reports: Iterable[LintReport]) -> Iterable[Finding]:
-    for r in reports:
-        yield from r.errors

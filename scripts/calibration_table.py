@@ -19,6 +19,7 @@ from pathlib import Path
 from tdqrt.calibration.quant.api import CalibrateConfig, calibrate, load_model_dir
 from tdqrt.calibration.quant.calib_set import CalibSetConfig, collect_calibration_set
 from tdqrt.calibration.quant.config import QuantConfig
+from tdqrt.calibration.quant.methods import METHODS
 from tdqrt.engines.artifacts import versions, write_bytes_atomic, write_json_atomic
 from tdqrt.runtime.sampling import SamplerConfig
 from tdqrt.runtime.schedules import NoiseSchedule
@@ -26,7 +27,6 @@ from tdqrt.tools.metrics import EvalConfig, evaluate
 from tdqrt.tools.quality import eps_error_per_step, markdown_table
 from tdqrt.tools.sample import SampleJob, sample_model
 
-METHODS = ("minmax", "mse", "brecq", "tdq-ptq", "tdq-qat")
 BITS = ((8, 8), (4, 8), (8, 4))
 
 

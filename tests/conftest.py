@@ -51,3 +51,20 @@ def tiny_w4_d2_stats(tiny_digits_model, tiny_w4_model, tmp_path_factory):
     assert main(["d2-stats", "--fp", str(tiny_digits_model), "--quant", str(tiny_w4_model), "--out", str(out),
                  "--num", "6", "--batch", "3", "--steps", "5", "--eta", "1", "--guidance", "2"]) == 0
     return out
+
+
+@pytest.fixture
+def tiny_diffusers_unet():
+    """Makes a tiny random diffusers UNet2DModel with attention (1×8×8, blocks of 8 and 16 channels, seed 0):
+    ``make(num_classes=None)``."""
+    from tdqrt.calibration.models import DiffusersUNet
+
+    def make(num_classes=None):
+        torch.manual_seed(0)
+        return DiffusersUNet.from_config({
+            "sample_size": 8, "in_channels": 1, "out_channels": 1, "block_out_channels": [8, 16],
+            "layers_per_block": 1, "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+            "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "norm_num_groups": 4, "attention_head_dim": 8,
+        }, num_classes=num_classes).eval()
+
+    return make

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from tdqrt.calibration.checkpoint import FPCheckpoint, load_fp_checkpoint
+from tdqrt.calibration.quant import brecq
 from tdqrt.calibration.quant.adaround import AdaRound, BetaSchedule, attach_adaround
 from tdqrt.calibration.quant.api import CalibrateConfig, calibrate, load_model_dir
 from tdqrt.calibration.quant.brecq import (
@@ -22,10 +23,11 @@ from tdqrt.calibration.quant.brecq import (
 from tdqrt.calibration.quant.calib_set import CalibSetConfig, collect_calibration_set
 from tdqrt.calibration.quant.config import QuantConfig
 from tdqrt.calibration.quant.intmath import channel_view, qrange, quantize_codes
-from tdqrt.calibration.quant.methods import METHODS, CalibrationJob, MethodSpec, method_spec
+from tdqrt.calibration.quant.job import CalibrationJob
+from tdqrt.calibration.quant.methods import METHODS, MethodSpec, method_spec
 from tdqrt.calibration.quant.qmodel import quantize_model
 from tdqrt.calibration.quant.quantizers import WeightQuantizer
-from tdqrt.engines.errors import ConfigError
+from tdqrt.engines.errors import ConfigError, DataError
 from tdqrt.runtime.sampling import SamplerConfig
 from tdqrt.runtime.schedules import NoiseSchedule, ScheduleConfig
 
@@ -159,6 +161,24 @@ def test_block_reconstruction_beats_nearest_rounding(tiny_digits_model, calib_se
     assert ada < 0.8 * nearest, (ada, nearest)
 
 
+def test_divergence_is_a_data_error_and_saves_nothing(tiny_digits_model, calib_sets, tmp_path, monkeypatch):
+    """A unit whose reconstruction ends with non-finite numbers (its activation steps made NaN after phase 2) stops
+    BRECQ with DataError, the class tdq-qat raises for a divergence too, and that unit's state is not saved."""
+    def poisoned(qm, unit, data, opts, gen, bar=None):
+        for layer in unit.layers(qm):
+            layer.act_quant.set_mode("static")
+            layer.act_quant.scale.data.fill_(float("nan"))
+
+    monkeypatch.setattr(brecq, "reconstruct_acts", poisoned)
+    fp = load_fp_checkpoint(tiny_digits_model)
+    opts = BrecqOptions(iters_w=0, iters_a=0, batch=8, num_samples=8)
+    job = CalibrationJob(fp, NoiseSchedule(fp.schedule), calib_sets[0], QuantConfig(method="brecq"), opts, tmp_path,
+                         progress=False)
+    with pytest.raises(DataError, match="BRECQ diverged on unit down.0.blocks.0.resblock"):
+        brecq.brecq_model(job)
+    assert not list((tmp_path / "brecq").glob("unit_*.safetensors"))
+
+
 def test_units_follow_execution_order(tiny_digits_model, calib_sets):
     fp = load_fp_checkpoint(tiny_digits_model)
     qm = quantize_model(fp.model, QuantConfig(), 1000).eval()
@@ -239,15 +259,8 @@ def test_resume_loads_finished_units_and_matches_the_uninterrupted_run(calibrate
 # Diffusers adapter
 
 
-def test_diffusers_unet_blocks_are_reconstructed(tmp_path):
-    from tdqrt.calibration.models import DiffusersUNet
-
-    torch.manual_seed(0)
-    model = DiffusersUNet.from_config({
-        "sample_size": 8, "in_channels": 1, "out_channels": 1, "block_out_channels": [8, 16],
-        "layers_per_block": 1, "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-        "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "norm_num_groups": 4, "attention_head_dim": 8,
-    }).eval()
+def test_diffusers_unet_blocks_are_reconstructed(tmp_path, tiny_diffusers_unet):
+    model = tiny_diffusers_unet()
     schedule = ScheduleConfig()
     calib = collect_calibration_set(model, NoiseSchedule(schedule), CalibSetConfig(
         num=4, keep_steps=4, batch=4, sampler=SamplerConfig(steps=4)), tmp_path / "calib", progress=False)

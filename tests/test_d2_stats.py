@@ -279,22 +279,31 @@ def test_state_does_not_grow_with_num(params):
     assert sizes == [4 * 3 * 9] * 2
 
 
-def test_trajectories_are_those_of_the_fp_sampler(params):
-    """Collection visits exactly the x_t of ``sample(fp, ...)`` (same seed, per-sample streams, FP update)."""
+@pytest.mark.parametrize("cfg", [SamplerConfig(steps=3, eta=1.0), SamplerConfig(steps=3, guidance_scale=2.0)],
+                         ids=["eta1", "eta0-cfg"])
+def test_trajectories_are_those_of_the_fp_sampler(params, cfg):
+    """Collection visits exactly the x_t of ``sample(fp, ...)`` without a hook (same seed, per-sample streams, FP
+    update), and the quantized model is evaluated on those same x_t. With η = 0 the collection's hook makes
+    ``sample()`` draw a z per step that the update multiplies by σ = 0: the trajectory must not change."""
     pair = SyntheticPair(**params)
-    cfg = SamplerConfig(steps=3, eta=1.0)
+    labels = dict(num_classes=3, null_label=3) if cfg.guidance_scale != 1.0 else {}
 
-    def spy(log):
-        def fp(x, t, y=None):
+    def spy(model, log):
+        def denoiser(x, t, y=None):
             log.append(x.clone())
-            return pair.fp(x, t, y)
-        return fp
+            return model(x, t, y)
+        return denoiser
 
-    seen, ref = [], []
-    collect_d2_stats(spy(seen), pair.quant, NoiseSchedule(), cfg, num=4, batch=4, seed=5, shape=SHAPE, progress=False,
-                     outlier_sigma=None)
-    sample(spy(ref), NoiseSchedule(), cfg, sample_indices=range(4), seed=5, shape=SHAPE)
-    assert len(seen) == len(ref) == 3 and all(torch.equal(a, b) for a, b in zip(seen, ref))
+    seen, quant_seen, ref = [], [], []
+    collect_d2_stats(spy(pair.fp, seen), spy(pair.quant, quant_seen), NoiseSchedule(), cfg, num=4, batch=4, seed=5,
+                     shape=SHAPE, progress=False, outlier_sigma=None, **labels)
+    y = torch.arange(4) % 3 if labels else None
+    sample(spy(pair.fp, ref), NoiseSchedule(), cfg, sample_indices=range(4), seed=5, shape=SHAPE, y=y,
+           null_label=labels.get("null_label"))
+    assert len(seen) == len(quant_seen) == len(ref) == 3
+    assert all(torch.equal(a, b) for a, b in zip(seen, ref))
+    assert all(torch.equal(a, b) for a, b in zip(quant_seen, ref))
+    assert not torch.equal(ref[1], ref[2])  # the steps moved x: the comparison is not between constants
 
 
 def test_pass_two_replays_pass_one(params):

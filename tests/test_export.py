@@ -27,6 +27,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -291,26 +293,35 @@ def test_per_timestep_export_matches_fake_quant(quant_dirs, ratio_op):
     assert stats["codes"] > 500_000
 
 
+# Loads a quantized checkpoint in a process that imports nothing of tdqrt but the checkpoint module: the method
+# registry must be complete whatever was imported before (no registration by side-effect imports).
+LOAD_ALONE = """
+import sys, torch
+from tdqrt.calibration.quant.checkpoint import load_quant_checkpoint
+qm = load_quant_checkpoint(sys.argv[1]).model
+torch.save(qm.scale_table(), sys.argv[2])
+print(sorted(sys.modules["tdqrt.calibration.quant.methods"].METHODS))
+"""
+
+
 @pytest.mark.parametrize("method", ["brecq", "tdq-ptq"])
 def test_learned_methods_export(tiny_digits_model, tiny_calib_set, tmp_path, method):
-    from tdqrt.calibration.quant.methods import METHODS
-
-    if method not in METHODS:
-        pytest.skip(f"calibration method {method!r} is not registered in this checkout yet")
     # No reconstruction iterations (the export does not care how good the rounding is): AdaRound hardens its
     # initialisation, TDQ fits its generators to the per-timestep scales, the checkpoints go through the methods'
     # own save/load paths.
     options = {"iters_w": 0, "iters_a": 0, "batch": 8, "num_samples": 16, "hidden": 16, "layers": 1, "fit_steps": 5}
     cfg = CalibrateConfig(quant=QuantConfig(method=method), options=options)
-    try:
-        out = calibrate(tiny_digits_model, tmp_path / method, cfg, calib_dir=tiny_calib_set.path, progress=False)
-    except ConfigError as exc:  # options of a method still being written
-        pytest.skip(f"{method} does not calibrate with the fast test options yet: {exc}")
+    out = calibrate(tiny_digits_model, tmp_path / method, cfg, calib_dir=tiny_calib_set.path, progress=False)
     qm = load_model_dir(out).model
     exported = export_quantized(qm, FAST)
     assert exported.plan.per_timestep == (method == "tdq-ptq")
     assert lint_model(exported.model, polygraphy=False)
     _roundtrip(qm, exported)
+    alone = subprocess.run([sys.executable, "-c", LOAD_ALONE, str(out), str(tmp_path / "table.pt")],
+                           capture_output=True, text=True)
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    assert alone.stdout.split("\n")[-2] == str(sorted(["minmax", "mse", "brecq", "tdq-ptq", "tdq-qat"]))
+    assert torch.equal(torch.load(tmp_path / "table.pt"), qm.scale_table())
 
 
 def test_fp_export_matches_torch(tiny_digits_model):

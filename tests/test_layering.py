@@ -31,9 +31,27 @@ def _source_files():
             yield layer, path
 
 
+def _is_stub(node: ast.AST) -> bool:
+    """A function whose body is only a docstring, ``pass``, ``...`` or ``raise NotImplementedError``."""
+    body = [n for n in node.body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]
+    return all(isinstance(n, ast.Pass) or (isinstance(n, ast.Raise) and "NotImplementedError" in ast.unparse(n))
+               for n in body)
+
+
 def test_every_layer_has_code():
+    """Each layer is a package with modules of its own, and every module defines functions or classes with a body:
+    an empty layer, a module of only imports or a docstring, or a stub function (``pass``, ``...``,
+    ``raise NotImplementedError``) fails."""
     for layer in LAYERS:
         assert (ROOT / layer / "__init__.py").is_file(), f"{layer}/ is not a package"
+        modules = [p for p in sorted((ROOT / layer).rglob("*.py")) if p.name not in ("__init__.py", "__main__.py")]
+        assert modules, f"{layer}/ has no modules besides __init__.py"
+        for path in modules:
+            tree = ast.parse(path.read_text(), str(path))
+            defs = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+            assert defs, f"{path.relative_to(ROOT)} defines no function or class"
+            stubs = [n.name for n in defs if not isinstance(n, ast.ClassDef) and _is_stub(n)]
+            assert not stubs, f"{path.relative_to(ROOT)}: stub functions {stubs}"
 
 
 @pytest.mark.parametrize("layer,path", list(_source_files()), ids=lambda v: str(v.relative_to(ROOT)) if isinstance(v, Path) else v)

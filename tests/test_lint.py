@@ -148,24 +148,18 @@ def test_tiny_builtin_export_is_clean(tiny_digits_model, tiny_calib_set, tmp_pat
     assert not report.warnings, report.format()
 
 
-def test_tiny_diffusers_unet_export_is_clean(tmp_path):
+def test_tiny_diffusers_unet_export_is_clean(tmp_path, tiny_diffusers_unet):
     """A diffusers UNet2DModel with attention (Linear to_q/k/v/out on [B, N, C] inputs) quantized with minmax."""
     from tdqrt.calibration.checkpoint import FPCheckpoint
-    import tdqrt.calibration.quant.static  # noqa: F401  (registers minmax)
-    from tdqrt.calibration.models import DiffusersUNet
     from tdqrt.calibration.quant.calib_set import CalibSetConfig, collect_calibration_set
     from tdqrt.calibration.quant.config import QuantConfig
-    from tdqrt.calibration.quant.methods import CalibrationJob, method_spec, options_from_dict
+    from tdqrt.calibration.quant.job import CalibrationJob
+    from tdqrt.calibration.quant.methods import method_spec, options_from_dict
     from tdqrt.export.exporter import ExportConfig, export_quantized, save_onnx
     from tdqrt.runtime.sampling import SamplerConfig
     from tdqrt.runtime.schedules import NoiseSchedule, ScheduleConfig
 
-    torch.manual_seed(0)
-    model = DiffusersUNet.from_config({
-        "sample_size": 8, "in_channels": 1, "out_channels": 1, "block_out_channels": [8, 16],
-        "layers_per_block": 1, "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-        "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "norm_num_groups": 4, "attention_head_dim": 8,
-    }, num_classes=3).eval()
+    model = tiny_diffusers_unet(num_classes=3)
     schedule = ScheduleConfig()
     calib = collect_calibration_set(model, NoiseSchedule(schedule), CalibSetConfig(
         num=4, keep_steps=4, batch=4, sampler=SamplerConfig(steps=4)), tmp_path / "calib", progress=False)

@@ -16,13 +16,14 @@ from tdqrt.calibration.checkpoint import load_fp_checkpoint
 from tdqrt.calibration.quant.api import CalibrateConfig, calibrate, load_model_dir
 from tdqrt.calibration.quant.calib_set import CalibrationSet, CalibSetConfig, collect_calibration_set
 from tdqrt.calibration.quant.config import QuantConfig
-from tdqrt.calibration.quant.methods import METHODS, CalibrationJob, MethodSpec, options_from_dict
+from tdqrt.calibration.quant.job import CalibrationJob
+from tdqrt.calibration.quant.methods import METHODS, MethodSpec, options_from_dict
 from tdqrt.calibration.quant.qmodel import quantize_model
 from tdqrt.calibration.quant.static import observe_activations
 from tdqrt.calibration.quant.tdq import GeneratorConfig, TdqGenerator, dense_targets, fit_generator
 from tdqrt.calibration.quant.tdq_qat import (
     TdqQatOptions,
-    init_act_scales,
+    init_qat_act_scales,
     init_weight_scales,
     param_groups,
     qat_loss,
@@ -30,7 +31,7 @@ from tdqrt.calibration.quant.tdq_qat import (
     training_data,
 )
 from tdqrt.calibration.training import noisy_batch
-from tdqrt.engines.errors import ConfigError
+from tdqrt.engines.errors import ConfigError, DataError
 from tdqrt.runtime.sampling import SamplerConfig
 from tdqrt.runtime.schedules import NoiseSchedule
 
@@ -65,7 +66,7 @@ def prepared(fp, calib_dir, tmp_path_factory):
     observe_activations(qm, job, 512, 0, 80)
     observed = [{t: q.observer.scale("minmax", q.qmin, q.qmax, 2.4, t=t) for t in q.observer.timesteps}
                 for q in qm.act_quantizers()]
-    info = init_act_scales(qm, job.options, job.quant.lp_norm)
+    info = init_qat_act_scales(qm, job.options, job.quant.lp_norm)
     return job, qm, observed, info
 
 
@@ -198,7 +199,7 @@ def test_gradients_reach_generators_and_step_sizes(fp, calib_dir, prepared, tmp_
         qm = quantize_model(fp.model, job.quant, job.schedule.num_train_timesteps)
         init_weight_scales(qm, "minmax", 2.4)
         observe_activations(qm, job, 512, 0, 80)
-        init_act_scales(qm, job.options, 2.4)
+        init_qat_act_scales(qm, job.options, 2.4)
     opts = job.options
     groups = {g["name"]: g for g in param_groups(qm, opts)}
     assert groups["step_sizes"]["lr"] == pytest.approx(opts.lr / 10) and groups["step_sizes"]["weight_decay"] == 0
@@ -216,6 +217,19 @@ def test_gradients_reach_generators_and_step_sizes(fp, calib_dir, prepared, tmp_
             assert q.scale.grad is None
         else:
             assert q.scale.grad is not None and q.scale.grad.abs().item() > 0, name
+
+
+class _NaNTeacher(torch.nn.Module):
+    def forward(self, x, t, y=None):
+        return torch.full_like(x, float("nan"))
+
+
+def test_divergence_is_a_data_error(prepared):
+    """A non-finite loss stops QAT with DataError (numbers gone bad, as BRECQ's divergence), naming the step."""
+    job, qm, _, _ = prepared
+    data = training_data(job, job.options)
+    with pytest.raises(DataError, match="tdq-qat diverged at step 0"):
+        train_qat(copy.deepcopy(qm), _NaNTeacher(), data, job.schedule, job.options, progress=False)
 
 
 # --------------------------------------------------------------------------------------------------- end to end

@@ -7,15 +7,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-# Importing a method module registers it in METHODS.
-import tdqrt.calibration.quant.brecq  # noqa: F401
-import tdqrt.calibration.quant.static  # noqa: F401
-import tdqrt.calibration.quant.tdq_qat  # noqa: F401
 from tdqrt.calibration.checkpoint import CARD_FILE, FPCheckpoint, load_fp_checkpoint
 from tdqrt.calibration.quant.calib_set import CalibrationSet, CalibSetConfig, collect_calibration_set
 from tdqrt.calibration.quant.checkpoint import QUANT_CARD, load_quant_checkpoint, save_quant_checkpoint
 from tdqrt.calibration.quant.config import QuantConfig
-from tdqrt.calibration.quant.methods import CalibrationJob, method_spec, options_from_dict
+from tdqrt.calibration.quant.job import CalibrationJob
+from tdqrt.calibration.quant.methods import method_spec, options_from_dict
 from tdqrt.engines.artifacts import write_json_atomic
 from tdqrt.engines.errors import ArtifactError
 from tdqrt.runtime.schedules import NoiseSchedule

@@ -1,7 +1,7 @@
 """``brecq`` and ``tdq-ptq``: block reconstruction with AdaRound (Li et al. 2021), applied to a diffusion UNet as
 Q-Diffusion does (methods-tdq-brecq.md §3.3–3.4), and TDQ's PTQ mode (§1.7, design (a)) with the same code.
 
-Procedure (:func:`calibrate_brecq`):
+Procedure (:func:`brecq_model`):
 
 1. Quantize the FP model; per-channel weight steps from ``weight_init`` (L_p search or abs-max), then kept fixed.
 2. Observe every quantized layer's input over the calibration set, per timestep (weights nearest-rounded).
@@ -56,7 +56,7 @@ import logging
 import math
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Iterator, Optional
 
 import numpy as np
@@ -69,10 +69,10 @@ from tqdm.auto import tqdm
 from tdqrt.calibration.models import DiffusersUNet
 from tdqrt.calibration.models.unet import AttentionBlock, ResBlock
 from tdqrt.calibration.quant.adaround import AdaRound, BetaSchedule, attach_adaround
-from tdqrt.calibration.quant.methods import CalibrationJob, options_to_dict, register_method
+from tdqrt.calibration.quant.job import CalibrationJob
 from tdqrt.calibration.quant.qmodel import QuantizedModel, QuantLayer, quantize_model
-from tdqrt.calibration.quant.static import observe_activations
-from tdqrt.calibration.quant.tdq import attach_generators, generator_config_of, init_generators_from_observers
+from tdqrt.calibration.quant.static import init_act_scales, observe_activations
+from tdqrt.calibration.quant.tdq import generator_config_of
 from tdqrt.engines.artifacts import atomic_path, read_json, sha256_file, sha256_json, write_json_atomic
 from tdqrt.engines.errors import ArtifactError, ConfigError, DataError
 
@@ -471,7 +471,7 @@ class Progress:
         self.dir = job.work_dir / PROGRESS_DIR
         self.key = sha256_json({
             "format_version": INDEX_VERSION,
-            "options": options_to_dict(job.options),
+            "options": asdict(job.options),
             "quant": job.quant.to_dict(),
             "fp_sha256": job.fp.sha256,
             "calibration": {"path": str(job.calib.path), "count": len(job.calib),
@@ -544,23 +544,6 @@ class Progress:
 # The method
 
 
-def init_act_scales(qm: QuantizedModel, job: CalibrationJob, opts: BrecqOptions) -> None:
-    """Initial activation steps from per-timestep statistics of the calibration set (step 2 of the procedure)."""
-    observe_activations(qm, job, opts.observer_cap, opts.seed, EVAL_CHUNK)
-    p = job.quant.lp_norm
-    if opts.act_scale == "static":
-        for q in qm.act_quantizers():
-            q.scale.data.fill_(q.observer.scale(opts.act_init, q.qmin, q.qmax, p))
-            q.observer = None
-            q.set_mode("static")
-    else:
-        torch.manual_seed(opts.seed)
-        attach_generators(qm, generator_config_of(opts))
-        init_generators_from_observers(qm, opts.act_init, p, fit_steps=opts.fit_steps)
-        for q in qm.act_quantizers():
-            q.generator.requires_grad_(False)
-
-
 def brecq_model(job: CalibrationJob) -> QuantizedModel:
     """Run the whole procedure of the module docstring; returns the calibrated, unfrozen model."""
     opts: BrecqOptions = job.options
@@ -569,7 +552,10 @@ def brecq_model(job: CalibrationJob) -> QuantizedModel:
     qm.requires_grad_(False)
     for _, layer in qm.layers():
         layer.weight_quant.init_scale(layer.weight, opts.weight_init, job.quant.lp_norm)
-    init_act_scales(qm, job, opts)
+    # step 2: initial activation steps from per-timestep statistics of the calibration set
+    observe_activations(qm, job, opts.observer_cap, opts.seed, EVAL_CHUNK)
+    init_act_scales(qm, opts.act_scale, opts.act_init, job.quant.lp_norm, generator=generator_config_of(opts),
+                    fit_steps=opts.fit_steps, seed=opts.seed)
 
     rng = np.random.default_rng(opts.seed)
     indices = np.sort(rng.choice(len(job.calib), size=min(opts.num_samples, len(job.calib)), replace=False))
@@ -612,19 +598,3 @@ def brecq_model(job: CalibrationJob) -> QuantizedModel:
         log.info("brecq: all %d units loaded from %s", len(units), progress.dir)
         progress.finish_loading()
     return qm
-
-
-def prepare_load(qm: QuantizedModel, options: BrecqOptions) -> None:
-    """Give a fresh model TDQ generators of the saved shape (``tdq`` scales) so a checkpoint's state dict loads."""
-    if options.act_scale == "tdq":
-        attach_generators(qm, generator_config_of(options))
-
-
-@register_method("brecq", BrecqOptions, prepare_load)
-def calibrate_brecq(job: CalibrationJob) -> QuantizedModel:
-    return brecq_model(job)
-
-
-@register_method("tdq-ptq", TdqPtqOptions, prepare_load)
-def calibrate_tdq_ptq(job: CalibrationJob) -> QuantizedModel:
-    return brecq_model(job)

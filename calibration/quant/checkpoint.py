@@ -9,17 +9,16 @@ description. Loading rebuilds a model whose outputs equal the in-memory one bit 
 """
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from tdqrt.calibration.checkpoint import FPCheckpoint, read_card_and_weights
+from tdqrt.calibration.checkpoint import FPCheckpoint, read_card_and_weights, write_card_and_weights
 from tdqrt.calibration.models import build_model
 from tdqrt.calibration.quant.config import QuantConfig
-from tdqrt.calibration.quant.methods import method_spec, options_from_dict, options_to_dict
+from tdqrt.calibration.quant.methods import method_spec, options_from_dict
 from tdqrt.calibration.quant.qmodel import QuantizedModel, quantize_model
-from tdqrt.engines.artifacts import atomic_path, sha256_file, versions, write_json_atomic
 from tdqrt.engines.errors import ArtifactError
 from tdqrt.runtime.schedules import ScheduleConfig
 
@@ -34,27 +33,17 @@ def save_quant_checkpoint(out_dir: str | Path, qm: QuantizedModel, fp: FPCheckpo
     """Write a frozen quantized model; the card is written last, so its presence means complete."""
     if not qm.frozen:
         raise ArtifactError("only a frozen quantized model can be saved; call freeze() after calibration")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in qm.model.state_dict().items()}
-    with atomic_path(out_dir / QUANT_WEIGHTS) as tmp:
-        save_file(state, str(tmp))
-        digest = sha256_file(tmp)
-    card = {
+    return write_card_and_weights(out_dir, qm.model, QUANT_WEIGHTS, QUANT_CARD, {
         "format": QUANT_FORMAT,
         "version": QUANT_VERSION,
         "model": qm.spec(),
         "schedule": fp.schedule.to_dict(),
         "fp_model": {"path": str(fp.path), "sha256": fp.sha256},
         "quant": qm.config.to_dict(),
-        "options": options_to_dict(options),
+        "options": asdict(options),
         "layers": list(qm.layer_names),
         "calibration": calibration,
-        "weights": {"file": QUANT_WEIGHTS, "sha256": digest},
-        "versions": versions(),
-    } | (extra or {})
-    write_json_atomic(out_dir / QUANT_CARD, card)
-    return out_dir
+    } | (extra or {}))
 
 
 def load_quant_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> FPCheckpoint:

@@ -8,8 +8,6 @@ from tdqrt.calibration.quant.intmath import MAX_BITS, MIN_BITS
 from tdqrt.engines.config import config_from_dict
 from tdqrt.engines.errors import ConfigError
 
-METHODS = ("minmax", "mse", "brecq", "tdq-ptq", "tdq-qat")
-
 # Kept in float by default, as TensorRT deployments and the papers do (tensorrt-qdq.md §1.5, methods §1.4):
 # the first and last conv, the timestep-embedding MLP and the per-ResBlock timestep projections, and the class
 # embedding. Patterns are fnmatch-style on module names and cover the built-in UNet and diffusers' UNet2DModel.
@@ -40,6 +38,8 @@ class QuantConfig:
     lp_norm: float = 2.4
 
     def __post_init__(self) -> None:
+        from tdqrt.calibration.quant.methods import METHODS  # the registry imports the methods, which import this
+
         if self.method not in METHODS:
             raise ConfigError(f"method {self.method!r} is not one of {list(METHODS)}")
         for name in ("wbits", "abits"):

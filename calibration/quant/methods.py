@@ -1,39 +1,21 @@
 """The registry of calibration methods: name -> (options dataclass, run function, load preparation).
 
-Each method module registers itself with :func:`register_method`; ``tdqrt calibrate --method NAME`` looks it
-up here, validates ``options`` with the method's own dataclass and calls ``run(job)``, which returns a
-calibrated (not yet frozen) :class:`QuantizedModel`. ``prepare_load`` re-creates method-specific submodules
-(e.g. TDQ generators) on a fresh quantized model so a saved state dict loads into it.
+:data:`METHODS` is the one list of method names, complete as soon as this module is imported (it imports every
+method module itself, so no caller has to import one first). ``tdqrt calibrate --method NAME`` looks a method up
+here, validates ``options`` with the method's own dataclass and calls ``run(job)``, which returns a calibrated
+(not yet frozen) :class:`QuantizedModel`. ``prepare_load`` re-creates method-specific submodules (e.g. TDQ
+generators) on a fresh quantized model so a saved state dict loads into it.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-import torch
-
-from tdqrt.calibration.checkpoint import FPCheckpoint
-from tdqrt.calibration.quant.calib_set import CalibrationSet
-from tdqrt.calibration.quant.config import QuantConfig
+from tdqrt.calibration.quant import brecq, static, tdq, tdq_qat
+from tdqrt.calibration.quant.job import CalibrationJob
 from tdqrt.calibration.quant.qmodel import QuantizedModel
 from tdqrt.engines.config import config_from_dict
 from tdqrt.engines.errors import ConfigError
-from tdqrt.runtime.schedules import NoiseSchedule
-
-
-@dataclass
-class CalibrationJob:
-    """Everything a method needs: the FP checkpoint, the calibration data, the settings, where to keep state."""
-
-    fp: FPCheckpoint
-    schedule: NoiseSchedule
-    calib: CalibrationSet
-    quant: QuantConfig
-    options: Any
-    work_dir: Path
-    device: str = "cpu"
-    progress: bool = True
 
 
 @dataclass(frozen=True)
@@ -43,15 +25,13 @@ class MethodSpec:
     prepare_load: Optional[Callable[[QuantizedModel, Any], None]] = None
 
 
-METHODS: dict[str, MethodSpec] = {}
-
-
-def register_method(name: str, options_cls: type, prepare_load: Optional[Callable] = None):
-    def decorator(run: Callable[[CalibrationJob], QuantizedModel]):
-        METHODS[name] = MethodSpec(options_cls, run, prepare_load)
-        return run
-
-    return decorator
+METHODS: dict[str, MethodSpec] = {
+    "minmax": MethodSpec(static.StaticOptions, static.calibrate_minmax),
+    "mse": MethodSpec(static.StaticOptions, static.calibrate_mse),
+    "brecq": MethodSpec(brecq.BrecqOptions, brecq.brecq_model, tdq.prepare_load),
+    "tdq-ptq": MethodSpec(brecq.TdqPtqOptions, brecq.brecq_model, tdq.prepare_load),
+    "tdq-qat": MethodSpec(tdq_qat.TdqQatOptions, tdq_qat.calibrate_tdq_qat, tdq.prepare_load),
+}
 
 
 def method_spec(name: str) -> MethodSpec:
@@ -63,17 +43,3 @@ def method_spec(name: str) -> MethodSpec:
 def options_from_dict(cls: type, d: dict) -> Any:
     """Build a method's options dataclass from a dict, refusing unknown keys by name."""
     return config_from_dict(cls, d)
-
-
-def options_to_dict(options: Any) -> dict:
-    return asdict(options)
-
-
-@torch.no_grad()
-def run_calibration_passes(qm: QuantizedModel, job: CalibrationJob, batch: int, desc: str) -> None:
-    """One forward pass of ``qm`` over the whole calibration set (used to observe activations)."""
-    from tqdm.auto import tqdm
-
-    total = (len(job.calib) + batch - 1) // batch
-    for x, t, y in tqdm(job.calib.batches(batch), total=total, desc=desc, disable=not job.progress, leave=False):
-        qm(x.to(job.device), t.to(job.device), None if y is None else y.to(job.device))

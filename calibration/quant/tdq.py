@@ -128,3 +128,10 @@ def generator_config_of(options) -> GeneratorConfig:
     """The generator shape a method's options ask for (their ``frequencies``/``base``/``hidden``/``layers``)."""
     return GeneratorConfig(**{k: getattr(options, k) for k in ("frequencies", "base", "hidden", "layers")
                               if hasattr(options, k)})
+
+
+def prepare_load(qm: QuantizedModel, options) -> None:
+    """Load preparation of every method with an ``act_scale`` option: with ``act_scale="tdq"`` a fresh quantized
+    model gets generators of the saved shape (:func:`generator_config_of`), so the checkpoint's state dict loads."""
+    if options.act_scale == "tdq":
+        attach_generators(qm, generator_config_of(options))

@@ -40,12 +40,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from tdqrt.calibration.data import ImageData, load_dataset
-from tdqrt.calibration.quant.methods import CalibrationJob, register_method
+from tdqrt.calibration.quant.job import CalibrationJob
 from tdqrt.calibration.quant.qmodel import QuantizedModel, quantize_model
-from tdqrt.calibration.quant.static import observe_activations
-from tdqrt.calibration.quant.tdq import GeneratorConfig, attach_generators, init_generators_from_observers
+from tdqrt.calibration.quant.static import init_act_scales, observe_activations
+from tdqrt.calibration.quant.tdq import generator_config_of
 from tdqrt.calibration.training import ema_update, ema_warmup_decay, noisy_batch
-from tdqrt.engines.errors import ArtifactError, ConfigError
+from tdqrt.engines.errors import ConfigError, DataError
 from tdqrt.runtime.schedules import NoiseSchedule
 
 ACT_SCALES = ("tdq", "static")
@@ -131,9 +131,6 @@ class TdqQatOptions:
             if not _is_real(v) or not 0.0 <= v < 1.0:
                 raise ConfigError(f"TdqQatOptions.{name}={v!r} is invalid; it must be in [0, 1)")
 
-    def generator_config(self) -> GeneratorConfig:
-        return GeneratorConfig(frequencies=self.frequencies, base=self.base, hidden=self.hidden, layers=self.layers)
-
 
 # --------------------------------------------------------------------------------------------------------------
 # Building blocks (public so tests and other methods can use them step by step)
@@ -168,19 +165,11 @@ def init_weight_scales(qm: QuantizedModel, method: str, p: float) -> None:
         layer.weight_quant.scale.requires_grad_(True)
 
 
-def init_act_scales(qm: QuantizedModel, options: TdqQatOptions, p: float) -> dict:
-    """Turn observed statistics into activation scales: TDQ generators fitted per timestep, or one learnable
-    pooled scale per layer (static LSQ baseline). Requires :func:`observe_activations` first."""
-    if options.act_scale == "tdq":
-        torch.manual_seed(options.seed)  # generator init (and so the fit) reproducible whoever calls this
-        attach_generators(qm, options.generator_config())
-        return init_generators_from_observers(qm, options.init, p, fit_steps=options.fit_steps)
-    for q in qm.act_quantizers():
-        q.scale.data.fill_(q.observer.scale(options.init, q.qmin, q.qmax, p))
-        q.scale.requires_grad_(True)
-        q.observer = None
-        q.set_mode("static")
-    return {}
+def init_qat_act_scales(qm: QuantizedModel, options: TdqQatOptions, p: float) -> dict:
+    """Step 3: trainable activation scales from the observed statistics (:func:`observe_activations` first): TDQ
+    generators fitted per timestep, or one pooled scale per layer (static LSQ baseline)."""
+    return init_act_scales(qm, options.act_scale, options.init, p, generator=generator_config_of(options),
+                           fit_steps=options.fit_steps, seed=options.seed, trainable=True)
 
 
 def param_groups(qm: QuantizedModel, options: TdqQatOptions) -> list[dict]:
@@ -221,7 +210,7 @@ def prepare_qat_model(job: CalibrationJob, options: TdqQatOptions) -> tuple[Quan
     qm = quantize_model(job.fp.model, job.quant, job.schedule.num_train_timesteps).to(job.device)
     init_weight_scales(qm, options.init, p)
     observe_activations(qm, job, options.observer_cap, options.seed, options.batch)
-    return qm, init_act_scales(qm, options, p)
+    return qm, init_qat_act_scales(qm, options, p)
 
 
 def train_qat(qm: QuantizedModel, teacher: Optional[torch.nn.Module], data: ImageData, schedule: NoiseSchedule,
@@ -245,7 +234,7 @@ def train_qat(qm: QuantizedModel, teacher: Optional[torch.nn.Module], data: Imag
         y = None if y is None else y.to(device)
         loss = qat_loss(qm, teacher, x_t, t, y, noise)
         if not torch.isfinite(loss):
-            raise ArtifactError(f"tdq-qat diverged at step {step} (loss {loss.item()}); lower lr")
+            raise DataError(f"tdq-qat diverged at step {step} (loss {loss.item()}); lower lr")
         factor = min(1.0, (step + 1) / options.warmup_steps) if options.warmup_steps else 1.0
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * factor
@@ -267,13 +256,6 @@ def train_qat(qm: QuantizedModel, teacher: Optional[torch.nn.Module], data: Imag
 # The registered method
 # --------------------------------------------------------------------------------------------------------------
 
-def prepare_load(qm: QuantizedModel, options: TdqQatOptions) -> None:
-    """Give a fresh quantized model generators of the saved shape so the checkpoint's state dict loads."""
-    if options.act_scale == "tdq":
-        attach_generators(qm, options.generator_config())
-
-
-@register_method("tdq-qat", TdqQatOptions, prepare_load=prepare_load)
 def calibrate_tdq_qat(job: CalibrationJob) -> QuantizedModel:
     """Steps 1–4 of the module docstring; writes ``tdq_qat_log.json`` (init fit error, times, losses) to the
     work directory and returns the trained, not yet frozen, model."""
