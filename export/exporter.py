@@ -47,7 +47,7 @@ from torch import nn
 
 from tdqrt.calibration.quant.calib_set import CalibrationSet
 from tdqrt.calibration.quant.qmodel import QuantizedModel
-from tdqrt.engines.config import config_from_dict
+from tdqrt.engines.config import check_choice, check_int, check_real, config_from_dict, invalid
 from tdqrt.engines.errors import ArtifactError, ConfigError
 from tdqrt.export.lint import MAX_IR_VERSION, WEIGHTED_OPS, get_flavour
 from tdqrt.export.qdq import (RATIO_OPS, ExportUNet, QDQPlan, build_fp_module, build_qdq_module,
@@ -82,27 +82,20 @@ class ExportConfig:
 
     def __post_init__(self) -> None:
         flavour = get_flavour(self.target)
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype {self.dtype!r} must be one of {sorted(DTYPES)}")
+        check_choice("ExportConfig.dtype", self.dtype, sorted(DTYPES), flag="--dtype")
         if self.dtype not in flavour.dtypes:
-            raise ConfigError(f"target {self.target} exports dtype {' or '.join(flavour.dtypes)} only, not "
-                              f"{self.dtype} ({flavour.backend} needs float32 Q/DQ scales to fuse); drop --dtype")
-        if self.ratio_op not in RATIO_OPS:
-            raise ConfigError(f"ratio_op {self.ratio_op!r} must be one of {RATIO_OPS}")
+            raise invalid("ExportConfig.dtype", self.dtype, f"{' or '.join(flavour.dtypes)} for target {self.target}",
+                          f"drop --dtype ({flavour.backend} needs float32 Q/DQ scales to fuse)", flag="--dtype")
+        check_choice("ExportConfig.ratio_op", self.ratio_op, RATIO_OPS, flag="--ratio-op")
         if self.opset is not None:
-            if not isinstance(self.opset, int) or isinstance(self.opset, bool):
-                raise ConfigError(f"opset must be an integer, got {self.opset!r}")
             low = flavour.fp16_min_opset if self.dtype == "fp16" else flavour.min_opset
-            if not low <= self.opset <= flavour.max_opset:
-                why = " (fp16 Q/DQ scales need QuantizeLinear-19)" if self.dtype == "fp16" else ""
-                raise ConfigError(f"opset {self.opset} is outside [{low}, {flavour.max_opset}] for target "
-                                  f"{self.target} with dtype {self.dtype}{why}")
-        if not self.external_data_mb > 0:
-            raise ConfigError(f"external_data_mb must be > 0, got {self.external_data_mb}")
-        if not isinstance(self.trace_batch, int) or self.trace_batch < 1:
-            raise ConfigError(f"trace_batch must be an integer >= 1, got {self.trace_batch!r}")
-        if not isinstance(self.calib_samples, int) or isinstance(self.calib_samples, bool) or self.calib_samples < 1:
-            raise ConfigError(f"calib_samples must be an integer >= 1, got {self.calib_samples!r}")
+            why = " (fp16 Q/DQ scales need QuantizeLinear-19)" if self.dtype == "fp16" else ""
+            check_int("ExportConfig.opset", self.opset, low, flavour.max_opset, flag="--opset",
+                      fix=f"pick an opset in [{low}, {flavour.max_opset}] for target {self.target} with dtype "
+                          f"{self.dtype}{why}, or leave it unset")
+        check_real("ExportConfig.external_data_mb", self.external_data_mb, above=0.0, finite=False)
+        check_int("ExportConfig.trace_batch", self.trace_batch, 1)
+        check_int("ExportConfig.calib_samples", self.calib_samples, 1, flag="--calib-samples")
 
     @property
     def resolved_opset(self) -> int:

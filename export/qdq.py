@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tdqrt.calibration.quant.qmodel import QuantizedModel, QuantLayer
+from tdqrt.engines.config import check_choice
 from tdqrt.engines.errors import ArtifactError, ConfigError, DataError
 from tdqrt.export.lint import FLAVOURS, Flavour
 
@@ -387,8 +388,7 @@ def build_qdq_module(qm: QuantizedModel, ratio_op: str = "div",
     """
     import copy
 
-    if ratio_op not in RATIO_OPS:
-        raise ConfigError(f"ratio_op {ratio_op!r} must be one of {RATIO_OPS}")
+    check_choice("ratio_op", ratio_op, RATIO_OPS, flag="--ratio-op")
     if not qm.frozen:
         raise ConfigError("only a frozen quantized model can be exported; load it with load_model_dir")
     plan = QDQPlan(qm)

@@ -79,6 +79,7 @@ from tdqrt.calibration.quant.calib_set import CalibrationSet
 from tdqrt.calibration.quant.checkpoint import QUANT_FORMAT
 from tdqrt.engines.artifacts import write_json_atomic
 from tdqrt.engines.bundle import open_bundle
+from tdqrt.engines.config import check_int, check_real
 from tdqrt.engines.errors import ArtifactError, ConfigError, DataError, DependencyError
 
 REPORT_FILE = "validate.json"
@@ -102,16 +103,10 @@ class ValidateConfig:
     seed: int = 0  # which samples of a timestep are picked
 
     def __post_init__(self) -> None:
-        if int(self.timesteps) < 1:
-            raise ConfigError(f"--timesteps must be ≥ 1, got {self.timesteps}")
-        if int(self.per_timestep) < 1:
-            raise ConfigError(f"--per-timestep must be ≥ 1, got {self.per_timestep}")
-        if not (self.fp_max_abs > 0 and math.isfinite(self.fp_max_abs)):
-            raise ConfigError(f"fp_max_abs must be a positive number, got {self.fp_max_abs}")
-        for name in ("int8_max_error_ratio", "int8_negligible_rel_l2", "ort_cpu_max_error_ratio"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
-                raise ConfigError(f"{name} must be a positive number, got {value!r}")
+        check_int("ValidateConfig.timesteps", self.timesteps, 1, flag="--timesteps")
+        check_int("ValidateConfig.per_timestep", self.per_timestep, 1, flag="--per-timestep")
+        for name in ("fp_max_abs", "int8_max_error_ratio", "int8_negligible_rel_l2", "ort_cpu_max_error_ratio"):
+            check_real(f"ValidateConfig.{name}", getattr(self, name), above=0.0)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -74,6 +74,7 @@ from tdqrt.calibration.quant.qmodel import QuantizedModel, QuantLayer, quantize_
 from tdqrt.calibration.quant.static import observe_activations
 from tdqrt.calibration.quant.tdq import attach_generators, generator_config_of, init_generators_from_observers
 from tdqrt.engines.artifacts import atomic_path, read_json, sha256_file, sha256_json, write_json_atomic
+from tdqrt.engines.config import check_choice, check_int, check_real, invalid
 from tdqrt.engines.errors import ArtifactError, ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -85,14 +86,6 @@ INDEX_FILE = "index.json"
 INDEX_FORMAT = "tdqrt-brecq-progress"
 INDEX_VERSION = 1
 EVAL_CHUNK = 128  # samples per forward pass when observing, caching and measuring (bounds peak memory)
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_real(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass(frozen=True)
@@ -146,33 +139,22 @@ class BrecqOptions:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        cls = type(self).__name__
         minimum = {"iters_w": 0, "iters_a": 0, "batch": 1, "num_samples": 1, "observer_cap": 16, "frequencies": 1,
                    "hidden": 1, "layers": 1, "fit_steps": 0, "seed": 0}
         for name, lo in minimum.items():
-            v = getattr(self, name)
-            if not _is_int(v) or v < lo:
-                raise ConfigError(f"{type(self).__name__}.{name}={v!r} is invalid: must be an integer >= {lo}")
+            check_int(f"{cls}.{name}", getattr(self, name), lo, flag=f"--option {name}")
         for name in ("lr_w", "lr_a", "beta_start", "beta_end", "p_w", "p_a"):
-            v = getattr(self, name)
-            if not _is_real(v) or v <= 0:
-                raise ConfigError(f"{type(self).__name__}.{name}={v!r} is invalid: must be a finite number > 0")
-        if not _is_real(self.weight_lambda) or self.weight_lambda < 0:
-            raise ConfigError(f"{type(self).__name__}.weight_lambda={self.weight_lambda!r} is invalid: "
-                              "must be a finite number >= 0")
-        if not _is_real(self.warmup) or not 0 <= self.warmup < 1:
-            raise ConfigError(f"{type(self).__name__}.warmup={self.warmup!r} is invalid: must be in [0, 1)")
+            check_real(f"{cls}.{name}", getattr(self, name), above=0.0, flag=f"--option {name}")
+        check_real(f"{cls}.weight_lambda", self.weight_lambda, 0.0, flag="--option weight_lambda")
+        check_real(f"{cls}.warmup", self.warmup, 0.0, below=1.0, flag="--option warmup")
         if self.beta_end > self.beta_start:
-            raise ConfigError(f"{type(self).__name__}.beta_end={self.beta_end!r} is invalid: β is annealed "
-                              f"downwards, so it must be <= beta_start={self.beta_start!r}")
-        if not _is_real(self.base) or self.base <= 1:
-            raise ConfigError(f"{type(self).__name__}.base={self.base!r} is invalid: must be a number > 1")
+            raise invalid(f"{cls}.beta_end", self.beta_end, f"<= beta_start={self.beta_start!r}",
+                          "β is annealed downwards; lower beta_end or raise beta_start", flag="--option beta_end")
+        check_real(f"{cls}.base", self.base, above=1.0, flag="--option base")
         for name in ("weight_init", "act_init"):
-            if getattr(self, name) not in INIT_METHODS:
-                raise ConfigError(f"{type(self).__name__}.{name}={getattr(self, name)!r} is invalid: "
-                                  f"choose one of {list(INIT_METHODS)}")
-        if self.act_scale not in ACT_SCALES:
-            raise ConfigError(f"{type(self).__name__}.act_scale={self.act_scale!r} is invalid: "
-                              f"choose one of {list(ACT_SCALES)}")
+            check_choice(f"{cls}.{name}", getattr(self, name), INIT_METHODS, flag=f"--option {name}")
+        check_choice(f"{cls}.act_scale", self.act_scale, ACT_SCALES, flag="--option act_scale")
 
 
 @dataclass(frozen=True)
@@ -183,9 +165,8 @@ class TdqPtqOptions(BrecqOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.act_scale != "tdq":
-            raise ConfigError(f"TdqPtqOptions.act_scale={self.act_scale!r} is invalid: tdq-ptq always learns TDQ "
-                              "generators; use method 'brecq' for static activation steps")
+        check_choice("TdqPtqOptions.act_scale", self.act_scale, ("tdq",), flag="--option act_scale",
+                     fix="tdq-ptq always learns TDQ generators; use method 'brecq' for static activation steps")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from tdqrt.calibration.quant.methods import CalibrationJob, register_method, run_calibration_passes
 from tdqrt.calibration.quant.qmodel import QuantizedModel, quantize_model
-from tdqrt.engines.errors import ConfigError
+from tdqrt.engines.config import check_int
 
 
 @dataclass(frozen=True)
@@ -19,8 +19,8 @@ class StaticOptions:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.observer_cap < 16 or self.batch < 1:
-            raise ConfigError(f"observer_cap must be >= 16 and batch >= 1 (got {self.observer_cap}, {self.batch})")
+        check_int("StaticOptions.observer_cap", self.observer_cap, 16, flag="--option observer_cap")
+        check_int("StaticOptions.batch", self.batch, 1, flag="--option batch")
 
 
 def observe_activations(qm: QuantizedModel, job: CalibrationJob, cap: int, seed: int, batch: int) -> None:

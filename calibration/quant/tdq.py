@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tdqrt.calibration.quant.qmodel import QuantizedModel
-from tdqrt.engines.errors import ConfigError
+from tdqrt.engines.config import check_int, check_real
 
 
 @dataclass(frozen=True)
@@ -30,8 +30,9 @@ class GeneratorConfig:
     layers: int = 3
 
     def __post_init__(self) -> None:
-        if self.frequencies < 1 or self.hidden < 1 or self.layers < 1 or not self.base > 1:
-            raise ConfigError(f"invalid TDQ generator shape {self}")
+        for name in ("frequencies", "hidden", "layers"):
+            check_int(f"GeneratorConfig.{name}", getattr(self, name), 1, flag=f"--option {name}")
+        check_real("GeneratorConfig.base", self.base, above=1.0, finite=False, flag="--option base")
 
 
 class TdqGenerator(nn.Module):
