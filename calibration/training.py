@@ -58,7 +58,7 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
     def __post_init__(self) -> None:
-        check_choice("TrainConfig.model", self.model, sorted(PRESET_NAMES), flag="--model")
+        check_choice("TrainConfig.model", self.model, sorted(PRESET_NAMES), flag="--model", fix="pick a UNet preset")
         for name, flag in (("steps", "--steps"), ("batch_size", "--batch"), ("checkpoint_every", "--checkpoint-every")):
             check_int(f"TrainConfig.{name}", getattr(self, name), 1, flag=flag)
         check_real("TrainConfig.lr", self.lr, above=0.0, flag="--lr")

@@ -19,17 +19,16 @@ Batch is dynamic (``batch`` on every input and the output); the image size is fi
 ``class_labels`` are int64 ``[B]``; ``sample`` and ``eps`` are float32, or float16 for ``--dtype fp16`` (the whole
 graph is then FP16: float initializers, Q/DQ scales, I/O — what strongly typed TensorRT needs).
 
-The ``ort-cpu`` flavour is the same graph with two changes (notes/tensorrt-qdq.md §5): activation Q/DQ in uint8
-with zero point 128 — ``q_u8 = q_s8 + 128`` is the torch model's signed grid, so the input codes stay exact, ratio
-trick included — and a uint8 Q/DQ right after every quantized Conv/MatMul (before the ratio's ``Mul`` and the bias
+The ``ort-cpu`` flavour is the same graph with two changes (ONNX Runtime's quantization guide,
+https://onnxruntime.ai/docs/performance/model-optimizations/quantization.html): activation Q/DQ in uint8 with zero
+point 128 — ``q_u8 = q_s8 + 128`` is the torch model's signed grid, so the input codes stay exact, ratio trick
+included — and a uint8 Q/DQ right after every quantized Conv/MatMul (before the ratio's ``Mul`` and the bias
 ``Add``), the node unit ONNX Runtime fuses into QLinearConv / QLinearMatMul. That output quantization is an
 approximation the torch model does not have. Its grids come from the calibration set
-(:func:`tdqrt.export.qdq.calibrate_output_grids`): the min/max of each conv's output, the rule that measured best —
-a 99.99th-percentile range changed the error by ≤ 3 %, a 99.9th more than doubled it, a symmetric zero point 128
-cost 8-10 %. Its cost, measured by :mod:`tdqrt.tools.validate` on the small digits model: the ε error against FP
-grows from 0.0066-0.0114 to 0.0077-0.0153 (relative L2, t ≥ 160; minmax W8A8), about as much error again as the
-weight and input quantization already make, for 1.45-1.8x the FP32 speed of ONNX Runtime on one CPU thread at
-batch 16 (the TensorRT graph runs at 0.6x there: ORT keeps its convs in float).
+(:func:`tdqrt.export.qdq.calibrate_output_grids`): the min/max of each conv's output, which measured better than
+percentile ranges or a symmetric zero point. What it costs in ε error and what it gains in speed is measured in the
+README ("The ort-cpu flavour") and docs/results.md; without the output Q, ONNX Runtime keeps the TensorRT graph's
+convs in float, so that graph runs slower than FP32 there.
 """
 from __future__ import annotations
 

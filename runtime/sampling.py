@@ -33,6 +33,7 @@ from tdqrt.runtime.philox import normal_from_words, philox4x32_words
 from tdqrt.runtime.schedules import NoiseSchedule
 
 SAMPLER_KINDS = ("ddim", "ddpm")
+NOISE_CHUNK_BYTES = {"cpu": 1 << 20, "accelerator": 16 << 20}  # output per batched noise evaluation (NoiseSource.draws)
 SPACINGS = ("uniform", "quadratic")
 
 
@@ -187,12 +188,11 @@ class NoiseSource:
     def draws(self, count: int, shape: Sequence[int], chunk_bytes: Optional[int] = None) -> Iterator[Tensor]:
         """The next ``count`` draws one at a time, evaluated in chunks of up to ``chunk_bytes`` of output, so one
         batched evaluation (about a hundred element-wise ops, temporaries near ten times the chunk) serves several
-        sampling steps. Default: 16 MiB on an accelerator, where it shares the kernel launches; 1 MiB on the CPU,
-        where it shares the per-op overhead without leaving the cache (1 thread, per draw: 16×1×16×16 0.29 ms vs
-        1.07 ms one at a time; 100×1×16×16 1.17 vs 2.06 ms; 64×3×32×32 9.0 vs 8.6 ms, and 10.7 ms with 4 MiB
-        chunks). Draws are taken from the stream as each chunk is made."""
+        sampling steps. Default: ``NOISE_CHUNK_BYTES`` of the device type — large on an accelerator, where a chunk
+        shares the kernel launches; small on the CPU, where it shares the per-op overhead without leaving the cache
+        (larger CPU chunks measured slower). Draws are taken from the stream as each chunk is made."""
         if chunk_bytes is None:
-            chunk_bytes = (1 if self.device.type == "cpu" else 16) << 20
+            chunk_bytes = NOISE_CHUNK_BYTES["cpu" if self.device.type == "cpu" else "accelerator"]
         per_draw = 4 * len(self) * math.prod(shape)
         chunk = max(1, min(count, chunk_bytes // max(per_draw, 1)))
         left = count

@@ -66,6 +66,7 @@ from tdqrt.engines.config import check_choice, check_int, check_real, config_fro
 from tdqrt.engines.denoiser import Denoiser
 from tdqrt.engines.errors import ConfigError
 from tdqrt.engines.ort import OrtDenoiser
+from tdqrt.engines.threads import torch_threads
 from tdqrt.runtime.corrections import CORRECTION_KINDS, GRANULARITIES
 from tdqrt.runtime.sampling import SamplerConfig, guided_eps, sample
 from tdqrt.runtime.schedules import NoiseSchedule, ScheduleConfig

@@ -1,5 +1,6 @@
-"""``brecq`` and ``tdq-ptq``: block reconstruction with AdaRound (Li et al. 2021), applied to a diffusion UNet as
-Q-Diffusion does (methods-tdq-brecq.md §3.3–3.4), and TDQ's PTQ mode (§1.7, design (a)) with the same code.
+"""``brecq`` and ``tdq-ptq``: block reconstruction with AdaRound (Li et al. 2021, arXiv 2102.05426), applied to a
+diffusion UNet as Q-Diffusion does (arXiv 2302.04304), and TDQ's PTQ mode (generators learned by reconstruction,
+arXiv 2306.02316) with the same code.
 
 Procedure (:func:`calibrate_brecq`):
 
@@ -98,8 +99,8 @@ class BrecqOptions:
       (all of the set if it is smaller); see the module docstring for the memory this takes.
     * ``lr_w``: Adam rate of V. The paper's 1e-3 is tuned for 20 000 iterations: Adam moves V by about lr per
       step, and a rounding flips only when V crosses 0 (|V| starts at up to 2.4), so with the CPU default of 200
-      iterations the default is 1e-2 (measured on the tiny model's first ResBlock at W4, error vs nearest
-      rounding: 1e-3 × 200 → 0.90, 1e-2 × 200 → 0.47, 1e-3 × 1000 → 0.45). Use 1e-3 with paper-length runs.
+      iterations the default is 1e-2: in 200 iterations it gets about as far below nearest rounding's error as
+      1e-3 does in 1000, where 1e-3 × 200 hardly leaves it. Use 1e-3 with paper-length runs.
     * ``lr_a``: Adam rate of the act steps / generators (4e-4 as the Q-Diffusion driver, cosine decay).
     * ``weight_lambda``, ``beta_start``, ``beta_end``, ``warmup``: rounding regulariser λ and its β schedule.
     * ``p_w``, ``p_a``: exponent of the reconstruction loss in the weight (2) and activation (2.4) phases.

@@ -1,6 +1,6 @@
 """Time-stamped calibration data: ``(x_t, t, y)`` from the FP sampler at evenly spaced steps.
 
-Q-Diffusion's recipe (methods-tdq-brecq.md §3.4): run the FP sampler, keep the inputs of ``keep_steps`` evenly
+Q-Diffusion's recipe (Li et al. 2023, arXiv 2302.04304): run the FP sampler, keep the inputs of ``keep_steps`` evenly
 spaced steps for ``num`` samples (default 20 × 256 = 5120 pairs). Batches are written straight into
 memory-mapped ``.npy`` files as they are produced (never collected in one list in memory) and renamed into place
 when complete, so a killed run leaves nothing that looks finished.

@@ -9,7 +9,7 @@ from tdqrt.engines.config import check_choice, check_int, check_real, config_fro
 
 METHODS = ("minmax", "mse", "brecq", "tdq-ptq", "tdq-qat")
 
-# Kept in float by default, as TensorRT deployments and the papers do (tensorrt-qdq.md §1.5, methods §1.4):
+# Kept in float by default, as TensorRT deployments and the papers (Q-Diffusion, TDQ) do:
 # the first and last conv, the timestep-embedding MLP and the per-ResBlock timestep projections, and the class
 # embedding. Patterns are fnmatch-style on module names and cover the built-in UNet and diffusers' UNet2DModel.
 DEFAULT_KEEP_FLOAT = (

@@ -1,4 +1,4 @@
-"""``tdq-qat``: TDQ inside quantization-aware training (So et al. 2023, methods-tdq-brecq.md §1.5–1.6).
+"""``tdq-qat``: TDQ inside quantization-aware training (So et al. 2023, arXiv 2306.02316).
 
 Procedure (``calibrate_tdq_qat``):
 
@@ -19,9 +19,8 @@ denoising loss ``‖ε̂_q − ε‖²``.
 
 Paper / original-code recipe (for scale, not the CPU defaults here): AdamW, lr 2e-4 (CIFAR-10, batch 128) or 5e-5
 (LSUN-Churches, batch 32), 5000 warm-up steps, up to 200k steps, EMA weights for sampling. The defaults below
-(300 steps at batch 64, lr 2e-4) take about 6 minutes on one CPU thread for the ``small`` digits model with a
-64 × 20 calibration set: ~70 s initialisation (observation, per-timestep scale search, generator fits) and ~0.9 s
-per training step.
+(300 steps at batch 64, lr 2e-4) calibrate the ``small`` digits model in minutes on one CPU thread (wall times in
+docs/results.md, "Calibration methods on the `small` digits model").
 
 The method returns the trained (not frozen) model; ``calibrate()`` freezes it, which evaluates every generator at
 every training timestep into the ``[T]`` table of each layer, and saves it.
