@@ -289,7 +289,8 @@ def format_report(report: dict) -> list[str]:
 def _check_common(cfg: Any, *, has_warmup: bool = True) -> None:
     cls = type(cfg).__name__
     if has_warmup:
-        check_int(f"{cls}.warmup", cfg.warmup, 0, flag="--warmup", fix="give an integer >= 0 (untimed calls per variant)")
+        check_int(f"{cls}.warmup", cfg.warmup, 0, flag="--warmup",
+                  fix="give an integer >= 0 (untimed calls per variant)")
     check_int(f"{cls}.repeats", cfg.repeats, 1, flag="--repeats", fix="give an integer >= 1 (2 or more for a spread)")
     check_int(f"{cls}.threads", cfg.threads, 1, optional=True, flag="--threads")
     dev = str(cfg.device)
@@ -367,7 +368,9 @@ class UnetBenchConfig:
             object.__setattr__(self, "backends", tuple(self.backends))
             unknown = [b for b in self.backends if b not in UNET_BACKENDS]
             if unknown or not self.backends:
-                raise ConfigError(f"unknown backend(s) {unknown}; choose from {list(UNET_BACKENDS)}")
+                raise invalid("UnetBenchConfig.backends", list(self.backends),
+                              f"one or more of {', '.join(UNET_BACKENDS)}", f"drop the unknown backend(s) {unknown}",
+                              flag="--backends")
             needs = {"torch-fp32": (self.model or self.preset, "--model or --preset"),
                      "torch-fp16": (self.model or self.preset, "--model or --preset"),
                      "torch-fakequant": (self.quant, "--quant"), "ort-fp": (self.bundles, "--bundle"),
@@ -680,13 +683,14 @@ class CalibrateBenchConfig:
             object.__setattr__(self, "d2", config_from_dict(D2StatsJob, d2))
         methods = self.methods
         if isinstance(methods, str) or not methods or len(set(methods)) != len(methods):
-            raise ConfigError(f"methods {methods!r} must be a non-empty list of distinct method names "
-                              f"(from {list(CALIBRATION_METHODS)})")
+            raise invalid("CalibrateBenchConfig.methods", methods, "a non-empty list of distinct method names "
+                          f"(from {', '.join(CALIBRATION_METHODS)})", "list each method once", flag="--methods")
         object.__setattr__(self, "methods", tuple(methods))
         for m in self.methods:
             QuantConfig(method=m, wbits=self.wbits, abits=self.abits)  # names the bad method or bit width
         if not isinstance(self.options, Mapping):
-            raise ConfigError(f"options must map a method to its option overrides, got {self.options!r}")
+            raise invalid("CalibrateBenchConfig.options", self.options, "a mapping from a method to its option "
+                          "overrides", "give --option METHOD:KEY=VALUE", flag="--option")
         for m, opts in self.options.items():
             if m not in self.methods:
                 raise ConfigError(f"options given for {m!r}, which is not among the methods {list(self.methods)}")
