@@ -12,7 +12,9 @@ from pathlib import Path
 
 from tdqrt.engines.errors import TdqrtError
 
-EXPORT_TARGETS = ("trt", "ort-cpu")  # tdqrt.export.lint.FLAVOURS (not imported here: --help stays fast)
+# tdqrt.export.lint.FLAVOURS, listed in --help (not imported here, so --help stays fast; an unknown target is refused
+# by ExportConfig in the one-line error style, not by argparse's usage dump)
+EXPORT_TARGETS = ("trt", "ort-cpu")
 CALIBRATION_METHODS = ("minmax", "mse", "brecq", "tdq-ptq", "tdq-qat")  # tdqrt.calibration.quant.config.METHODS
 
 
@@ -160,8 +162,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="digits", help="digits, shapes, or a folder of images")
     p.add_argument("--model", default="small", help="UNet preset (tiny, small)")
     p.add_argument("--out", required=True, type=Path,
-                   help="checkpoint directory to write: model.safetensors, model.json, loss.png, train_log.json "
-                        "and the resumable training state")
+                   help="checkpoint directory to write: model.safetensors, model.json, train_config.json, "
+                        "train_log.json, loss.png and the resumable training state")
     p.add_argument("--steps", type=int, default=2000, help="training steps")
     p.add_argument("--batch", type=int, default=128, help="batch size")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
@@ -229,11 +231,11 @@ def _parser() -> argparse.ArgumentParser:
     p = _command(sub, "export", "export a quantized model to an ONNX Q/DQ bundle (unet.onnx, unet_fp.onnx, manifest)")
     p.add_argument("--quant", required=True, type=Path, help="quantized model directory (quant.json)")
     p.add_argument("--out", required=True, type=Path,
-                   help="bundle directory to write: unet.onnx, unet_fp.onnx, manifest.json, lint.json (and d2/ "
-                        "with --d2-stats)")
+                   help="bundle directory to write: unet.onnx, unet_fp.onnx, manifest.json, lint.json (and d2.npz, "
+                        "d2.json with --d2-stats)")
     p.add_argument("--d2-stats", type=Path, default=None, help="D² statistics directory to ship in the bundle")
     p.add_argument("--fp", type=Path, default=None, help="FP model directory if it moved (default: the path in quant.json)")
-    p.add_argument("--target", default="trt", choices=EXPORT_TARGETS,
+    p.add_argument("--target", default="trt", metavar="{" + ",".join(EXPORT_TARGETS) + "}",
                    help="graph flavour: trt (TensorRT) or ort-cpu (ONNX Runtime x86 CPU: uint8 activations and a "
                         "Q/DQ after every conv, fused into QLinearConv)")
     p.add_argument("--calib", type=Path, default=None,
@@ -250,7 +252,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "lint", "check a bundle or an .onnx file against its target's Q/DQ rules (trt, ort-cpu)")
     p.add_argument("path", type=Path, help="bundle directory or model.onnx")
-    p.add_argument("--target", default=None, choices=EXPORT_TARGETS,
+    p.add_argument("--target", default=None, metavar="{" + ",".join(EXPORT_TARGETS) + "}",
                    help="rules of this flavour (default: the bundle's, or trt)")
     p.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
     p.add_argument("--no-polygraphy", action="store_true", help="skip `polygraphy check lint`")
