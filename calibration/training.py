@@ -21,7 +21,7 @@ from tdqrt.calibration.checkpoint import save_fp_checkpoint
 from tdqrt.calibration.data import ImageData, load_dataset
 from tdqrt.calibration.models import PRESET_NAMES, count_parameters, model_from_preset
 from tdqrt.engines.artifacts import atomic_path, read_json, write_json_atomic
-from tdqrt.engines.config import config_from_dict
+from tdqrt.engines.config import check_choice, check_int, check_real, config_from_dict
 from tdqrt.engines.errors import ArtifactError, ConfigError
 from tdqrt.runtime.schedules import NoiseSchedule, ScheduleConfig
 
@@ -58,21 +58,16 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
     def __post_init__(self) -> None:
-        if self.model not in PRESET_NAMES:
-            raise ConfigError(f"model {self.model!r} is not a preset; choose one of {sorted(PRESET_NAMES)}")
-        for name in ("steps", "batch_size", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"lr must be a positive number, got {self.lr}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ConfigError(f"lr_schedule {self.lr_schedule!r} is not one of {LR_SCHEDULES}")
-        if self.warmup_steps < 0 or self.grad_clip <= 0 or self.weight_decay < 0:
-            raise ConfigError("warmup_steps and weight_decay must be >= 0 and grad_clip > 0")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if not 0.0 <= self.cond_drop_prob < 1.0:
-            raise ConfigError(f"cond_drop_prob must be in [0, 1), got {self.cond_drop_prob}")
+        check_choice("TrainConfig.model", self.model, sorted(PRESET_NAMES), flag="--model", fix="pick a UNet preset")
+        for name, flag in (("steps", "--steps"), ("batch_size", "--batch"), ("checkpoint_every", "--checkpoint-every")):
+            check_int(f"TrainConfig.{name}", getattr(self, name), 1, flag=flag)
+        check_real("TrainConfig.lr", self.lr, above=0.0, flag="--lr")
+        check_choice("TrainConfig.lr_schedule", self.lr_schedule, LR_SCHEDULES, flag="--lr-schedule")
+        check_int("TrainConfig.warmup_steps", self.warmup_steps, 0, flag="--warmup")
+        check_real("TrainConfig.weight_decay", self.weight_decay, 0.0, finite=False)
+        check_real("TrainConfig.grad_clip", self.grad_clip, above=0.0, finite=False)
+        check_real("TrainConfig.ema_decay", self.ema_decay, 0.0, below=1.0, flag="--ema")
+        check_real("TrainConfig.cond_drop_prob", self.cond_drop_prob, 0.0, below=1.0)
         if isinstance(self.schedule, dict):
             object.__setattr__(self, "schedule", ScheduleConfig.from_dict(self.schedule))
 

@@ -37,7 +37,6 @@ never leaves a card describing a plan that is not there.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import statistics
 import time
@@ -53,6 +52,7 @@ from tdqrt.engines.artifacts import (atomic_path, read_json, sha256_file, versio
 from tdqrt.engines.bundle import Bundle, open_bundle
 from tdqrt.engines.engine_card import (CARD_FILE, ENGINE_FORMAT, ENGINE_SUFFIXES, RuntimeEnv, card_path, make_card,
                                        profile_to_json)
+from tdqrt.engines.config import check_bool, check_choice, check_int, check_real, is_int
 from tdqrt.engines.errors import ArtifactError, ConfigError
 from tdqrt.engines.layer_report import parse_engine_information
 
@@ -63,10 +63,6 @@ DEFAULT_ENGINE = {"trt": Path("trt") / "unet.trt.plan", "ort": Path("ort") / "un
 _ORT_INT8_OPS = {"MatMulIntegerToFloat", "QGemm", "ConvInteger", "MatMulInteger", "DynamicQuantizeMatMul"}
 
 Shapes = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 @dataclass(frozen=True)
@@ -82,22 +78,15 @@ class BuildConfig:
     cfg: Optional[bool] = None  # double the batch for classifier-free guidance; None: when the bundle is conditional
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"--backend {self.backend!r}: use one of {', '.join(BACKENDS)}")
-        if not _is_int(self.max_batch) or self.max_batch < 1:
-            raise ConfigError(f"--max-batch must be an integer >= 1, got {self.max_batch!r}")
-        if self.opt_batch is not None and (not _is_int(self.opt_batch) or not 1 <= self.opt_batch <= self.max_batch):
-            raise ConfigError(f"--opt-batch must be an integer in [1, --max-batch {self.max_batch}], got "
-                              f"{self.opt_batch!r}")
-        if self.workspace_gb is not None and not (isinstance(self.workspace_gb, (int, float)) and
-                                                  not isinstance(self.workspace_gb, bool) and
-                                                  math.isfinite(self.workspace_gb) and self.workspace_gb > 0):
-            raise ConfigError(f"--workspace must be a positive number of GiB, got {self.workspace_gb!r}")
-        if not _is_int(self.opt_level) or self.opt_level not in OPT_LEVELS:
-            raise ConfigError(f"--opt-level must be an integer in 0..5 (TensorRT's builder optimization level, "
-                              f"default 3), got {self.opt_level!r}")
-        if self.cfg is not None and not isinstance(self.cfg, bool):
-            raise ConfigError(f"cfg must be True, False or None, got {self.cfg!r}")
+        check_choice("BuildConfig.backend", self.backend, BACKENDS, flag="--backend")
+        check_int("BuildConfig.max_batch", self.max_batch, 1, flag="--max-batch")
+        check_int("BuildConfig.opt_batch", self.opt_batch, 1, self.max_batch, optional=True, flag="--opt-batch",
+                  fix=f"give an integer in [1, --max-batch {self.max_batch}], or leave it unset")
+        check_real("BuildConfig.workspace_gb", self.workspace_gb, above=0.0, optional=True, flag="--workspace",
+                   fix="give a positive number of GiB, or leave it unset")
+        check_int("BuildConfig.opt_level", self.opt_level, OPT_LEVELS[0], OPT_LEVELS[-1], flag="--opt-level",
+                  fix="give TensorRT's builder optimization level 0..5 (default 3)")
+        check_bool("BuildConfig.cfg", self.cfg, optional=True, flag="--no-cfg")
 
     @property
     def resolved_opt_batch(self) -> int:
@@ -131,7 +120,7 @@ def batch_profile(signature: dict, *, opt_batch: int, max_batch: int, cfg: bool)
             raise ConfigError(f"input {inp.get('name')!r} of unet.onnx has a static batch ({dims}); the engine needs a "
                               "dynamic batch dimension — re-export the bundle with `tdqrt export`")
         rest = tuple(dims[1:])
-        if not all(_is_int(d) and d > 0 for d in rest):
+        if not all(is_int(d) and d > 0 for d in rest):
             raise ConfigError(f"input {inp.get('name')!r} of unet.onnx has dynamic non-batch dimensions {dims}; only "
                               "the batch may vary")
         shapes[inp["name"]] = ((1, *rest), (opt_batch * k, *rest), (max_batch * k, *rest))

@@ -19,17 +19,16 @@ Batch is dynamic (``batch`` on every input and the output); the image size is fi
 ``class_labels`` are int64 ``[B]``; ``sample`` and ``eps`` are float32, or float16 for ``--dtype fp16`` (the whole
 graph is then FP16: float initializers, Q/DQ scales, I/O — what strongly typed TensorRT needs).
 
-The ``ort-cpu`` flavour is the same graph with two changes (notes/tensorrt-qdq.md §5): activation Q/DQ in uint8
-with zero point 128 — ``q_u8 = q_s8 + 128`` is the torch model's signed grid, so the input codes stay exact, ratio
-trick included — and a uint8 Q/DQ right after every quantized Conv/MatMul (before the ratio's ``Mul`` and the bias
+The ``ort-cpu`` flavour is the same graph with two changes (ONNX Runtime's quantization guide,
+https://onnxruntime.ai/docs/performance/model-optimizations/quantization.html): activation Q/DQ in uint8 with zero
+point 128 — ``q_u8 = q_s8 + 128`` is the torch model's signed grid, so the input codes stay exact, ratio trick
+included — and a uint8 Q/DQ right after every quantized Conv/MatMul (before the ratio's ``Mul`` and the bias
 ``Add``), the node unit ONNX Runtime fuses into QLinearConv / QLinearMatMul. That output quantization is an
 approximation the torch model does not have. Its grids come from the calibration set
-(:func:`tdqrt.export.qdq.calibrate_output_grids`): the min/max of each conv's output, the rule that measured best —
-a 99.99th-percentile range changed the error by ≤ 3 %, a 99.9th more than doubled it, a symmetric zero point 128
-cost 8-10 %. Its cost, measured by :mod:`tdqrt.tools.validate` on the small digits model: the ε error against FP
-grows from 0.0066-0.0114 to 0.0077-0.0153 (relative L2, t ≥ 160; minmax W8A8), about as much error again as the
-weight and input quantization already make, for 1.45-1.8x the FP32 speed of ONNX Runtime on one CPU thread at
-batch 16 (the TensorRT graph runs at 0.6x there: ORT keeps its convs in float).
+(:func:`tdqrt.export.qdq.calibrate_output_grids`): the min/max of each conv's output, which measured better than
+percentile ranges or a symmetric zero point. What it costs in ε error and what it gains in speed is measured in the
+README ("The ort-cpu flavour") and docs/results.md; without the output Q, ONNX Runtime keeps the TensorRT graph's
+convs in float, so that graph runs slower than FP32 there.
 """
 from __future__ import annotations
 
@@ -47,7 +46,7 @@ from torch import nn
 
 from tdqrt.calibration.quant.calib_set import CalibrationSet
 from tdqrt.calibration.quant.qmodel import QuantizedModel
-from tdqrt.engines.config import config_from_dict
+from tdqrt.engines.config import check_choice, check_int, check_real, config_from_dict, invalid
 from tdqrt.engines.errors import ArtifactError, ConfigError
 from tdqrt.export.lint import MAX_IR_VERSION, WEIGHTED_OPS, get_flavour
 from tdqrt.export.qdq import (RATIO_OPS, ExportUNet, QDQPlan, build_fp_module, build_qdq_module,
@@ -82,27 +81,20 @@ class ExportConfig:
 
     def __post_init__(self) -> None:
         flavour = get_flavour(self.target)
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype {self.dtype!r} must be one of {sorted(DTYPES)}")
+        check_choice("ExportConfig.dtype", self.dtype, sorted(DTYPES), flag="--dtype")
         if self.dtype not in flavour.dtypes:
-            raise ConfigError(f"target {self.target} exports dtype {' or '.join(flavour.dtypes)} only, not "
-                              f"{self.dtype} ({flavour.backend} needs float32 Q/DQ scales to fuse); drop --dtype")
-        if self.ratio_op not in RATIO_OPS:
-            raise ConfigError(f"ratio_op {self.ratio_op!r} must be one of {RATIO_OPS}")
+            raise invalid("ExportConfig.dtype", self.dtype, f"{' or '.join(flavour.dtypes)} for target {self.target}",
+                          f"drop --dtype ({flavour.backend} needs float32 Q/DQ scales to fuse)", flag="--dtype")
+        check_choice("ExportConfig.ratio_op", self.ratio_op, RATIO_OPS, flag="--ratio-op")
         if self.opset is not None:
-            if not isinstance(self.opset, int) or isinstance(self.opset, bool):
-                raise ConfigError(f"opset must be an integer, got {self.opset!r}")
             low = flavour.fp16_min_opset if self.dtype == "fp16" else flavour.min_opset
-            if not low <= self.opset <= flavour.max_opset:
-                why = " (fp16 Q/DQ scales need QuantizeLinear-19)" if self.dtype == "fp16" else ""
-                raise ConfigError(f"opset {self.opset} is outside [{low}, {flavour.max_opset}] for target "
-                                  f"{self.target} with dtype {self.dtype}{why}")
-        if not self.external_data_mb > 0:
-            raise ConfigError(f"external_data_mb must be > 0, got {self.external_data_mb}")
-        if not isinstance(self.trace_batch, int) or self.trace_batch < 1:
-            raise ConfigError(f"trace_batch must be an integer >= 1, got {self.trace_batch!r}")
-        if not isinstance(self.calib_samples, int) or isinstance(self.calib_samples, bool) or self.calib_samples < 1:
-            raise ConfigError(f"calib_samples must be an integer >= 1, got {self.calib_samples!r}")
+            why = " (fp16 Q/DQ scales need QuantizeLinear-19)" if self.dtype == "fp16" else ""
+            check_int("ExportConfig.opset", self.opset, low, flavour.max_opset, flag="--opset",
+                      fix=f"pick an opset in [{low}, {flavour.max_opset}] for target {self.target} with dtype "
+                          f"{self.dtype}{why}, or leave it unset")
+        check_real("ExportConfig.external_data_mb", self.external_data_mb, above=0.0, finite=False)
+        check_int("ExportConfig.trace_batch", self.trace_batch, 1)
+        check_int("ExportConfig.calib_samples", self.calib_samples, 1, flag="--calib-samples")
 
     @property
     def resolved_opset(self) -> int:

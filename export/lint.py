@@ -1,10 +1,11 @@
 """``tdqrt lint``: check an exported ONNX model (or a whole bundle) against the rules its target needs.
 
-Our own Q/DQ rules (TensorRT explicit quantization, notes/tensorrt-qdq.md §1; ONNX Runtime CPU, §5), then
+Our own Q/DQ rules (TensorRT's explicit quantization, Developer Guide "Working with Quantized Types"; ONNX Runtime's
+quantization guide, https://onnxruntime.ai/docs/performance/model-optimizations/quantization.html), then
 ``onnx.checker`` (full check), ONNX shape inference (strict, type-checked), ``polygraphy check lint`` (runs the
-graph node by node in ONNX Runtime) and, for ``ort-cpu``, the fusion count of ONNX Runtime's optimized graph.
-Every finding names the node and says how to fix it. The result is a :class:`LintReport`: truthy when there is no
-error, serialisable to JSON.
+graph node by node in ONNX Runtime) and, for ``ort-cpu``, the fusion count of ONNX Runtime's optimized graph. Every
+finding names the node and says how to fix it. The result is a :class:`LintReport`: truthy when there is no error,
+serialisable to JSON.
 
 Rules for the ``trt`` target:
 
@@ -27,7 +28,7 @@ Rules for the ``ort-cpu`` target (what differs; the weight, scale and per-tensor
 
 * activation zero points are **uint8** (x86 ORT forms int8 kernels only for U8S8: it rewrites a simple int8
   Q -> DQ pair into uint8 itself, but not one whose Q has several consumers, which then stays unfused, and forcing
-  S8S8 kernels is 3.5-4x slower than FP32 — notes §5); weights stay int8 with zero point 0;
+  S8S8 kernels is slower than FP32); weights stay int8 with zero point 0;
 * every quantized Conv's and MatMul's output goes to exactly one QuantizeLinear (error ``output-not-quantized``):
   ORT forms QLinearConv / QLinearMatMul only from ``DQ -> op -> Q`` and otherwise runs a Conv (and a 2-D MatMul
   followed by its bias Add, which it folds into a Gemm) in float on dequantized inputs;

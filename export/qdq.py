@@ -7,14 +7,14 @@ op computes (divide, round half to even, add the zero point, saturate to int8 / 
 so the export module *is* the fake-quant model numerically (plus the output grids of ``ort-cpu``), and tracing sees
 ordinary tensors.
 
-Graph of one quantized Conv (notes/tensorrt-qdq.md §2(d); ``r_t = s_ref / s_t``, ``ρ_t = 1/r_t = s_t / s_ref``)::
+Graph of one quantized Conv (``r_t = s_ref / s_t``, ``ρ_t = 1/r_t = s_t / s_ref``)::
 
     per-timestep layer:  x → Div(ρ_t) → Q(s_ref) → DQ(s_ref) ─┐
                                        W_int8 → DQ(s_w, axis 0) ┴→ Conv(no bias) → Mul(ρ_t) → Add(b)
     static layer:        x → Q(s) → DQ(s) ─┐
                          W_int8 → DQ(s_w) ─┴→ Conv(bias b)
 
-``ort-cpu`` flavour (ONNX Runtime x86 CPU, notes §5): the activation Q/DQ are uint8 with zero point 128 —
+``ort-cpu`` flavour (ONNX Runtime x86 CPU): the activation Q/DQ are uint8 with zero point 128 —
 ``q_u8 = q_s8 + 128``, the same grid, so the codes stay exact — and every Conv gets a uint8 ``Q(s_out, z_out) →
 DQ`` right after it (before ``Mul(ρ_t)`` / ``Add(b)``), which is what ORT fuses into QLinearConv
 (QLinearMatMul for a Linear)::
@@ -34,15 +34,15 @@ its bias Add) and becomes QLinearMatMul: without it ORT fuses a 3-D MatMul into 
 build-time constant as TensorRT requires, and the bias is added after the un-scaling Mul (``Conv(ρx)+b ≠
 ρ(Conv(x)+b)``).
 
-``Div(ρ_t)`` is ``Mul(r_t)`` of the notes in a form that is *bit-exact*: with a power-of-two ``s_ref`` the table
+``Div(ρ_t)`` is ``Mul(r_t)`` in a form that is *bit-exact*: with a power-of-two ``s_ref`` the table
 value ``s_t / s_ref`` is exact in float32 and ``(x / ρ_t) / s_ref`` rounds exactly like the torch model's
 ``x / s_t``, so the activation codes equal those of ``Q(x; s_t)`` element for element, ties included.
 ``ratio_op="mul"`` emits the literal ``Mul(r_t)`` (``r_t`` rounded to float32, a second table); its codes differ
-only within float rounding of a tie (measured: 2 in 2.3 M codes). Both are plain pointwise ops on a runtime
+only within float rounding of a tie. Both are plain pointwise ops on a runtime
 tensor for TensorRT.
 
 A Linear becomes ``MatMul(DQ(x), DQ(W^T))`` with the int8 weight stored pre-transposed ``[K, N]`` and the
-per-output-channel scale on axis 1 (notes §1.3: MatMul with B = [K, N] → axis 1), followed by ``Add(b)``; a
+per-output-channel scale on axis 1 (the output-channel axis of B = [K, N]), followed by ``Add(b)``; a
 MatMul handles 2-D and 3-D inputs (diffusers attention) alike, where a Gemm only takes 2-D.
 
 Reference scale: ``s_ref = 2^round(log2(geometric mean over t of s_t))``. Any positive constant is exact in real
@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tdqrt.calibration.quant.qmodel import QuantizedModel, QuantLayer
+from tdqrt.engines.config import check_choice
 from tdqrt.engines.errors import ArtifactError, ConfigError, DataError
 from tdqrt.export.lint import FLAVOURS, Flavour
 
@@ -380,15 +381,14 @@ def build_qdq_module(qm: QuantizedModel, ratio_op: str = "div",
     ``s_t / s_ref``; with a power-of-two ``s_ref`` this makes ``x / (s_t/s_ref) / s_ref`` bit-identical to the torch
     model's ``x / s_t``, so the activation codes are *exactly* those of ``Q(x; s_t)``, ties included.
     ``"mul"`` multiplies by ``r_t = s_ref / s_t`` rounded to float32: the same math, codes equal except within
-    float rounding of a tie (the form of notes §2(d)). After the conv both use ``Mul(s_t / s_ref)``.
+    float rounding of a tie. After the conv both use ``Mul(s_t / s_ref)``.
 
     ``flavour`` sets the activation zero point (int8 0 / uint8 128) and whether outputs get a Q/DQ; when they do,
     :func:`calibrate_output_grids` must run before the module is traced.
     """
     import copy
 
-    if ratio_op not in RATIO_OPS:
-        raise ConfigError(f"ratio_op {ratio_op!r} must be one of {RATIO_OPS}")
+    check_choice("ratio_op", ratio_op, RATIO_OPS, flag="--ratio-op")
     if not qm.frozen:
         raise ConfigError("only a frozen quantized model can be exported; load it with load_model_dir")
     plan = QDQPlan(qm)

@@ -6,7 +6,7 @@ engine call and the sampler's own DDIM/DDPM update (``tdqrt.runtime.sampling``, 
     ε' = g_i·ε̂ − h_i − s_i·z1,     σ' = σ'_i
 
 with per-step coefficients precomputed once from a :class:`~tdqrt.runtime.d2.D2Table` (shape ``[K]`` tensor-wise
-or ``[K, 1, C, 1, 1]`` per channel; see notes §2.3–2.4, §3.2 and the table in §5):
+or ``[K, 1, C, 1, 1]`` per channel; D²-DPM, arXiv 2501.08180, and PTQD, arXiv 2305.10657):
 
     S-D²  g = 1 − β,   h = a,              s = σ_cond,  σ' = σ_t                    (sampled error, z1 ~ N(0, I))
     D-D²  g = 1 − β,   h = a,              s = 0,       σ' = absorb(σ_cond)         (conditional mean only)
@@ -113,21 +113,21 @@ class _D2Correction(EpsCorrection):
 
 
 class StochasticD2(_D2Correction):
-    """S-D² (notes §2.3): subtract one sampled error, ε' = (1 − β)ε̂ − a − σ_cond·z1; σ' = σ_t unchanged."""
+    """S-D² (D²-DPM): subtract one sampled error, ε' = (1 − β)ε̂ − a − σ_cond·z1; σ' = σ_t unchanged."""
 
     def __init__(self, table: D2Table, sampler: Sampler, granularity: str = "channel", *, force: bool = False):
         super().__init__(table, sampler, granularity, force, absorb=False)
 
 
 class DeterministicD2(_D2Correction):
-    """D-D² (notes §2.4): ε' = (1 − β)ε̂ − a; with η > 0 the residual c_t²σ_cond² leaves the sampler noise."""
+    """D-D² (D²-DPM): ε' = (1 − β)ε̂ − a; with η > 0 the residual c_t²σ_cond² leaves the sampler noise."""
 
     def __init__(self, table: D2Table, sampler: Sampler, granularity: str = "channel", *, force: bool = False):
         super().__init__(table, sampler, granularity, force, absorb=True)
 
 
 class PTQDCorrection(EpsCorrection):
-    """PTQD (notes §3.2): ε' = (ε̂ − b_c)/(1 + k⁺), σ' = absorb(σ_q/(1 + k⁺)).
+    """PTQD (arXiv 2305.10657): ε' = (ε̂ − b_c)/(1 + k⁺), σ' = absorb(σ_q/(1 + k⁺)).
 
     PTQD's granularity is fixed by the method: k and σ_q per step, the bias b_c per (step, channel).
     """

@@ -10,12 +10,12 @@ Moments (``MOMENTS``, last axis of every moment array ``[K, C, 9]``), summed ove
 samples at step k, with q = ε̂, d = Δ, e = ε:  n, Σq, Σd, Σe, Σq², Σd², Σe², Σqd, Σed. The tensor-wise sums are
 the channel sums added up (``moments.sum(axis=1)``).
 
-D² fit (notes §2.1–2.2), per t (and c):
+D² fit (D²-DPM's bivariate Gaussian), per t (and c):
     μ_X = mean ε̂,  μ_Y = mean Δ,  Σ00 = Var ε̂,  Σ01 = Cov(ε̂, Δ),  Σ11 = Var Δ   (unbiased, ddof = 1)
     ρ = clamp(Σ01 / (σ_X σ_Y), ±0.9999),  β = ρ σ_Y / σ_X,  a = μ_Y − β μ_X,  σ_cond = σ_Y sqrt(1 − ρ²)
 so that E[Δ | ε̂] = μ_Y + β(ε̂ − μ_X) = a + β ε̂ and ε̂ − E[Δ | ε̂] = (1 − β) ε̂ − a.
 
-PTQD fit (notes §3.1), per t from the *unfiltered* moments (PTQD has no outlier filter):
+PTQD fit (PTQD's correlated/uncorrelated error split), per t from the *unfiltered* moments (PTQD has no outlier filter):
     k = Cov(ε, Δ) / Var(ε) pooled over channels,  k⁺ = max(k, 0),  b_c = mean Δ of channel c,
     σ_q = std(Δ − k⁺ ε − b_c) pooled over all elements (ddof = 1).
 σ_q is the pooled residual std after removing the per-channel bias: a cleaner variant of the paper code's mean of
@@ -53,7 +53,7 @@ _M = {name: i for i, name in enumerate(MOMENTS)}
 # free of 0/0 and its results are replaced by 0 afterwards.
 _UNIT_MOMENTS = np.array([2.0, 0, 0, 0, 2, 2, 2, 0, 0])
 
-RHO_MAX = 0.9999  # the original code's clamp on the correlation (notes §2.2)
+RHO_MAX = 0.9999  # the D²-DPM reference code's clamp on the correlation
 ZERO_VAR_RTOL = 1e-12  # a variance below this fraction of E[x²] is cancellation noise, i.e. zero
 
 STATUS_OK, STATUS_FEW, STATUS_CONST_X, STATUS_CONST_Y = 0, 1, 2, 3
@@ -123,7 +123,7 @@ class GaussianFit:
 
     @classmethod
     def from_moments(cls, m: np.ndarray) -> "GaussianFit":
-        """Fit (notes §2.2): ρ clamped to ±RHO_MAX, β = ρσ_Y/σ_X, a = μ_Y − βμ_X, σ_cond = σ_Y·sqrt(1 − ρ²)."""
+        """Fit (D²-DPM): ρ clamped to ±RHO_MAX, β = ρσ_Y/σ_X, a = μ_Y − βμ_X, σ_cond = σ_Y·sqrt(1 − ρ²)."""
         status = _status(m, "q", "d")
         ok = status == STATUS_OK
         m = np.where(ok[..., None], m, _UNIT_MOMENTS)  # degenerate rows become a harmless unit Gaussian, zeroed below
@@ -148,7 +148,7 @@ class PTQDFit:
 
     @classmethod
     def from_moments(cls, m: np.ndarray) -> "PTQDFit":
-        """k = Cov(ε, Δ)/Var(ε) over all elements; b_c = mean Δ_c; σ_q = pooled std of Δ − k⁺ε − b_c (notes §3.1)."""
+        """k = Cov(ε, Δ)/Var(ε) over all elements; b_c = mean Δ_c; σ_q = pooled std of Δ − k⁺ε − b_c (PTQD)."""
         pooled = m.sum(axis=1)
         status = _status(pooled, "e")
         status[(m[..., _M["n"]] < 1).any(axis=1)] = STATUS_FEW  # b_c needs pairs in every channel

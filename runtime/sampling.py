@@ -28,11 +28,12 @@ from tqdm.auto import tqdm
 
 from tdqrt.engines.denoiser import Denoiser
 from tdqrt.engines.errors import ConfigError, DataError
-from tdqrt.engines.config import config_from_dict
+from tdqrt.engines.config import check_choice, check_int, check_real, config_from_dict
 from tdqrt.runtime.philox import normal_from_words, philox4x32_words
-from tdqrt.runtime.schedules import NoiseSchedule, _is_int, _is_number
+from tdqrt.runtime.schedules import NoiseSchedule
 
 SAMPLER_KINDS = ("ddim", "ddpm")
+NOISE_CHUNK_BYTES = {"cpu": 1 << 20, "accelerator": 16 << 20}  # output per batched noise evaluation (NoiseSource.draws)
 SPACINGS = ("uniform", "quadratic")
 
 
@@ -51,23 +52,16 @@ class SamplerConfig:
     guidance_scale: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.kind not in SAMPLER_KINDS:
-            raise ConfigError(f"sampler kind {self.kind!r} is not supported; use one of {list(SAMPLER_KINDS)}.")
-        if not _is_int(self.steps) or self.steps < 1:
-            raise ConfigError(f"steps={self.steps!r} is invalid; it must be an integer >= 1 (e.g. 50).")
-        if not _is_number(self.eta) or not 0.0 <= self.eta <= 1.0:
-            raise ConfigError(
-                f"eta={self.eta!r} is invalid; it must be a number in [0, 1] (0 = deterministic DDIM, 1 = DDPM-like)."
-            )
-        if self.spacing not in SPACINGS:
-            raise ConfigError(f"spacing {self.spacing!r} is not supported; use one of {list(SPACINGS)}.")
-        if not _is_number(self.guidance_scale) or not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
-            raise ConfigError(
-                f"guidance_scale={self.guidance_scale!r} is invalid; it must be a finite number >= 0 "
-                "(1.0 = no classifier-free guidance)."
-            )
-        object.__setattr__(self, "eta", float(self.eta))  # canonical floats so to_dict round-trips exactly
-        object.__setattr__(self, "guidance_scale", float(self.guidance_scale))
+        check_choice("SamplerConfig.kind", self.kind, SAMPLER_KINDS, flag="--sampler")
+        check_int("SamplerConfig.steps", self.steps, 1, flag="--steps", fix="give an integer >= 1 (e.g. 50)")
+        # canonical floats so to_dict round-trips exactly
+        object.__setattr__(self, "eta", check_real(
+            "SamplerConfig.eta", self.eta, 0.0, 1.0, flag="--eta",
+            fix="give a number in [0, 1] (0 = deterministic DDIM, 1 = DDPM-like)"))
+        check_choice("SamplerConfig.spacing", self.spacing, SPACINGS, flag="--spacing")
+        object.__setattr__(self, "guidance_scale", check_real(
+            "SamplerConfig.guidance_scale", self.guidance_scale, 0.0, flag="--guidance",
+            fix="give a finite number >= 0 (1.0 = no classifier-free guidance)"))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -84,10 +78,7 @@ def make_timesteps(num_train_timesteps: int, steps: int, spacing: str) -> Tensor
     "quadratic" is the DDIM paper's "quad" grid ``int(linspace(0, sqrt(0.8·T), steps)²)``, denser at small t.
     """
     T = num_train_timesteps
-    if not _is_int(steps) or not 1 <= steps <= T:
-        raise ConfigError(
-            f"steps={steps!r} is invalid for a schedule with T={T} training timesteps; use 1 <= steps <= {T}."
-        )
+    check_int("steps", steps, 1, T, flag="--steps", fix=f"use 1 <= steps <= {T} (the schedule's T)")
     if spacing == "uniform":
         grid = np.arange(steps, dtype=np.int64) * (T // steps)
     elif spacing == "quadratic":
@@ -98,7 +89,7 @@ def make_timesteps(num_train_timesteps: int, steps: int, spacing: str) -> Tensor
                 "use fewer steps or spacing='uniform'."
             )
     else:
-        raise ConfigError(f"spacing {spacing!r} is not supported; use one of {list(SPACINGS)}.")
+        check_choice("spacing", spacing, SPACINGS, flag="--spacing")
     return torch.from_numpy(grid[::-1].copy())
 
 
@@ -148,8 +139,7 @@ class NoiseSource:
         stream: int = 0,
     ) -> None:
         indices = torch.as_tensor(sample_indices, dtype=torch.long).reshape(-1).tolist()
-        if not _is_int(seed) or seed < 0:
-            raise ConfigError(f"seed={seed!r} is invalid; it must be an integer >= 0.")
+        check_int("seed", seed, 0, flag="--seed")
         if not indices or min(indices) < 0 or len(set(indices)) != len(indices):
             raise ConfigError(
                 f"sample_indices {indices[:16]} must be a non-empty list of distinct integers >= 0 "
@@ -198,12 +188,11 @@ class NoiseSource:
     def draws(self, count: int, shape: Sequence[int], chunk_bytes: Optional[int] = None) -> Iterator[Tensor]:
         """The next ``count`` draws one at a time, evaluated in chunks of up to ``chunk_bytes`` of output, so one
         batched evaluation (about a hundred element-wise ops, temporaries near ten times the chunk) serves several
-        sampling steps. Default: 16 MiB on an accelerator, where it shares the kernel launches; 1 MiB on the CPU,
-        where it shares the per-op overhead without leaving the cache (1 thread, per draw: 16×1×16×16 0.29 ms vs
-        1.07 ms one at a time; 100×1×16×16 1.17 vs 2.06 ms; 64×3×32×32 9.0 vs 8.6 ms, and 10.7 ms with 4 MiB
-        chunks). Draws are taken from the stream as each chunk is made."""
+        sampling steps. Default: ``NOISE_CHUNK_BYTES`` of the device type — large on an accelerator, where a chunk
+        shares the kernel launches; small on the CPU, where it shares the per-op overhead without leaving the cache
+        (larger CPU chunks measured slower). Draws are taken from the stream as each chunk is made."""
         if chunk_bytes is None:
-            chunk_bytes = (1 if self.device.type == "cpu" else 16) << 20
+            chunk_bytes = NOISE_CHUNK_BYTES["cpu" if self.device.type == "cpu" else "accelerator"]
         per_draw = 4 * len(self) * math.prod(shape)
         chunk = max(1, min(count, chunk_bytes // max(per_draw, 1)))
         left = count

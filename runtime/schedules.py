@@ -13,18 +13,9 @@ from typing import Any, Mapping
 
 import torch
 
-from tdqrt.engines.config import config_from_dict
-from tdqrt.engines.errors import ConfigError
+from tdqrt.engines.config import check_choice, check_int, check_real, config_from_dict, invalid
 
 SCHEDULE_KINDS = ("linear", "cosine", "scaled_linear")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -41,25 +32,16 @@ class ScheduleConfig:
     beta_end: float = 0.02
 
     def __post_init__(self) -> None:
-        if self.kind not in SCHEDULE_KINDS:
-            raise ConfigError(
-                f"schedule kind {self.kind!r} is not supported; use one of {list(SCHEDULE_KINDS)}."
-            )
-        if not _is_int(self.num_train_timesteps) or self.num_train_timesteps < 2:
-            raise ConfigError(
-                f"num_train_timesteps={self.num_train_timesteps!r} is invalid; it must be an integer >= 2 "
-                "(the number of diffusion steps the model was trained with, usually 1000)."
-            )
+        check_choice("ScheduleConfig.kind", self.kind, SCHEDULE_KINDS, flag="--schedule")
+        check_int("ScheduleConfig.num_train_timesteps", self.num_train_timesteps, 2,
+                  fix="give the number of diffusion steps the model was trained with, usually 1000")
         for name in ("beta_start", "beta_end"):
-            value = getattr(self, name)
-            if not _is_number(value) or not 0.0 < value < 1.0:
-                raise ConfigError(f"{name}={value!r} is invalid; it must be a number in (0, 1), e.g. 1e-4 / 0.02.")
-            object.__setattr__(self, name, float(value))  # canonical float so to_dict round-trips exactly
+            value = check_real(f"ScheduleConfig.{name}", getattr(self, name), above=0.0, below=1.0,
+                               fix="give a number in (0, 1), e.g. 1e-4 / 0.02")
+            object.__setattr__(self, name, value)  # canonical float so to_dict round-trips exactly
         if self.beta_start > self.beta_end:
-            raise ConfigError(
-                f"beta_start={self.beta_start} is larger than beta_end={self.beta_end}; "
-                "betas must grow with t, swap the two values."
-            )
+            raise invalid("ScheduleConfig.beta_start", self.beta_start, f"<= beta_end={self.beta_end}",
+                          "betas must grow with t, swap the two values")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,8 +1,9 @@
 """How much of the quantization error the Gaussian D² model can remove, per statistics directory.
 
 Per step, the error Δ = ε̂ − ε has E[Δ²] = μ_Δ² + σ_Δ²; the conditional-mean correction removes the mean and the
-part linear in ε̂, μ_Δ² + ρ²σ_Δ² (methods-d2-ptqd.md §2). Their ratio, averaged over the steps, bounds what D-D² can
-do to the per-step ε error; |ρ| and the mean's share say where it comes from (tensor-wise fits).
+part linear in ε̂, μ_Δ² + ρ²σ_Δ² (D²-DPM's Gaussian model, arXiv 2501.08180). Their ratio, averaged over the steps,
+bounds what D-D² can do to the per-step ε error; |ρ| and the mean's share say where it comes from (tensor-wise
+fits).
 
     python scripts/d2_diagnostics.py runs/d2-table/stats/* > runs/d2-table/diagnostics.json
 """

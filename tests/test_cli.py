@@ -47,3 +47,52 @@ def test_errors_exit_2_with_a_message(tmp_path, capsys):
     assert "not a model directory" in capsys.readouterr().err
     assert main(["train", "--model", "gigantic", "--out", str(tmp_path / "m")]) == 2
     assert "preset" in capsys.readouterr().err
+
+
+def _subcommand_parsers(parser, path=()):
+    """(command path, parser) for every subcommand, nested ones (bench unet, ...) included."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield (*path, name), sub
+                yield from _subcommand_parsers(sub, (*path, name))
+
+
+def test_help_shows_every_default_and_what_out_writes():
+    from tdqrt.tools.cli import _parser
+
+    commands = dict(_subcommand_parsers(_parser()))
+    assert {("train",), ("calibrate",), ("sample",), ("export",), ("bench", "calibrate"), ("env",)} <= set(commands)
+    for path, parser in commands.items():
+        text = " ".join(parser.format_help().split())  # undo the line wrapping
+        for action in parser._actions:
+            if not action.option_strings or action.nargs == 0 or action.default in (None, []):
+                continue  # positional, switch, or no default (its help says what happens then)
+            default = " ".join(str(action.default).split())
+            assert f"(default: {default})" in text, f"tdqrt {' '.join(path)} {action.option_strings[0]}"
+        out = next((a for a in parser._actions if "--out" in a.option_strings), None)
+        if out is not None:
+            assert any(w in out.help for w in ("write", "written", "keep")), f"tdqrt {' '.join(path)} --out"
+    export_help = " ".join(commands[("export",)].format_help().split())
+    assert "--target {trt,ort-cpu}" in export_help
+
+
+def test_export_targets_match_the_flavours():
+    from tdqrt.export.lint import FLAVOURS
+    from tdqrt.tools.cli import EXPORT_TARGETS
+
+    assert set(EXPORT_TARGETS) == set(FLAVOURS)
+
+
+def test_calibration_set_arguments_reach_both_commands():
+    """calibrate and bench calibrate take the calibration-set group, --seed included, and build the same config."""
+    from tdqrt.tools.cli import _calib_set_from_args, _parser
+
+    flags = ["--calib-num", "3", "--calib-keep", "2", "--calib-steps", "4", "--seed", "7"]
+    calibrate = _parser().parse_args(["calibrate", "--model", "m", "--out", "o", *flags])
+    bench = _parser().parse_args(["bench", "calibrate", "--model", "m", *flags])
+    expected = _calib_set_from_args(calibrate)
+    assert (expected.num, expected.keep_steps, expected.sampler.steps, expected.seed) == (3, 2, 4, 7)
+    assert _calib_set_from_args(bench) == expected

@@ -1,4 +1,4 @@
-"""The dependency direction of design.md: tools -> export -> calibration -> runtime -> engines.
+"""The dependency direction of the README's layout: tools -> export -> calibration -> runtime -> engines.
 
 An import may only point down that list (or stay inside its own layer), and a deployment host that imports
 ``tdqrt.runtime`` / ``tdqrt.engines`` must not pull in calibration or export code (nor training-only libraries).

@@ -324,7 +324,7 @@ VALID = dict(image_size=16, in_channels=1, base_channels=16, channel_mult=(1, 2)
 ])
 def test_invalid_unet_config(field, value):
     UNetConfig(**VALID)
-    with pytest.raises(ConfigError, match=f"UNetConfig.{field}="):
+    with pytest.raises(ConfigError, match=f"UNetConfig.{field}: expected "):
         UNetConfig(**{**VALID, field: value})
 
 

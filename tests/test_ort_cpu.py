@@ -1,5 +1,5 @@
 """The ``ort-cpu`` export flavour: uint8 Q/DQ with an output Q/DQ after every quantized conv, which ONNX Runtime's
-x86 CPU provider fuses into QLinearConv (notes/tensorrt-qdq.md §5).
+x86 CPU provider fuses into QLinearConv (README, "The ort-cpu flavour").
 
 On the tiny model, for a static method (minmax) and a per-timestep one (TDQ): the graph has the ort-cpu shape and
 lints clean, ORT fuses every quantized conv (counted in its optimized graph), the input codes are exactly the

@@ -194,13 +194,13 @@ def test_ddpm_full_chain_matches_diffusers(steps):
     "kwargs, fragment",
     [
         (dict(kind="euler"), "euler"),
-        (dict(steps=0), "steps=0"),
-        (dict(steps=2.5), "steps=2.5"),
-        (dict(eta=1.5), "eta=1.5"),
-        (dict(eta=-0.1), "eta=-0.1"),
+        (dict(steps=0), "--steps: expected an integer >= 1, got 0;"),
+        (dict(steps=2.5), "--steps: expected an integer >= 1, got 2.5;"),
+        (dict(eta=1.5), r"--eta: expected .*\[0.0, 1.0\], got 1.5;"),
+        (dict(eta=-0.1), "--eta: expected .*, got -0.1;"),
         (dict(spacing="karras"), "karras"),
-        (dict(guidance_scale=float("nan")), "guidance_scale=nan"),
-        (dict(guidance_scale=-1.0), "guidance_scale=-1.0"),
+        (dict(guidance_scale=float("nan")), "--guidance \\(guidance_scale\\): expected .*, got nan;"),
+        (dict(guidance_scale=-1.0), "--guidance \\(guidance_scale\\): expected .*, got -1.0;"),
     ],
 )
 def test_invalid_sampler_config_raises(kwargs, fragment):
@@ -225,7 +225,7 @@ def test_make_timesteps_grids():
     assert make_timesteps(1000, 10, "quadratic").tolist() == [800, 632, 483, 355, 246, 158, 88, 39, 9, 0]
     with pytest.raises(ConfigError, match="repeats timesteps"):
         make_timesteps(1000, 100, "quadratic")
-    with pytest.raises(ConfigError, match="steps=1001"):
+    with pytest.raises(ConfigError, match="--steps: expected an integer in \\[1, 1000\\], got 1001;"):
         Sampler(NoiseSchedule(), SamplerConfig(steps=1001))
 
 

@@ -39,10 +39,10 @@ def test_add_noise_matches_diffusers_and_keeps_dtype():
     "kwargs, fragment",
     [
         (dict(kind="sigmoid"), "sigmoid"),
-        (dict(num_train_timesteps=1), "num_train_timesteps=1"),
-        (dict(num_train_timesteps=10.0), "num_train_timesteps=10.0"),
-        (dict(beta_start=0.0), "beta_start=0.0"),
-        (dict(beta_end=1.5), "beta_end=1.5"),
+        (dict(num_train_timesteps=1), "num_train_timesteps: expected an integer >= 2, got 1;"),
+        (dict(num_train_timesteps=10.0), "num_train_timesteps: expected an integer >= 2, got 10.0;"),
+        (dict(beta_start=0.0), r"beta_start: expected .*\(0.0, 1.0\), got 0.0;"),
+        (dict(beta_end=1.5), "beta_end: expected .*, got 1.5;"),
         (dict(beta_start=0.03, beta_end=0.02), "swap"),
     ],
 )

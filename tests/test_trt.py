@@ -59,7 +59,8 @@ def test_build_config_defaults_and_validation():
     for kwargs in bad:
         with pytest.raises(ConfigError):
             BuildConfig(**kwargs)
-    with pytest.raises(ConfigError, match=r"--opt-batch must be an integer in \[1, --max-batch 4\]"):
+    with pytest.raises(ConfigError, match=r"--opt-batch: expected an integer in \[1, 4\] or None, got 8; fix: .*"
+                                          r"--max-batch 4"):
         BuildConfig(max_batch=4, opt_batch=8)
     with pytest.raises(ConfigError, match="0..5"):
         BuildConfig(opt_level=7)
@@ -279,7 +280,8 @@ def test_cli_build_trt_without_tensorrt_names_the_extra(tmp_path, capsys):
 
 def test_cli_build_refuses_bad_settings_before_anything_else(tmp_path, capsys):
     assert main(["build", "--bundle", str(tmp_path), "--backend", "ort", "--max-batch", "2", "--opt-batch", "4"]) == 2
-    assert "--opt-batch must be an integer in [1, --max-batch 2]" in capsys.readouterr().err
+    assert "--opt-batch: expected an integer in [1, 2] or None, got 4; fix: give an integer in [1, --max-batch 2]" \
+        in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------------------------

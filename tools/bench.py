@@ -38,7 +38,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime as _dt
-import math
 import multiprocessing
 import os
 import platform
@@ -47,10 +46,9 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -64,13 +62,14 @@ from tdqrt.calibration.quant.config import QuantConfig
 from tdqrt.calibration.quant.methods import method_spec, options_from_dict
 from tdqrt.engines.artifacts import versions, write_json_atomic
 from tdqrt.engines.bundle import Bundle, is_bundle_dir, open_bundle
-from tdqrt.engines.config import config_from_dict
+from tdqrt.engines.config import check_choice, check_int, check_real, config_from_dict, invalid, is_int
 from tdqrt.engines.denoiser import Denoiser
 from tdqrt.engines.errors import ConfigError
 from tdqrt.engines.ort import OrtDenoiser
+from tdqrt.engines.threads import torch_threads
 from tdqrt.runtime.corrections import CORRECTION_KINDS, GRANULARITIES
 from tdqrt.runtime.sampling import SamplerConfig, guided_eps, sample
-from tdqrt.runtime.schedules import NoiseSchedule, ScheduleConfig, _is_int, _is_number
+from tdqrt.runtime.schedules import NoiseSchedule, ScheduleConfig
 from tdqrt.tools.d2 import D2StatsJob, collect_to_dir
 from tdqrt.tools.plots import save_bars
 from tdqrt.tools.quality import markdown_table
@@ -191,18 +190,6 @@ def run_interleaved(variants: Sequence[str], measure: Callable[[str], Any], *, w
     return results
 
 
-@contextmanager
-def torch_threads(threads: Optional[int]) -> Iterator[int]:
-    """Run the block with ``threads`` torch intra-op threads (None: as they are); yields the count in effect."""
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield torch.get_num_threads()
-    finally:
-        torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------------------------------------- report
 
 
@@ -300,25 +287,26 @@ def format_report(report: dict) -> list[str]:
 
 
 def _check_common(cfg: Any, *, has_warmup: bool = True) -> None:
-    if has_warmup and (not _is_int(cfg.warmup) or cfg.warmup < 0):
-        raise ConfigError(f"warmup={cfg.warmup!r} is invalid; use an integer >= 0 (untimed calls per variant)")
-    if not _is_int(cfg.repeats) or cfg.repeats < 1:
-        raise ConfigError(f"repeats={cfg.repeats!r} is invalid; use an integer >= 1 (2 or more for a spread)")
-    if cfg.threads is not None and (not _is_int(cfg.threads) or cfg.threads < 1):
-        raise ConfigError(f"threads={cfg.threads!r} is invalid; use an integer >= 1, or leave it unset")
+    cls = type(cfg).__name__
+    if has_warmup:
+        check_int(f"{cls}.warmup", cfg.warmup, 0, flag="--warmup",
+                  fix="give an integer >= 0 (untimed calls per variant)")
+    check_int(f"{cls}.repeats", cfg.repeats, 1, flag="--repeats", fix="give an integer >= 1 (2 or more for a spread)")
+    check_int(f"{cls}.threads", cfg.threads, 1, optional=True, flag="--threads")
     dev = str(cfg.device)
     if dev != "cpu" and not dev.startswith("cuda"):
-        raise ConfigError(f"device={dev!r} is not supported; use cpu or cuda[:N]")
+        raise invalid(f"{cls}.device", dev, "cpu or cuda[:N]", "pick one of those", flag="--device")
     if dev.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={dev!r} but torch sees no CUDA device (torch.cuda.is_available() is False); "
-                          "use --device cpu")
+        raise invalid(f"{cls}.device", dev, "a device torch sees (torch.cuda.is_available() is False)",
+                      "use --device cpu", flag="--device")
 
 
 def _check_batches(batches: Sequence[int]) -> tuple[int, ...]:
-    if isinstance(batches, (str, bytes)) or not len(batches) or not all(_is_int(b) and b >= 1 for b in batches):
-        raise ConfigError(f"batch sizes {batches!r} are invalid; give one or more integers >= 1 (e.g. --batch 1 16 64)")
+    if isinstance(batches, (str, bytes)) or not len(batches) or not all(is_int(b) and b >= 1 for b in batches):
+        raise invalid("batches", batches, "one or more integers >= 1", "give sizes such as --batch 1 16 64",
+                      flag="--batch")
     if len(set(batches)) != len(batches):
-        raise ConfigError(f"batch sizes {list(batches)} repeat a value; list each once")
+        raise invalid("batches", list(batches), "distinct batch sizes", "list each once", flag="--batch")
     return tuple(batches)
 
 
@@ -326,12 +314,6 @@ def _check_dir(path: Optional[str], what: str, flag: str, marker: str) -> None:
     if path is not None and not Path(path, marker).is_file():
         raise ConfigError(f"{flag} {path} is not {what} (no {marker} there); pass the directory the matching "
                           "tdqrt command wrote")
-
-
-def _check_guidance(guidance: float) -> float:
-    if not _is_number(guidance) or not math.isfinite(guidance) or guidance < 0:
-        raise ConfigError(f"guidance={guidance!r} is invalid; use a finite number >= 0 (1 = no CFG)")
-    return float(guidance)
 
 
 # ---------------------------------------------------------------------------------------------- bench unet
@@ -369,12 +351,13 @@ class UnetBenchConfig:
     def __post_init__(self) -> None:
         _check_common(self)
         object.__setattr__(self, "batches", _check_batches(self.batches))
-        object.__setattr__(self, "guidance", _check_guidance(self.guidance))
+        object.__setattr__(self, "guidance", check_real("UnetBenchConfig.guidance", self.guidance, 0.0,
+                                                        flag="--guidance", fix="give a number >= 0 (1 = no CFG)"))
         object.__setattr__(self, "bundles", tuple(str(b) for b in self.bundles))
         if self.model is not None and self.preset is not None:
             raise ConfigError("give either --model (a trained checkpoint) or --preset (random weights), not both")
         if self.preset is not None and self.preset not in PRESET_NAMES:
-            raise ConfigError(f"unknown preset {self.preset!r}; use one of {list(PRESET_NAMES)}")
+            check_choice("UnetBenchConfig.preset", self.preset, list(PRESET_NAMES), flag="--preset")
         _check_dir(self.model, "an FP checkpoint", "--model", CARD_FILE)
         _check_dir(self.quant, "a quantized checkpoint", "--quant", QUANT_CARD)
         for b in self.bundles:
@@ -385,7 +368,9 @@ class UnetBenchConfig:
             object.__setattr__(self, "backends", tuple(self.backends))
             unknown = [b for b in self.backends if b not in UNET_BACKENDS]
             if unknown or not self.backends:
-                raise ConfigError(f"unknown backend(s) {unknown}; choose from {list(UNET_BACKENDS)}")
+                raise invalid("UnetBenchConfig.backends", list(self.backends),
+                              f"one or more of {', '.join(UNET_BACKENDS)}", f"drop the unknown backend(s) {unknown}",
+                              flag="--backends")
             needs = {"torch-fp32": (self.model or self.preset, "--model or --preset"),
                      "torch-fp16": (self.model or self.preset, "--model or --preset"),
                      "torch-fakequant": (self.quant, "--quant"), "ort-fp": (self.bundles, "--bundle"),
@@ -395,8 +380,7 @@ class UnetBenchConfig:
                     raise ConfigError(f"backend {b} needs {needs[b][1]}")
         if not (self.model or self.preset or self.quant or self.bundles):
             raise ConfigError("nothing to measure: give --model, --preset, --quant and/or --bundle")
-        if not _is_int(self.seed) or self.seed < 0:
-            raise ConfigError(f"seed={self.seed!r} is invalid; use an integer >= 0")
+        check_int(f"{type(self).__name__}.seed", self.seed, 0, flag="--seed")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -583,14 +567,12 @@ class LoopBenchConfig:
             object.__setattr__(self, "sampler", SamplerConfig.from_dict(self.sampler))
         if not Path(self.model).is_dir():
             raise ConfigError(f"--model {self.model} is not a directory; pass a checkpoint or a bundle directory")
-        if self.d2 not in CORRECTION_KINDS or self.d2_granularity not in GRANULARITIES:
-            raise ConfigError(f"d2={self.d2!r} / d2_granularity={self.d2_granularity!r}: use one of "
-                              f"{list(CORRECTION_KINDS)} / {list(GRANULARITIES)}")
+        check_choice("LoopBenchConfig.d2", self.d2, CORRECTION_KINDS, flag="--d2")
+        check_choice("LoopBenchConfig.d2_granularity", self.d2_granularity, GRANULARITIES, flag="--d2-granularity")
         if self.d2 != "off" and self.d2_stats is None and not is_bundle_dir(self.model):
             raise ConfigError(f"--d2 {self.d2} needs --d2-stats DIR (written by `tdqrt d2-stats` for this model), "
                               "a bundle that ships D² statistics, or --d2 off")
-        if not _is_int(self.seed) or self.seed < 0:
-            raise ConfigError(f"seed={self.seed!r} is invalid; use an integer >= 0")
+        check_int(f"{type(self).__name__}.seed", self.seed, 0, flag="--seed")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self) | {"sampler": self.sampler.to_dict()}
@@ -701,13 +683,14 @@ class CalibrateBenchConfig:
             object.__setattr__(self, "d2", config_from_dict(D2StatsJob, d2))
         methods = self.methods
         if isinstance(methods, str) or not methods or len(set(methods)) != len(methods):
-            raise ConfigError(f"methods {methods!r} must be a non-empty list of distinct method names "
-                              f"(from {list(CALIBRATION_METHODS)})")
+            raise invalid("CalibrateBenchConfig.methods", methods, "a non-empty list of distinct method names "
+                          f"(from {', '.join(CALIBRATION_METHODS)})", "list each method once", flag="--methods")
         object.__setattr__(self, "methods", tuple(methods))
         for m in self.methods:
             QuantConfig(method=m, wbits=self.wbits, abits=self.abits)  # names the bad method or bit width
         if not isinstance(self.options, Mapping):
-            raise ConfigError(f"options must map a method to its option overrides, got {self.options!r}")
+            raise invalid("CalibrateBenchConfig.options", self.options, "a mapping from a method to its option "
+                          "overrides", "give --option METHOD:KEY=VALUE", flag="--option")
         for m, opts in self.options.items():
             if m not in self.methods:
                 raise ConfigError(f"options given for {m!r}, which is not among the methods {list(self.methods)}")

@@ -12,76 +12,145 @@ from pathlib import Path
 
 from tdqrt.engines.errors import TdqrtError
 
+# tdqrt.export.lint.FLAVOURS, listed in --help (not imported here, so --help stays fast; an unknown target is refused
+# by ExportConfig in the one-line error style, not by argparse's usage dump)
+EXPORT_TARGETS = ("trt", "ort-cpu")
+CALIBRATION_METHODS = ("minmax", "mse", "brecq", "tdq-ptq", "tdq-qat")  # tdqrt.calibration.quant.config.METHODS
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: X)" after every option help, except where there is nothing to show: no default
+    (None, the help says what happens then), an on/off switch, or an empty repeatable list."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.nargs == 0 or action.default == []:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def _command(sub, name: str, help: str) -> argparse.ArgumentParser:
+    """A subcommand parser whose --help shows every default."""
+    return sub.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter)
+
+
+# ---------------------------------------------------------------------------------------------- argument groups
+# One add_*_args / *_from_args pair per config group, used by every subcommand that takes that group.
+
+
 def _add_sampler_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
-    p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta in [0, 1] (default 0)")
-    p.add_argument("--spacing", choices=("uniform", "quadratic"), default="uniform")
-    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+    g = p.add_argument_group("sampler")
+    g.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim", help="sampler kind")
+    g.add_argument("--steps", type=int, default=50, help="sampling steps")
+    g.add_argument("--eta", type=float, default=0.0, help="DDIM eta in [0, 1] (0 = deterministic)")
+    g.add_argument("--spacing", choices=("uniform", "quadratic"), default="uniform", help="timestep spacing")
+    g.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
 
 
-def _sampler_config(args: argparse.Namespace):
+def _sampler_from_args(args: argparse.Namespace):
     from tdqrt.runtime.sampling import SamplerConfig
 
     return SamplerConfig(kind=args.sampler, steps=args.steps, eta=args.eta, spacing=args.spacing,
                          guidance_scale=args.guidance)
 
 
+def _add_d2_args(p: argparse.ArgumentParser, default: str, *, bundle_stats: bool = False) -> None:
+    """``bundle_stats``: a bundle's own statistics are used when --d2-stats is not given."""
+    g = p.add_argument_group("quantization-error correction")
+    g.add_argument("--d2", choices=("off", "s", "d", "ptqd"), default=default,
+                   help="correction: S-D² (s), D-D² (d), PTQD (ptqd) or off")
+    g.add_argument("--d2-granularity", choices=("tensor", "channel"), default="channel",
+                   help="one correction per tensor or per channel")
+    g.add_argument("--d2-stats", type=Path, default=None,
+                   help="statistics directory from `tdqrt d2-stats`"
+                        + (" (default: the bundle's)" if bundle_stats else ""))
+    g.add_argument("--d2-force", action="store_true", help="use statistics collected for other settings")
+
+
+def _d2_from_args(args: argparse.Namespace) -> dict:
+    """The correction fields shared by SampleJob and LoopBenchConfig."""
+    return dict(d2=args.d2, d2_granularity=args.d2_granularity,
+                d2_stats=None if args.d2_stats is None else str(args.d2_stats), d2_force=args.d2_force)
+
+
+def _add_calib_set_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("calibration set")
+    g.add_argument("--calib", type=Path, default=None,
+                   help="reuse this calibration set directory (default: collect one with the settings below)")
+    g.add_argument("--calib-num", type=int, default=256, help="calibration trajectories")
+    g.add_argument("--calib-keep", type=int, default=20, help="kept steps per trajectory")
+    g.add_argument("--calib-steps", type=int, default=50, help="DDIM steps of the calibration sampler")
+    g.add_argument("--seed", type=int, default=1234, help="seed of the calibration sampler")
+
+
+def _calib_set_from_args(args: argparse.Namespace):
+    from tdqrt.calibration.quant.calib_set import CalibSetConfig
+    from tdqrt.runtime.sampling import SamplerConfig
+
+    return CalibSetConfig(num=args.calib_num, keep_steps=args.calib_keep, seed=args.seed,
+                          sampler=SamplerConfig(kind="ddim", steps=args.calib_steps))
+
+
+def _add_quant_args(p: argparse.ArgumentParser, *, methods: bool) -> None:
+    """Bit widths, and the method(s): one ``--method`` (calibrate) or several ``--methods`` (bench calibrate)."""
+    if methods:
+        p.add_argument("--methods", nargs="+", default=list(CALIBRATION_METHODS), metavar="METHOD",
+                       help="calibration methods")
+    else:
+        p.add_argument("--method", default="minmax", help=f"calibration method: {', '.join(CALIBRATION_METHODS)}")
+    p.add_argument("--wbits", type=int, default=8, help="weight bits")
+    p.add_argument("--abits", type=int, default=8, help="activation bits")
+
+
 def _add_bench_parsers(sub) -> None:
     """``tdqrt bench {unet,loop,calibrate}`` (tdqrt.tools.bench)."""
-    bench = sub.add_parser("bench", help="timings side by side in one run: UNet step, sampling loop, calibration")
+    bench = _command(sub, "bench", "timings side by side in one run: UNet step, sampling loop, calibration")
     kinds = bench.add_subparsers(dest="bench_kind", required=True, metavar="BENCH")
 
     def common(p: argparse.ArgumentParser, warmup: int | None, repeats: int) -> None:
         if warmup is not None:
-            p.add_argument("--warmup", type=int, default=warmup, help=f"untimed runs per variant (default {warmup})")
-        p.add_argument("--repeats", type=int, default=repeats, help=f"timed runs per variant (default {repeats})")
-        p.add_argument("--device", default="cpu")
+            p.add_argument("--warmup", type=int, default=warmup, help="untimed runs per variant")
+        p.add_argument("--repeats", type=int, default=repeats, help="timed runs per variant")
+        p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
         p.add_argument("--threads", type=int, default=None, help="torch and ONNX Runtime intra-op threads")
-        p.add_argument("--out", type=Path, default=None, help="result JSON (a bar chart goes beside it as .png)")
+        p.add_argument("--out", type=Path, default=None,
+                       help="result JSON to write (a bar chart of it goes beside it as .png; default: print only)")
         p.set_defaults(run=_run_bench)
 
-    p = kinds.add_parser("unet", help="UNet step latency per backend (torch FP32/FP16/fake-quant, ORT FP/INT8)")
+    p = _command(kinds, "unet", "UNet step latency per backend (torch FP32/FP16/fake-quant, ORT FP/INT8)")
     p.add_argument("--model", type=Path, default=None, help="FP checkpoint directory")
     p.add_argument("--preset", default=None, help="random weights of this architecture instead of --model")
-    p.add_argument("--image-size", type=int, default=32, help="--preset only (default 32)")
-    p.add_argument("--channels", type=int, default=3, help="--preset only (default 3)")
+    p.add_argument("--image-size", type=int, default=32, help="--preset only: image side")
+    p.add_argument("--channels", type=int, default=3, help="--preset only: image channels")
     p.add_argument("--classes", type=int, default=0, help="--preset only: class count, 0 = unconditional")
     p.add_argument("--quant", type=Path, default=None, help="quantized checkpoint directory (torch fake-quant)")
     p.add_argument("--bundle", type=Path, action="append", default=[], help="bundle from `tdqrt export`; repeatable")
     p.add_argument("--backends", nargs="+", default=None,
                    help="subset of torch-fp32 torch-fp16 torch-fakequant ort-fp ort-int8 (default: all with a source)")
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64], help="batch sizes")
     p.add_argument("--guidance", type=float, default=1.0, help="CFG scale; > 1 doubles the batch the UNet sees")
     p.add_argument("--baseline", default=None, help="variant the speedups refer to (default torch-fp32)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     common(p, warmup=3, repeats=10)
 
-    p = kinds.add_parser("loop", help="sampling throughput with D² off/on, loop overhead and D² update share")
+    p = _command(kinds, "loop", "sampling throughput with D² off/on, loop overhead and D² update share")
     p.add_argument("--model", required=True, type=Path, help="FP or quantized checkpoint, or bundle directory")
-    p.add_argument("--batch", type=int, nargs="+", default=[64])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, nargs="+", default=[64], help="batch sizes")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
     _add_sampler_args(p)
-    p.add_argument("--d2", choices=("off", "s", "d", "ptqd"), default="d", help="correction of the 'on' variant")
-    p.add_argument("--d2-granularity", choices=("tensor", "channel"), default="channel")
-    p.add_argument("--d2-stats", type=Path, default=None, help="`tdqrt d2-stats` directory (default: the bundle's)")
-    p.add_argument("--d2-force", action="store_true", help="use statistics collected for other settings")
+    _add_d2_args(p, default="d", bundle_stats=True)
     common(p, warmup=1, repeats=5)
 
-    p = kinds.add_parser("calibrate", help="calibration wall time and peak memory per method, and of D² collection")
+    p = _command(kinds, "calibrate", "calibration wall time and peak memory per method, and of D² collection")
     p.add_argument("--model", required=True, type=Path, help="FP checkpoint directory")
-    p.add_argument("--methods", nargs="+", default=["minmax", "mse", "brecq", "tdq-ptq", "tdq-qat"])
-    p.add_argument("--wbits", type=int, default=8)
-    p.add_argument("--abits", type=int, default=8)
+    _add_quant_args(p, methods=True)
     p.add_argument("--option", action="append", default=[], metavar="METHOD:KEY=VALUE",
                    help="method option override (e.g. brecq:iters_w=50); repeatable")
-    p.add_argument("--calib", type=Path, default=None, help="reuse this calibration set (else one is collected)")
-    p.add_argument("--calib-num", type=int, default=256)
-    p.add_argument("--calib-keep", type=int, default=20)
-    p.add_argument("--calib-steps", type=int, default=50)
+    _add_calib_set_args(p)
     p.add_argument("--d2-num", type=int, default=64, help="D² collection trajectories (0 skips the D² job)")
-    p.add_argument("--d2-steps", type=int, default=50)
-    p.add_argument("--work", type=Path, default=None, help="keep the outputs here (default: a temporary directory)")
+    p.add_argument("--d2-steps", type=int, default=50, help="sampler steps of the D² collection")
+    p.add_argument("--work", type=Path, default=None,
+                   help="keep the calibrated models, calibration set and D² statistics here (default: a temporary "
+                        "directory, removed)")
     common(p, warmup=None, repeats=1)
 
 
@@ -89,144 +158,147 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tdqrt", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train an FP diffusion UNet (EMA, resumable)")
+    p = _command(sub, "train", "train an FP diffusion UNet (EMA, resumable)")
     p.add_argument("--data", default="digits", help="digits, shapes, or a folder of images")
-    p.add_argument("--model", default="small", help="UNet preset (tiny, small, ...)")
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--lr-schedule", choices=("cosine", "linear", "constant"), default="cosine")
-    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--model", default="small", help="UNet preset (tiny, small)")
+    p.add_argument("--out", required=True, type=Path,
+                   help="checkpoint directory to write: model.safetensors, model.json, train_config.json, "
+                        "train_log.json, loss.png and the resumable training state")
+    p.add_argument("--steps", type=int, default=2000, help="training steps")
+    p.add_argument("--batch", type=int, default=128, help="batch size")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    p.add_argument("--lr-schedule", choices=("cosine", "linear", "constant"), default="cosine",
+                   help="decay after the warm-up")
+    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay")
-    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--checkpoint-every", type=int, default=500, help="steps between resumable checkpoints")
     p.add_argument("--image-size", type=int, default=None, help="resize the data (required for folders)")
     p.add_argument("--num-data", type=int, default=None, help="cap on the number of training images")
-    p.add_argument("--schedule", choices=("linear", "cosine", "scaled_linear"), default="linear")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--schedule", choices=("linear", "cosine", "scaled_linear"), default="linear",
+                   help="beta schedule")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and noise")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     p.set_defaults(run=_run_train)
 
-    p = sub.add_parser("calibrate", help="quantize an FP model (minmax, mse, brecq, tdq-ptq, tdq-qat)")
+    p = _command(sub, "calibrate", "quantize an FP model (minmax, mse, brecq, tdq-ptq, tdq-qat)")
     p.add_argument("--model", required=True, type=Path, help="FP model directory (model.json)")
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--method", default="minmax", help="minmax, mse, brecq, tdq-ptq or tdq-qat")
-    p.add_argument("--wbits", type=int, default=8)
-    p.add_argument("--abits", type=int, default=8)
-    p.add_argument("--weight-granularity", choices=("channel", "tensor"), default="channel")
-    p.add_argument("--keep-float", nargs="*", default=None, help="module-name patterns left in float")
-    p.add_argument("--calib", type=Path, default=None, help="reuse a calibration set directory")
-    p.add_argument("--calib-num", type=int, default=256, help="calibration trajectories (default 256)")
-    p.add_argument("--calib-keep", type=int, default=20, help="kept steps per trajectory (default 20)")
-    p.add_argument("--calib-steps", type=int, default=50, help="DDIM steps of the calibration sampler")
+    p.add_argument("--out", required=True, type=Path,
+                   help="quantized checkpoint directory to write: quant.safetensors, quant.json, scales.png (and "
+                        "the calibration set in calib/ unless --calib is given)")
+    _add_quant_args(p, methods=False)
+    p.add_argument("--weight-granularity", choices=("channel", "tensor"), default="channel",
+                   help="one weight scale per output channel or per tensor")
+    p.add_argument("--keep-float", nargs="*", default=None,
+                   help="module-name patterns left in float (default: first/last conv, time and class embeddings)")
+    _add_calib_set_args(p)
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="method option (e.g. iters_w=2000); repeatable")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
     p.set_defaults(run=_run_calibrate)
 
-    p = sub.add_parser("sample", help="sample a model to samples.npz + grid.png")
+    p = _command(sub, "sample", "sample a model to samples.npz + grid.png")
     p.add_argument("--model", type=Path, default=None,
                    help="FP (model.json) or quantized (quant.json) model directory, a bundle (ONNX Runtime) or a "
                         "TensorRT .plan/.engine file")
     p.add_argument("--engine", type=Path, default=None,
                    help="TensorRT plan from `tdqrt build` (its bundle: --model, default the one in engine.json); "
                         "the loop then runs on cuda unless --device says otherwise")
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--num", type=int, default=64)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, type=Path,
+                   help="directory to write: samples.npz (uint8 NHWC images and labels), grid.png, sample.json")
+    p.add_argument("--num", type=int, default=64, help="images to draw")
+    p.add_argument("--batch", type=int, default=64, help="images per model call")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (image i depends only on seed and i)")
     p.add_argument("--device", default=None,
                    help="default cpu; with --distributed each rank takes cuda:LOCAL_RANK (cpu without CUDA)")
     p.add_argument("--distributed", action="store_true",
                    help="shard the batches over the processes torchrun starts (gloo on CPU, nccl on CUDA)")
     _add_sampler_args(p)
-    p.add_argument("--d2", choices=("off", "s", "d", "ptqd"), default="off",
-                   help="quantization-error correction: S-D², D-D², PTQD (default off)")
-    p.add_argument("--d2-granularity", choices=("tensor", "channel"), default="channel")
-    p.add_argument("--d2-stats", type=Path, default=None, help="statistics directory from `tdqrt d2-stats`")
-    p.add_argument("--d2-force", action="store_true", help="use statistics collected for other settings")
+    _add_d2_args(p, default="off")
     p.set_defaults(run=_run_sample)
 
-    p = sub.add_parser("d2-stats", help="collect D²/PTQD quantization-error statistics (FP vs quantized)")
+    p = _command(sub, "d2-stats", "collect D²/PTQD quantization-error statistics (FP vs quantized)")
     p.add_argument("--fp", required=True, type=Path, help="FP model directory")
     p.add_argument("--quant", required=True, type=Path, help="quantized model directory")
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--num", type=int, default=256, help="trajectories (default 256)")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--outlier-sigma", type=float, default=4.0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True, type=Path, help="statistics directory to write: d2.npz, d2.json, d2.png")
+    p.add_argument("--num", type=int, default=256, help="trajectories")
+    p.add_argument("--batch", type=int, default=64, help="trajectories per model call")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--outlier-sigma", type=float, default=4.0, help="errors beyond this many σ are outliers")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
     _add_sampler_args(p)
     p.set_defaults(run=_run_d2_stats)
 
-    p = sub.add_parser("export", help="export a quantized model to an ONNX Q/DQ bundle (unet.onnx, unet_fp.onnx, manifest)")
+    p = _command(sub, "export", "export a quantized model to an ONNX Q/DQ bundle (unet.onnx, unet_fp.onnx, manifest)")
     p.add_argument("--quant", required=True, type=Path, help="quantized model directory (quant.json)")
-    p.add_argument("--out", required=True, type=Path, help="bundle directory to write")
+    p.add_argument("--out", required=True, type=Path,
+                   help="bundle directory to write: unet.onnx, unet_fp.onnx, manifest.json, lint.json (and d2.npz, "
+                        "d2.json with --d2-stats)")
     p.add_argument("--d2-stats", type=Path, default=None, help="D² statistics directory to ship in the bundle")
     p.add_argument("--fp", type=Path, default=None, help="FP model directory if it moved (default: the path in quant.json)")
-    p.add_argument("--target", default="trt",
-                   help="graph flavour: trt (TensorRT, default) or ort-cpu (ONNX Runtime x86 CPU: uint8 activations "
-                        "and a Q/DQ after every conv, fused into QLinearConv)")
+    p.add_argument("--target", default="trt", metavar="{" + ",".join(EXPORT_TARGETS) + "}",
+                   help="graph flavour: trt (TensorRT) or ort-cpu (ONNX Runtime x86 CPU: uint8 activations and a "
+                        "Q/DQ after every conv, fused into QLinearConv)")
     p.add_argument("--calib", type=Path, default=None,
                    help="ort-cpu: calibration set whose inputs set the conv output grids (default: the one in "
                         "quant.json)")
     p.add_argument("--calib-samples", type=int, default=512,
-                   help="ort-cpu: calibration inputs observed for the output grids (default 512)")
-    p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32")
+                   help="ort-cpu: calibration inputs observed for the output grids")
+    p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="float type of the graph")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17; 19 with --dtype fp16)")
     p.add_argument("--ratio-op", choices=("div", "mul"), default="div",
-                   help="how r_t enters before Q: div by s_t/s_ref (bit-exact codes, default) or mul by r_t")
+                   help="how r_t enters before Q: div by s_t/s_ref (bit-exact codes) or mul by r_t")
     p.add_argument("--no-polygraphy", action="store_true", help="skip `polygraphy check lint` (our rules still run)")
     p.set_defaults(run=_run_export)
 
-    p = sub.add_parser("lint", help="check a bundle or an .onnx file against its target's Q/DQ rules (trt, ort-cpu)")
+    p = _command(sub, "lint", "check a bundle or an .onnx file against its target's Q/DQ rules (trt, ort-cpu)")
     p.add_argument("path", type=Path, help="bundle directory or model.onnx")
-    p.add_argument("--target", default=None, help="rules of this flavour (default: the bundle's, or trt)")
+    p.add_argument("--target", default=None, metavar="{" + ",".join(EXPORT_TARGETS) + "}",
+                   help="rules of this flavour (default: the bundle's, or trt)")
     p.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
     p.add_argument("--no-polygraphy", action="store_true", help="skip `polygraphy check lint`")
     p.set_defaults(run=_run_lint)
 
-    p = sub.add_parser("build", help="build an engine of a bundle: TensorRT INT8 plan (trt) or ONNX Runtime check "
-                                     "(ort)")
+    p = _command(sub, "build", "build an engine of a bundle: TensorRT INT8 plan (trt) or ONNX Runtime check (ort)")
     p.add_argument("--bundle", required=True, type=Path, help="bundle directory written by `tdqrt export`")
     p.add_argument("--backend", choices=("trt", "ort"), default="trt",
                    help="trt: TensorRT plan (needs the trt extra and a GPU); ort: ONNX Runtime session check and "
-                        "optimized graph (default trt)")
+                        "optimized graph")
     p.add_argument("--max-batch", type=int, default=16,
-                   help="most images per call (doubled for classifier-free guidance on class-conditional bundles; "
-                        "default 16)")
+                   help="most images per call (doubled for classifier-free guidance on class-conditional bundles)")
     p.add_argument("--opt-batch", type=int, default=None, help="batch size TensorRT tunes for (default --max-batch)")
     p.add_argument("--no-cfg", action="store_true", help="do not double the batch for classifier-free guidance")
     p.add_argument("--workspace", type=float, default=None, help="TensorRT workspace limit in GiB (default TensorRT's)")
     p.add_argument("--timing-cache", type=Path, default=None, help="TensorRT timing cache to load (if present) and update")
-    p.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimization level 0..5 (default 3)")
+    p.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimization level 0..5")
     p.add_argument("--out", type=Path, default=None,
-                   help="engine file (default BUNDLE/trt/unet.trt.plan or BUNDLE/ort/unet.ort.onnx); engine.json is "
-                        "written beside it")
+                   help="engine file to write (default BUNDLE/trt/unet.trt.plan or BUNDLE/ort/unet.ort.onnx); "
+                        "engine.json and layers.json are written beside it")
     p.set_defaults(run=_run_build)
 
-    p = sub.add_parser("validate", help="check a bundle's ONNX graphs against its torch models (Polygraphy Comparator)")
+    p = _command(sub, "validate", "check a bundle's ONNX graphs against its torch models (Polygraphy Comparator)")
     p.add_argument("bundle", type=Path, help="bundle directory written by `tdqrt export`")
     p.add_argument("--quant", type=Path, default=None, help="quantized model directory (default: the bundle's source)")
     p.add_argument("--fp", type=Path, default=None, help="FP model directory (default: the bundle's source)")
     p.add_argument("--calib", type=Path, default=None, help="calibration set (default: the one in quant.json)")
-    p.add_argument("--timesteps", type=int, default=5, help="timesteps from the calibration set (default 5)")
-    p.add_argument("--per-timestep", type=int, default=5, help="samples per timestep (default 5)")
-    p.add_argument("--out", type=Path, default=None, help="report folder (default BUNDLE/validation)")
+    p.add_argument("--timesteps", type=int, default=5, help="timesteps from the calibration set")
+    p.add_argument("--per-timestep", type=int, default=5, help="samples per timestep")
+    p.add_argument("--out", type=Path, default=None,
+                   help="report folder to write validate.json and validate.png into (default BUNDLE/validation)")
     p.add_argument("--engine", type=Path, default=None,
                    help="TensorRT plan from `tdqrt build` (compared when TensorRT and a GPU are there)")
     p.set_defaults(run=_run_validate)
 
-    p = sub.add_parser("demo", help="the end-to-end demo on the bundled digits: FP -> W8A8/W4A8 -> D² -> ONNX bundle "
-                                    "-> validation -> samples -> FID/KID -> report; finished stages are reused")
-    p.add_argument("--out", required=True, type=Path)
+    p = _command(sub, "demo", "the end-to-end demo on the bundled digits: FP -> W8A8/W4A8 -> D² -> ONNX bundle "
+                              "-> validation -> samples -> FID/KID -> report; finished stages are reused")
+    p.add_argument("--out", required=True, type=Path,
+                   help="directory to write: one folder per stage (models, bundle, samples, evaluations) and "
+                        "report/report.md with its PNGs, metrics.json and demo.json")
     p.add_argument("--quick", action="store_true", help="tiny model, tiny everything: every stage in about a minute")
     p.add_argument("--retrain", action="store_true", help="train the demo model instead of using the shipped one")
     p.add_argument("--num", type=int, default=None, help="images per sample set (default 200; quick 20)")
     p.add_argument("--batch", type=int, default=None, help="sampling batch, also of the speed table (default 100)")
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default 50; quick 5)")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="seed of every stage (default 0)")
     p.add_argument("--calib-num", type=int, default=None, help="calibration trajectories (default 64)")
     p.add_argument("--w8a8-method", default=None, help="static method of the W8A8 model (default mse)")
     p.add_argument("--w4a8-method", default=None, help="method of the W4A8 model that is exported (default tdq-ptq)")
@@ -236,22 +308,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--d2-num", type=int, default=None, help="trajectories of the D² statistics (default 64)")
     p.add_argument("--err-num", type=int, default=None, help="trajectories of the per-step ε error (default 32)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="torch device (default cpu)")
     p.set_defaults(run=_run_demo)
 
-    p = sub.add_parser("extractor", help="train the small CNN feature extractor that eval uses on digits/shapes")
+    p = _command(sub, "extractor", "train the small CNN feature extractor that eval uses on digits/shapes")
     p.add_argument("--data", default="digits", help="digits, shapes, or a folder with one subfolder per class")
     p.add_argument("--out", type=Path, default=None,
-                   help="output folder (default: $TDQRT_CACHE_DIR/extractors/tdqrt-<data>-cnn, "
-                        "~/.cache/tdqrt/... - where eval looks when no extractor is given)")
+                   help="folder to write extractor.safetensors and extractor.json into (default: "
+                        "$TDQRT_CACHE_DIR/extractors/tdqrt-<data>-cnn, ~/.cache/tdqrt/... - where eval looks when "
+                        "no extractor is given)")
     p.add_argument("--image-size", type=int, default=None, help="side length (default: the data set's; folders: required)")
-    p.add_argument("--steps", type=int, default=500, help="training steps (default 500)")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=500, help="training steps")
+    p.add_argument("--batch", type=int, default=64, help="batch size")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, split and data order")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads while training")
     p.set_defaults(run=_run_extractor)
 
-    p = sub.add_parser("eval", help="FID/KID/IS/precision-recall of samples against a reference set")
+    p = _command(sub, "eval", "FID/KID/IS/precision-recall of samples against a reference set")
     p.add_argument("--samples", required=True, type=Path, help="samples.npz (arr_0 uint8 NHWC) or a folder of images")
     p.add_argument("--ref", required=True, help="digits, shapes, a .npz or a folder of images")
     p.add_argument("--metrics", default="fid,kid,isc,prc", help="comma-separated subset of fid,kid,isc,prc")
@@ -260,22 +333,24 @@ def _parser() -> argparse.ArgumentParser:
                         "extractor folder)")
     p.add_argument("--inception-weights", type=Path, default=None,
                    help="local pt_inception-2015-12-05-6726825d.pth: standard Inception FID (never downloaded)")
-    p.add_argument("--out", type=Path, default=None, help="result JSON (default: eval.json beside the samples)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="result JSON to write, the metrics with their settings (default: eval.json beside the "
+                        "samples)")
     p.add_argument("--kid-subset-size", type=int, default=None, help="default min(1000, #samples, #ref)")
-    p.add_argument("--kid-subsets", type=int, default=100)
+    p.add_argument("--kid-subsets", type=int, default=100, help="KID subsets")
     p.add_argument("--ref-num", type=int, default=None, help="cap on the number of reference images")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=64, help="images per feature-extractor call")
+    p.add_argument("--seed", type=int, default=0, help="seed of the reference subset and KID subsets")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="reference feature cache (default $TDQRT_CACHE_DIR/fidelity, ~/.cache/tdqrt/fidelity)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the reference feature cache")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available")
     p.add_argument("--threads", type=int, default=None, help="torch/BLAS CPU threads during the evaluation")
     p.set_defaults(run=_run_eval)
 
     _add_bench_parsers(sub)
 
-    p = sub.add_parser("env", help="print the versions of torch, onnx, onnxruntime, polygraphy, tensorrt, CUDA")
+    p = _command(sub, "env", "print the versions of torch, onnx, onnxruntime, polygraphy, tensorrt, CUDA")
     p.set_defaults(run=_run_env)
     return parser
 
@@ -318,17 +393,14 @@ def _parse_options(pairs: list[str]) -> dict:
 
 def _run_calibrate(args: argparse.Namespace) -> int:
     from tdqrt.calibration.quant.api import CalibrateConfig, calibrate, load_model_dir
-    from tdqrt.calibration.quant.calib_set import CalibSetConfig
     from tdqrt.calibration.quant.config import DEFAULT_KEEP_FLOAT, QuantConfig
-    from tdqrt.runtime.sampling import SamplerConfig
     from tdqrt.tools.plots import save_scale_curves
 
     quant = QuantConfig(method=args.method, wbits=args.wbits, abits=args.abits,
                         weight_granularity=args.weight_granularity,
                         keep_float=tuple(args.keep_float) if args.keep_float is not None else DEFAULT_KEEP_FLOAT)
-    calib_set = CalibSetConfig(num=args.calib_num, keep_steps=args.calib_keep, seed=args.seed,
-                               sampler=SamplerConfig(kind="ddim", steps=args.calib_steps))
-    cfg = CalibrateConfig(quant=quant, calib_set=calib_set, options=_parse_options(args.option), device=args.device)
+    cfg = CalibrateConfig(quant=quant, calib_set=_calib_set_from_args(args), options=_parse_options(args.option),
+                          device=args.device)
     out = calibrate(args.model, args.out, cfg, calib_dir=args.calib)
     qm = load_model_dir(out).model
     save_scale_curves(out / "scales.png", qm.scale_table(), qm.layer_names, title=f"{args.method} W{args.wbits}A{args.abits}")
@@ -347,9 +419,8 @@ def _run_sample(args: argparse.Namespace) -> int:
     engine = args.model if args.engine is None and is_engine_file(args.model) else args.engine
     device = args.device if args.device is not None or engine is None else "cuda"
     with process_group(args.distributed, device) as device:
-        job = SampleJob(num=args.num, batch=args.batch, seed=args.seed, device=device, sampler=_sampler_config(args),
-                        d2=args.d2, d2_granularity=args.d2_granularity,
-                        d2_stats=None if args.d2_stats is None else str(args.d2_stats), d2_force=args.d2_force,
+        job = SampleJob(num=args.num, batch=args.batch, seed=args.seed, device=device,
+                        sampler=_sampler_from_args(args), **_d2_from_args(args),
                         engine=None if engine is None else str(engine))
         res = sample_model(args.model if args.model is not None else engine, args.out, job)
     if res is not None:  # rank 0 (or the only process)
@@ -360,7 +431,7 @@ def _run_sample(args: argparse.Namespace) -> int:
 def _run_d2_stats(args: argparse.Namespace) -> int:
     from tdqrt.tools.d2 import D2StatsJob, collect_to_dir
 
-    job = D2StatsJob(sampler=_sampler_config(args), num=args.num, batch=args.batch, seed=args.seed,
+    job = D2StatsJob(sampler=_sampler_from_args(args), num=args.num, batch=args.batch, seed=args.seed,
                      outlier_sigma=args.outlier_sigma, device=args.device)
     collect_to_dir(args.fp, args.quant, args.out, job)
     print(f"D² statistics written to {args.out} (d2.npz, d2.json, d2.png)")
@@ -477,7 +548,6 @@ def _run_env(args: argparse.Namespace) -> int:
 
 
 def _bench_config(args: argparse.Namespace):
-    from tdqrt.calibration.quant.calib_set import CalibSetConfig
     from tdqrt.engines.errors import ConfigError
     from tdqrt.runtime.sampling import SamplerConfig
     from tdqrt.tools import bench
@@ -493,8 +563,7 @@ def _bench_config(args: argparse.Namespace):
             baseline=args.baseline, seed=args.seed, **common)
     if args.bench_kind == "loop":
         return bench.bench_loop, bench.LoopBenchConfig(
-            model=str(args.model), batches=tuple(args.batch), sampler=_sampler_config(args), d2=args.d2,
-            d2_granularity=args.d2_granularity, d2_stats=path(args.d2_stats), d2_force=args.d2_force,
+            model=str(args.model), batches=tuple(args.batch), sampler=_sampler_from_args(args), **_d2_from_args(args),
             warmup=args.warmup, seed=args.seed, **common)
     options: dict = {}
     for item in args.option:
@@ -502,8 +571,7 @@ def _bench_config(args: argparse.Namespace):
         if not sep or not method:
             raise ConfigError(f"--option {item!r} must look like METHOD:KEY=VALUE (e.g. brecq:iters_w=50)")
         options.setdefault(method, {}).update(_parse_options([pair]))
-    calib_set = CalibSetConfig(num=args.calib_num, keep_steps=args.calib_keep,
-                               sampler=SamplerConfig(kind="ddim", steps=args.calib_steps))
+    calib_set = _calib_set_from_args(args)
     d2 = D2StatsJob(sampler=SamplerConfig(steps=args.d2_steps), num=args.d2_num) if args.d2_num else None
     return bench.bench_calibrate, bench.CalibrateBenchConfig(
         model=str(args.model), methods=tuple(args.methods), wbits=args.wbits, abits=args.abits, options=options,

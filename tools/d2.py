@@ -7,6 +7,7 @@ from pathlib import Path
 
 from tdqrt.calibration.d2_stats import collect_d2_stats
 from tdqrt.calibration.quant.api import load_model_dir
+from tdqrt.engines.config import check_int, check_real
 from tdqrt.engines.errors import ConfigError
 from tdqrt.runtime.d2 import D2Table
 from tdqrt.runtime.sampling import SamplerConfig
@@ -26,10 +27,9 @@ class D2StatsJob:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        if self.num < 2 or self.batch < 1:
-            raise ConfigError(f"num must be >= 2 and batch >= 1 (got {self.num}, {self.batch})")
-        if not self.outlier_sigma > 0:
-            raise ConfigError(f"outlier_sigma must be > 0, got {self.outlier_sigma}")
+        check_int("D2StatsJob.num", self.num, 2, flag="--num")
+        check_int("D2StatsJob.batch", self.batch, 1, flag="--batch")
+        check_real("D2StatsJob.outlier_sigma", self.outlier_sigma, above=0.0, finite=False, flag="--outlier-sigma")
 
 
 def collect_to_dir(fp_dir: str | Path, quant_dir: str | Path, out_dir: str | Path, job: D2StatsJob, *,

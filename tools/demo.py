@@ -47,15 +47,16 @@ from tdqrt.calibration.quant.config import QuantConfig
 from tdqrt.calibration.training import TrainConfig, train
 from tdqrt.engines.artifacts import (atomic_dir, read_json, sha256_file, sha256_json, versions, write_bytes_atomic,
                                      write_json_atomic)
-from tdqrt.engines.config import config_from_dict
-from tdqrt.engines.errors import ArtifactError, ConfigError
+from tdqrt.engines.config import check_bool, check_choice, check_int, check_text, config_from_dict, invalid
+from tdqrt.engines.errors import ArtifactError
+from tdqrt.engines.threads import torch_threads
 from tdqrt.export.bundle import export_bundle
 from tdqrt.export.exporter import ExportConfig
 from tdqrt.runtime.corrections import CORRECTION_KINDS
 from tdqrt.runtime.sampling import Sampler, SamplerConfig, sample
 from tdqrt.runtime.schedules import NoiseSchedule
 from tdqrt.tools.d2 import D2StatsJob, collect_to_dir
-from tdqrt.tools.extractor import (WEIGHTS_FILE, ExtractorConfig, default_extractor_dir, load_extractor, torch_threads,
+from tdqrt.tools.extractor import (WEIGHTS_FILE, ExtractorConfig, default_extractor_dir, load_extractor,
                                    train_extractor)
 from tdqrt.tools.metrics import EvalConfig, evaluate
 from tdqrt.tools.plots import save_curve, save_image_panels, save_scale_comparison
@@ -96,10 +97,12 @@ def _options(value: Any, what: str) -> tuple:
     try:
         pairs = tuple(sorted((str(k), v) for k, v in items))
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"DemoConfig.{what} must be a dict of method options, got {value!r}") from exc
+        raise invalid(f"DemoConfig.{what}", value, "a dict of method options", "give KEY=VALUE pairs",
+                      flag=f"--{what[:-1].replace('_', '-')}") from exc
     for k, v in pairs:
         if not isinstance(v, (bool, int, float, str)):
-            raise ConfigError(f"DemoConfig.{what}[{k!r}] = {v!r}: option values must be numbers, booleans or strings")
+            raise invalid(f"--{what[:-1].replace('_', '-')} {k}", v, "a number, boolean or string",
+                          "give a plain option value")
     return pairs
 
 
@@ -146,27 +149,23 @@ class DemoConfig:
     extractor_steps: int = 500
 
     def __post_init__(self) -> None:
+        flags = {"quick": "--quick", "retrain": "--retrain", "num": "--num", "batch": "--batch", "steps": "--steps",
+                 "seed": "--seed", "calib_num": "--calib-num", "d2_num": "--d2-num", "err_num": "--err-num",
+                 "threads": "--threads", "device": "--device", "d2": "--d2"}
         for name in ("quick", "retrain", "polygraphy_lint"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"DemoConfig.{name} must be true or false, got {getattr(self, name)!r}")
+            check_bool(f"DemoConfig.{name}", getattr(self, name), flag=flags.get(name))
         minimum = {"train_steps": 1, "num": 2, "batch": 1, "steps": 1, "seed": 0, "calib_num": 1, "calib_keep": 1,
                    "d2_num": 2, "err_num": 1, "validate_timesteps": 1, "validate_per_timestep": 1, "speed_steps": 1,
                    "speed_repeats": 1, "extractor_steps": 1}
         for name, lo in minimum.items():
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ConfigError(f"DemoConfig.{name} must be an integer >= {lo}, got {v!r}")
-        if not isinstance(self.device, str) or not self.device:
-            raise ConfigError(f"DemoConfig.device must name a torch device (cpu, cuda, cuda:1), got {self.device!r}")
-        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
-                                         or self.threads < 1):
-            raise ConfigError(f"DemoConfig.threads must be an integer >= 1 or None, got {self.threads!r}")
+            check_int(f"DemoConfig.{name}", getattr(self, name), lo, flag=flags.get(name))
+        check_text("DemoConfig.device", self.device, "a torch device (cpu, cuda, cuda:1)", flag="--device")
+        check_int("DemoConfig.threads", self.threads, 1, optional=True, flag="--threads")
         if self.calib_keep > self.steps:
-            raise ConfigError(f"DemoConfig.calib_keep={self.calib_keep} exceeds the sampler's {self.steps} steps; "
-                              "lower --calib-keep or raise --steps")
-        if self.d2 not in CORRECTION_KINDS or self.d2 == "off":
-            raise ConfigError(f"DemoConfig.d2={self.d2!r}: the INT8+D² row needs a correction, one of "
-                              f"{[k for k in CORRECTION_KINDS if k != 'off']}")
+            raise invalid("DemoConfig.calib_keep", self.calib_keep, f"at most the sampler's {self.steps} steps",
+                          "lower calib_keep or raise --steps")
+        check_choice("DemoConfig.d2", self.d2, [k for k in CORRECTION_KINDS if k != "off"], flag="--d2",
+                     fix="the INT8+D² row needs a correction; pick one of those")
         for which in ("w8a8", "w4a8"):
             object.__setattr__(self, f"{which}_options", _options(getattr(self, f"{which}_options"),
                                                                   f"{which}_options"))

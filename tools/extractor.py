@@ -30,7 +30,6 @@ Nothing here ever downloads: the extractor loads only from ``feature_extractor_w
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -38,7 +37,6 @@ import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -51,7 +49,9 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_featur
 
 from tdqrt.calibration.data import BUILTIN_DATASETS, from_uint8_nhwc, load_dataset, to_uint8_nhwc
 from tdqrt.engines.artifacts import atomic_path, read_json, sha256_file, versions, write_json_atomic
+from tdqrt.engines.config import check_choice, check_int, check_real, check_text
 from tdqrt.engines.errors import ArtifactError, ConfigError
+from tdqrt.engines.threads import torch_threads
 
 EXTRACTOR_FORMAT = "tdqrt-extractor"
 EXTRACTOR_VERSION = 1
@@ -90,34 +90,6 @@ def default_extractor_dir(dataset: str) -> Path:
     return cache_root() / "extractors" / extractor_name(dataset)
 
 
-@contextlib.contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """Run the block with ``n`` torch CPU threads and ``n`` BLAS threads for numpy (``None``: leave both
-    alone), then restore them.
-
-    On a CPU shared with other jobs, one thread is often many times faster than an oversubscribed pool.
-    """
-    if n is None:
-        yield
-        return
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ConfigError(f"threads must be an integer >= 1 or None, got {n!r}")
-    try:  # a scikit-learn dependency; without it only torch's pool is limited
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover
-        threadpool_limits = None
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        if threadpool_limits is None:
-            yield
-        else:
-            with threadpool_limits(limits=n):
-                yield
-    finally:
-        torch.set_num_threads(before)
-
-
 # ------------------------------------------------------------------------------------------------- network
 
 @dataclass(frozen=True)
@@ -133,11 +105,8 @@ class CNNSpec:
     def __post_init__(self) -> None:
         for name, minimum in (("in_channels", 1), ("image_size", 4), ("num_classes", 2), ("width", 1),
                               ("embed_dim", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ConfigError(f"CNNSpec.{name} must be an integer >= {minimum}, got {value!r}")
-        if self.in_channels not in (1, 3):
-            raise ConfigError(f"CNNSpec.in_channels must be 1 (grey) or 3 (RGB), got {self.in_channels}")
+            check_int(f"CNNSpec.{name}", getattr(self, name), minimum)
+        check_choice("CNNSpec.in_channels", self.in_channels, (1, 3), fix="use 1 (grey) or 3 (RGB)")
 
 
 class ExtractorCNN(nn.Module):
@@ -205,19 +174,13 @@ class ExtractorConfig:
     threads: int | None = None
 
     def __post_init__(self) -> None:
+        flags = {"steps": "--steps", "batch": "--batch", "seed": "--seed"}
         for name, minimum in (("steps", 1), ("batch", 2), ("width", 1), ("embed_dim", 1), ("seed", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ConfigError(f"ExtractorConfig.{name} must be an integer >= {minimum}, got {value!r}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"ExtractorConfig.lr must be a positive number, got {self.lr!r}")
-        if not (isinstance(self.holdout, (int, float)) and 0.05 <= self.holdout <= 0.5):
-            raise ConfigError(f"ExtractorConfig.holdout must lie in [0.05, 0.5], got {self.holdout!r}")
-        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
-                                         or self.threads < 1):
-            raise ConfigError(f"ExtractorConfig.threads must be an integer >= 1 or None, got {self.threads!r}")
-        if not isinstance(self.data, str) or not self.data:
-            raise ConfigError(f"ExtractorConfig.data must be 'digits', 'shapes' or a folder path, got {self.data!r}")
+            check_int(f"ExtractorConfig.{name}", getattr(self, name), minimum, flag=flags.get(name))
+        check_real("ExtractorConfig.lr", self.lr, above=0.0)
+        check_real("ExtractorConfig.holdout", self.holdout, 0.05, 0.5)
+        check_int("ExtractorConfig.threads", self.threads, 1, optional=True, flag="--threads")
+        check_text("ExtractorConfig.data", self.data, "'digits', 'shapes' or a folder path", flag="--data")
 
 
 @dataclass

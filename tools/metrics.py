@@ -43,14 +43,15 @@ from PIL import Image
 
 from tdqrt.calibration.data import BUILTIN_DATASETS, IMAGE_EXTENSIONS, load_dataset, load_folder, to_uint8_nhwc
 from tdqrt.engines.artifacts import atomic_path, sha256_file, versions, write_json_atomic
+from tdqrt.engines.config import check_choice, check_int, invalid
 from tdqrt.engines.errors import ArtifactError, ConfigError, DataError, TdqrtError
+from tdqrt.engines.threads import torch_threads
 from tdqrt.tools.extractor import (
     cache_root,
     default_extractor_dir,
     extractor_name,
     load_extractor,
     register_extractor_name,
-    torch_threads,
 )
 
 EVAL_FORMAT = "tdqrt-eval"
@@ -77,14 +78,6 @@ _KEYS = {  # torch-fidelity result key -> tdqrt metric label
 
 
 # -------------------------------------------------------------------------------------------------- config
-
-def _check_int(value, what: str, minimum: int, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"EvalConfig.{what} must be an integer >= {minimum}{' or None' if optional else ''}, "
-                          f"got {value!r}")
-
 
 @dataclass(frozen=True)
 class EvalConfig:
@@ -125,20 +118,16 @@ class EvalConfig:
         metrics = tuple(str(m).lower() for m in metrics)
         unknown = [m for m in metrics if m not in METRICS]
         if not metrics or unknown or len(set(metrics)) != len(metrics):
-            raise ConfigError(f"EvalConfig.metrics must be a non-empty subset of {', '.join(METRICS)} without "
-                              f"repeats, got {self.metrics!r}")
+            raise invalid("EvalConfig.metrics", self.metrics, f"a non-empty subset of {','.join(METRICS)} without "
+                          "repeats", "give a comma-separated list such as fid,kid", flag="--metrics")
         object.__setattr__(self, "metrics", tuple(m for m in METRICS if m in metrics))
-        _check_int(self.kid_subset_size, "kid_subset_size", 2, optional=True)
-        _check_int(self.kid_subsets, "kid_subsets", 1)
-        _check_int(self.isc_splits, "isc_splits", 1)
-        _check_int(self.prc_neighborhood, "prc_neighborhood", 1)
-        _check_int(self.batch, "batch", 1)
-        _check_int(self.seed, "seed", 0)
-        _check_int(self.ref_num, "ref_num", 2, optional=True)
-        _check_int(self.image_size, "image_size", 1, optional=True)
-        _check_int(self.threads, "threads", 1, optional=True)
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"EvalConfig.device must be auto, cpu or cuda, got {self.device!r}")
+        for name, minimum, flag in (("kid_subsets", 1, "--kid-subsets"), ("isc_splits", 1, None),
+                                    ("prc_neighborhood", 1, None), ("batch", 1, "--batch"), ("seed", 0, "--seed")):
+            check_int(f"EvalConfig.{name}", getattr(self, name), minimum, flag=flag)
+        for name, minimum, flag in (("kid_subset_size", 2, "--kid-subset-size"), ("ref_num", 2, "--ref-num"),
+                                    ("image_size", 1, None), ("threads", 1, "--threads")):
+            check_int(f"EvalConfig.{name}", getattr(self, name), minimum, optional=True, flag=flag)
+        check_choice("EvalConfig.device", self.device, ("auto", "cpu", "cuda"), flag="--device")
         for name in ("inception_weights", "cache_dir", "out"):
             value = getattr(self, name)
             if value is not None:

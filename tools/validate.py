@@ -14,48 +14,37 @@ Runners (all driven by ``polygraphy.comparator.Comparator.run`` over the same fe
 Inputs: the calibration set's ``(x_t, t, y)`` (the quant card records its path) at ``timesteps`` timesteps spread
 over the ones it holds, ``per_timestep`` samples each; one feed dict (one Polygraphy iteration) per timestep.
 
-Pairs (reference first) and tolerances, per timestep:
+Pairs (reference first) and tolerances, per timestep. The tolerances are :class:`ValidateConfig`'s fields; what
+the ratios come to on good and broken bundles is measured in docs/results.md ("``tdqrt validate`` on good and broken
+trt bundles", by ``scripts/validate_margins.py``) and, for ort-cpu, in the README ("The ort-cpu flavour"):
 
-* ``torch_fp`` vs ``ort_fp``: max-abs ≤ ``fp_max_abs`` (1e-4). Both compute the same float32 function; the only
-  difference is the summation order of convolutions/GroupNorm/attention (measured ~2e-7 relative, ~1e-6 absolute on
-  unit-variance ε), so 1e-4 leaves ~100x headroom while a wrong weight, op or input dtype shows up at 1e-2 or more.
+* ``torch_fp`` vs ``ort_fp``: max-abs ≤ ``fp_max_abs``. Both compute the same float32 function and differ only in
+  the summation order of convolutions/GroupNorm/attention, orders of magnitude below the bound, while a wrong
+  weight, op or input dtype shows up far above it.
 * ``torch_quant`` vs ``ort_int8`` of a **trt** bundle: with ``ratio_op="div"`` the activation codes are
-  bit-identical, so a sample agrees to ~1e-7 — unless float summation-order noise flips one code that sits on a
+  bit-identical, so a sample agrees to float rounding — unless summation-order noise flips one code that sits on a
   rounding tie and the flip cascades through later quantizers (tests/test_export.py). How far a cascade goes
   depends on the timestep: at t=0, where ε is least predictable and the model amplifies every perturbation (the
-  quantization error itself is rel-L2 0.49-0.62 there), good small-model bundles show a median per-sample rel-L2
-  of up to 0.078 (tdq-ptq W4A8), while at t ≥ 260 they stay ≤ 0.004. So a fixed rel-L2 bound either fails good
-  bundles at t=0 or misses broken ones elsewhere; the check is relative to the quantization error, as for
-  ort-cpu but tighter, because this graph is meant to be code-exact: the median over the samples of the error
-  ratio ``‖ort_int8 − torch_quant‖ / ‖torch_quant − torch_fp‖`` ≤ ``int8_max_error_ratio`` (0.5), or a median
-  per-sample rel-L2 ≤ ``int8_negligible_rel_l2`` (0.005: a deviation that small is negligible even where the
-  quantization error is tiny, e.g. a near-lossless W8A8 model). Measured with ``scripts/validate_margins.py``
-  (5 timesteps x 5 samples; small digits model; minmax W8A8, tdq-ptq, brecq and tdq-qat W4A8): good bundles
-  0.00-0.26 (largest at t=260, rel-L2 0.004); the first or the last activation quantizer on a x4 or x1/4 grid
-  1.7-76 at every t ≥ 260 and 2.4-3.9 at t=0; a middle one (``up.2.blocks.1.resblock.in_conv``, a layer that
-  hardly matters) 0.54-1.34 at some timestep for x4 on all four models and x1/4 on minmax, but 0.40-0.48 at most
-  for x1/4 on the other three — a break that small in units of the quantization noise is not separable by any
-  output tolerance. The per-sample cosine and rel-L2 medians and the worst sample (``max_sample_rel_l2``) are
-  reported too.
+  quantization error itself is largest there), good bundles deviate far more than at large t. So a fixed rel-L2
+  bound either fails good bundles at t=0 or misses broken ones elsewhere; the check is relative to the
+  quantization error, as for ort-cpu but tighter, because this graph is meant to be code-exact: the median over the
+  samples of the error ratio ``‖ort_int8 − torch_quant‖ / ‖torch_quant − torch_fp‖`` ≤ ``int8_max_error_ratio``,
+  or a median per-sample rel-L2 ≤ ``int8_negligible_rel_l2`` (a deviation that small is negligible even where the
+  quantization error is tiny, e.g. a near-lossless W8A8 model). Its blind spot: a broken quantizer in a layer that
+  hardly matters moves the output by less than a tie cascade does, and no output tolerance separates the two. The
+  per-sample cosine and rel-L2 medians and the worst sample (``max_sample_rel_l2``) are reported too.
 * ``torch_quant`` vs ``ort_int8`` of an **ort-cpu** bundle (the manifest's export target): that graph quantizes
   every conv (and Linear) output to uint8, an approximation the torch model does not have, and ONNX Runtime runs it
   as fused integer kernels. No code-exact agreement exists: a one-step difference in one output code (bias rounded
   to int32, fused requantization, float summation order) moves later input codes and cascades to the size of the
-  quantization noise itself — the same ort-cpu graph run unoptimized (plain Q/DQ math, equal to its torch export
-  module to 2e-7) and fused differs by rel-L2 0.0075 on the small model, as much as its whole W8A8 quantization
-  error. So the check is relative: the median over the samples of the per-sample **error ratio** ``‖ort_int8 −
-  torch_quant‖ / ‖torch_quant − torch_fp‖`` ≤ ``ort_cpu_max_error_ratio`` (2.0), i.e. the ORT graph may stray from
-  the fake-quant model by at most twice that model's own quantization error. Measured per timestep on good bundles:
-  0.97-1.37 (small digits model, minmax W8A8), 0.41-1.46 (small, tdq-ptq W4A8), 0.34-1.42 (tiny, minmax and
-  tdq-ptq); a broken graph — one activation or output scale x4 or x1/4 in one conv — gives 2.7-15 on the small
-  minmax model (first conv), 1.7-11 on the small TDQ model (fourth conv) and 1.1-34 on the tiny one (a middle or the
-  last conv), so the bound fails it at some or all timesteps. Its blind spot: a conv that hardly matters (the first
-  two of the barely trained tiny model stay at 1.1-1.3 with a x4 scale), which no tolerance can separate from the
-  output-quantization noise. The cost itself, as the ε error against FP (relative L2, t ≥ 160; t=0 is the timestep
-  where ε is least predictable and every error is large): minmax W8A8 0.0066-0.0114 with the TensorRT graph (= the
-  fake-quant model) vs 0.0077-0.0153 with ort-cpu; tdq-ptq W4A8 0.0126-0.0190 vs 0.0135-0.0211 (README, "The ort-cpu
-  flavour"). ``median_sample_error_ratio`` is reported for every pair whose reference is ``torch_quant`` (and the
-  batch-wide ``error_ratio`` in ``overall``).
+  quantization noise itself — the same graph run unoptimized (plain Q/DQ math, equal to its torch export module to
+  float rounding) and fused differs by about as much as its whole W8A8 quantization error. So the check is
+  relative: the median over the samples of the per-sample **error ratio** ``‖ort_int8 − torch_quant‖ /
+  ‖torch_quant − torch_fp‖`` ≤ ``ort_cpu_max_error_ratio``, i.e. the ORT graph may stray from the fake-quant model
+  by at most that many times the model's own quantization error. A broken activation or output scale in a conv that
+  matters fails it at some or all timesteps; one in a conv that hardly matters cannot be separated from the
+  output-quantization noise. ``median_sample_error_ratio`` is reported for every pair whose reference is
+  ``torch_quant`` (and the batch-wide ``error_ratio`` in ``overall``).
 * ``ort_fp`` vs ``ort_int8``: the quantization error itself — reported, never checked.
 * ``torch_quant`` vs ``trt_int8`` (when TensorRT ran): the trt-bundle rule above (TensorRT's integer convolutions
   are exact; its float layers sum in other orders, which makes the same tie cascades).
@@ -79,8 +68,9 @@ from tdqrt.calibration.quant.calib_set import CalibrationSet
 from tdqrt.calibration.quant.checkpoint import QUANT_FORMAT
 from tdqrt.engines.artifacts import write_json_atomic
 from tdqrt.engines.bundle import open_bundle
-from tdqrt.engines.ort import saturation_warning
+from tdqrt.engines.config import check_int, check_real
 from tdqrt.engines.errors import ArtifactError, ConfigError, DataError, DependencyError
+from tdqrt.engines.ort import saturation_warning
 
 REPORT_FILE = "validate.json"
 PLOT_FILE = "validate.png"
@@ -103,16 +93,10 @@ class ValidateConfig:
     seed: int = 0  # which samples of a timestep are picked
 
     def __post_init__(self) -> None:
-        if int(self.timesteps) < 1:
-            raise ConfigError(f"--timesteps must be ≥ 1, got {self.timesteps}")
-        if int(self.per_timestep) < 1:
-            raise ConfigError(f"--per-timestep must be ≥ 1, got {self.per_timestep}")
-        if not (self.fp_max_abs > 0 and math.isfinite(self.fp_max_abs)):
-            raise ConfigError(f"fp_max_abs must be a positive number, got {self.fp_max_abs}")
-        for name in ("int8_max_error_ratio", "int8_negligible_rel_l2", "ort_cpu_max_error_ratio"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
-                raise ConfigError(f"{name} must be a positive number, got {value!r}")
+        check_int("ValidateConfig.timesteps", self.timesteps, 1, flag="--timesteps")
+        check_int("ValidateConfig.per_timestep", self.per_timestep, 1, flag="--per-timestep")
+        for name in ("fp_max_abs", "int8_max_error_ratio", "int8_negligible_rel_l2", "ort_cpu_max_error_ratio"):
+            check_real(f"ValidateConfig.{name}", getattr(self, name), above=0.0)
 
     def to_dict(self) -> dict:
         return asdict(self)

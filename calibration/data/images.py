@@ -15,14 +15,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tdqrt.engines.errors import ConfigError, DataError
+from tdqrt.engines.config import check_int
+from tdqrt.engines.errors import DataError
 
 
 def require_int(value: object, what: str, minimum: int) -> int:
-    """Return ``value`` if it is an int ``>= minimum`` (bools refused), else raise ConfigError naming ``what``."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ConfigError(f"{what} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+    """:func:`~tdqrt.engines.config.check_int` that also takes numpy integers (indices, counts computed with
+    numpy), returned as a Python int."""
+    return check_int(what, int(value) if isinstance(value, np.integer) else value, minimum)
 
 
 def check_finite(x: torch.Tensor | np.ndarray, what: str) -> None:

@@ -19,6 +19,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from tdqrt.engines.config import check_int
 from tdqrt.engines.errors import ConfigError
 
 # UNet2DModel configs with random initialisation; ``sample_size``/``in_channels``/``out_channels`` and the
@@ -70,8 +71,7 @@ class DiffusersUNet(nn.Module):
         config = unet.config
         if num_classes is None:
             num_classes = _num_classes_from(config)
-        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
-            raise ConfigError(f"num_classes={num_classes!r} is invalid: must be an integer >= 0")
+        check_int("num_classes", num_classes, 0, fix="give 0 (unconditional) or the number of classes")
         if config.get("class_embed_type") is not None:
             raise ConfigError(f"class_embed_type={config['class_embed_type']!r} is not supported: tdqrt only wraps "
                               "unconditional UNet2DModels or label embeddings set via num_class_embeds")

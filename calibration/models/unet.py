@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tdqrt.engines.config import config_from_dict
+from tdqrt.engines.config import check_int, check_real, config_from_dict, invalid, is_int
 from tdqrt.engines.errors import ConfigError
 
 # Architecture of each preset. ``image_size``, ``in_channels`` and ``num_classes`` come from the dataset at
@@ -46,12 +46,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _invalid(field: str, value: Any, allowed: str) -> ConfigError:
-    return ConfigError(f"UNetConfig.{field}={value!r} is invalid: {allowed}")
+def _invalid(field: str, value: Any, expected: str, fix: str) -> ConfigError:
+    return invalid(f"UNetConfig.{field}", value, expected, fix)
 
 
 @dataclass(frozen=True)
@@ -71,38 +67,38 @@ class UNetConfig:
         # Lists (from JSON) become tuples, ints become floats where a float is meant; then validate.
         for name in ("channel_mult", "attention_resolutions"):
             value = getattr(self, name)
-            if not isinstance(value, (list, tuple)) or not all(_is_int(v) for v in value):
-                raise _invalid(name, value, "must be a tuple of integers")
+            if not isinstance(value, (list, tuple)) or not all(is_int(v) for v in value):
+                raise _invalid(name, value, "a tuple of integers", "give a list of integers")
             object.__setattr__(self, name, tuple(value))
-        if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) or not 0 <= self.dropout < 1:
-            raise _invalid("dropout", self.dropout, "must be a float in [0, 1)")
-        object.__setattr__(self, "dropout", float(self.dropout))
+        object.__setattr__(self, "dropout", check_real("UNetConfig.dropout", self.dropout, 0.0, below=1.0))
 
         for name, minimum in (("image_size", 1), ("in_channels", 1), ("base_channels", 2), ("num_res_blocks", 1),
                               ("num_heads", 1), ("num_classes", 0), ("groups", 1)):
-            value = getattr(self, name)
-            if not _is_int(value) or value < minimum:
-                raise _invalid(name, value, f"must be an integer >= {minimum}")
+            check_int(f"UNetConfig.{name}", getattr(self, name), minimum)
         if self.base_channels % 2 or self.base_channels % self.groups:
             raise _invalid("base_channels", self.base_channels,
-                           f"must be even (sinusoidal embedding) and divisible by groups={self.groups}")
+                           f"an even number (sinusoidal embedding) divisible by groups={self.groups}",
+                           "change base_channels or groups")
         if not self.channel_mult or min(self.channel_mult) < 1:
-            raise _invalid("channel_mult", self.channel_mult, "must be a non-empty tuple of integers >= 1")
+            raise _invalid("channel_mult", self.channel_mult, "a non-empty tuple of integers >= 1",
+                           "give one multiplier >= 1 per level")
         factor = 2 ** (len(self.channel_mult) - 1)
         if self.image_size % factor:
             raise _invalid("image_size", self.image_size,
-                           f"must be divisible by 2^(levels-1)={factor} for channel_mult={self.channel_mult}")
+                           f"a multiple of 2^(levels-1)={factor} for channel_mult={self.channel_mult}",
+                           "change image_size or use fewer levels")
         sizes = self.level_sizes
         unknown = sorted(set(self.attention_resolutions) - set(sizes))
         if unknown:
             raise _invalid("attention_resolutions", self.attention_resolutions,
-                           f"sizes {unknown} do not occur; the feature maps are {sizes}")
+                           f"feature-map sizes among {sizes}", f"drop {unknown}")
         # Attention runs at the chosen levels and always in the middle block (last level's width).
         for level in [*self.attention_levels, len(self.channel_mult) - 1]:
             channels = self.base_channels * self.channel_mult[level]
             if channels % self.num_heads:
                 raise _invalid("num_heads", self.num_heads,
-                               f"must divide the {channels} channels of attention at {sizes[level]}x{sizes[level]}")
+                               f"a divisor of the {channels} channels of attention at {sizes[level]}x{sizes[level]}",
+                               "change num_heads")
 
     @property
     def level_sizes(self) -> tuple[int, ...]:
@@ -127,7 +123,7 @@ class UNetConfig:
             raise ConfigError(f"unknown built-in UNet preset {name!r}; valid presets are {sorted(PRESETS)}")
         kwargs = dict(PRESETS[name])
         levels = kwargs.pop("attention_levels")
-        resolutions = tuple(image_size // 2**level for level in levels) if _is_int(image_size) else ()
+        resolutions = tuple(image_size // 2**level for level in levels) if is_int(image_size) else ()
         return cls(image_size=image_size, in_channels=in_channels, num_classes=num_classes,
                    attention_resolutions=resolutions, **kwargs)
 

@@ -1,6 +1,6 @@
 """AdaRound (Nagel et al. 2020) as BRECQ / Q-Diffusion use it: learn, per weight, whether to round down or up.
 
-Notation (methods-tdq-brecq.md §3.2): ``W`` the float weight, ``s`` its (fixed) per-channel step,
+Notation (as in the AdaRound paper, arXiv 2004.10568): ``W`` the float weight, ``s`` its (fixed) per-channel step,
 ``[qmin, qmax]`` the weight grid of :func:`intmath.qrange`, ``V`` a free parameter of the weight's shape and
 the rectified sigmoid ``h(V) = clip(σ(V)·(ζ − γ) + γ, 0, 1)`` with ζ = 1.1, γ = −0.1.
 

@@ -1,5 +1,6 @@
-"""``brecq`` and ``tdq-ptq``: block reconstruction with AdaRound (Li et al. 2021), applied to a diffusion UNet as
-Q-Diffusion does (methods-tdq-brecq.md §3.3–3.4), and TDQ's PTQ mode (§1.7, design (a)) with the same code.
+"""``brecq`` and ``tdq-ptq``: block reconstruction with AdaRound (Li et al. 2021, arXiv 2102.05426), applied to a
+diffusion UNet as Q-Diffusion does (arXiv 2302.04304), and TDQ's PTQ mode (generators learned by reconstruction,
+arXiv 2306.02316) with the same code.
 
 Procedure (:func:`brecq_model`):
 
@@ -74,6 +75,7 @@ from tdqrt.calibration.quant.qmodel import QuantizedModel, QuantLayer, quantize_
 from tdqrt.calibration.quant.static import init_act_scales, observe_activations
 from tdqrt.calibration.quant.tdq import generator_config_of
 from tdqrt.engines.artifacts import atomic_path, read_json, sha256_file, sha256_json, write_json_atomic
+from tdqrt.engines.config import check_choice, check_int, check_real, invalid
 from tdqrt.engines.errors import ArtifactError, ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -87,14 +89,6 @@ INDEX_VERSION = 1
 EVAL_CHUNK = 128  # samples per forward pass when observing, caching and measuring (bounds peak memory)
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_real(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 @dataclass(frozen=True)
 class BrecqOptions:
     """Settings of ``brecq`` (and, with ``act_scale="tdq"``, of ``tdq-ptq``).
@@ -105,8 +99,8 @@ class BrecqOptions:
       (all of the set if it is smaller); see the module docstring for the memory this takes.
     * ``lr_w``: Adam rate of V. The paper's 1e-3 is tuned for 20 000 iterations: Adam moves V by about lr per
       step, and a rounding flips only when V crosses 0 (|V| starts at up to 2.4), so with the CPU default of 200
-      iterations the default is 1e-2 (measured on the tiny model's first ResBlock at W4, error vs nearest
-      rounding: 1e-3 × 200 → 0.90, 1e-2 × 200 → 0.47, 1e-3 × 1000 → 0.45). Use 1e-3 with paper-length runs.
+      iterations the default is 1e-2: in 200 iterations it gets about as far below nearest rounding's error as
+      1e-3 does in 1000, where 1e-3 × 200 hardly leaves it. Use 1e-3 with paper-length runs.
     * ``lr_a``: Adam rate of the act steps / generators (4e-4 as the Q-Diffusion driver, cosine decay).
     * ``weight_lambda``, ``beta_start``, ``beta_end``, ``warmup``: rounding regulariser λ and its β schedule.
     * ``p_w``, ``p_a``: exponent of the reconstruction loss in the weight (2) and activation (2.4) phases.
@@ -146,33 +140,22 @@ class BrecqOptions:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        cls = type(self).__name__
         minimum = {"iters_w": 0, "iters_a": 0, "batch": 1, "num_samples": 1, "observer_cap": 16, "frequencies": 1,
                    "hidden": 1, "layers": 1, "fit_steps": 0, "seed": 0}
         for name, lo in minimum.items():
-            v = getattr(self, name)
-            if not _is_int(v) or v < lo:
-                raise ConfigError(f"{type(self).__name__}.{name}={v!r} is invalid: must be an integer >= {lo}")
+            check_int(f"{cls}.{name}", getattr(self, name), lo, flag=f"--option {name}")
         for name in ("lr_w", "lr_a", "beta_start", "beta_end", "p_w", "p_a"):
-            v = getattr(self, name)
-            if not _is_real(v) or v <= 0:
-                raise ConfigError(f"{type(self).__name__}.{name}={v!r} is invalid: must be a finite number > 0")
-        if not _is_real(self.weight_lambda) or self.weight_lambda < 0:
-            raise ConfigError(f"{type(self).__name__}.weight_lambda={self.weight_lambda!r} is invalid: "
-                              "must be a finite number >= 0")
-        if not _is_real(self.warmup) or not 0 <= self.warmup < 1:
-            raise ConfigError(f"{type(self).__name__}.warmup={self.warmup!r} is invalid: must be in [0, 1)")
+            check_real(f"{cls}.{name}", getattr(self, name), above=0.0, flag=f"--option {name}")
+        check_real(f"{cls}.weight_lambda", self.weight_lambda, 0.0, flag="--option weight_lambda")
+        check_real(f"{cls}.warmup", self.warmup, 0.0, below=1.0, flag="--option warmup")
         if self.beta_end > self.beta_start:
-            raise ConfigError(f"{type(self).__name__}.beta_end={self.beta_end!r} is invalid: β is annealed "
-                              f"downwards, so it must be <= beta_start={self.beta_start!r}")
-        if not _is_real(self.base) or self.base <= 1:
-            raise ConfigError(f"{type(self).__name__}.base={self.base!r} is invalid: must be a number > 1")
+            raise invalid(f"{cls}.beta_end", self.beta_end, f"<= beta_start={self.beta_start!r}",
+                          "β is annealed downwards; lower beta_end or raise beta_start", flag="--option beta_end")
+        check_real(f"{cls}.base", self.base, above=1.0, flag="--option base")
         for name in ("weight_init", "act_init"):
-            if getattr(self, name) not in INIT_METHODS:
-                raise ConfigError(f"{type(self).__name__}.{name}={getattr(self, name)!r} is invalid: "
-                                  f"choose one of {list(INIT_METHODS)}")
-        if self.act_scale not in ACT_SCALES:
-            raise ConfigError(f"{type(self).__name__}.act_scale={self.act_scale!r} is invalid: "
-                              f"choose one of {list(ACT_SCALES)}")
+            check_choice(f"{cls}.{name}", getattr(self, name), INIT_METHODS, flag=f"--option {name}")
+        check_choice(f"{cls}.act_scale", self.act_scale, ACT_SCALES, flag="--option act_scale")
 
 
 @dataclass(frozen=True)
@@ -183,9 +166,8 @@ class TdqPtqOptions(BrecqOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.act_scale != "tdq":
-            raise ConfigError(f"TdqPtqOptions.act_scale={self.act_scale!r} is invalid: tdq-ptq always learns TDQ "
-                              "generators; use method 'brecq' for static activation steps")
+        check_choice("TdqPtqOptions.act_scale", self.act_scale, ("tdq",), flag="--option act_scale",
+                     fix="tdq-ptq always learns TDQ generators; use method 'brecq' for static activation steps")
 
 
 # --------------------------------------------------------------------------------------------------------------

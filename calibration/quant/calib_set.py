@@ -1,6 +1,6 @@
 """Time-stamped calibration data: ``(x_t, t, y)`` from the FP sampler at evenly spaced steps.
 
-Q-Diffusion's recipe (methods-tdq-brecq.md §3.4): run the FP sampler, keep the inputs of ``keep_steps`` evenly
+Q-Diffusion's recipe (Li et al. 2023, arXiv 2302.04304): run the FP sampler, keep the inputs of ``keep_steps`` evenly
 spaced steps for ``num`` samples (default 20 × 256 = 5120 pairs). Batches are written straight into
 memory-mapped ``.npy`` files as they are produced (never collected in one list in memory) and renamed into place
 when complete, so a killed run leaves nothing that looks finished.
@@ -21,7 +21,8 @@ import torch
 from tqdm.auto import tqdm
 
 from tdqrt.engines.artifacts import read_json, write_json_atomic
-from tdqrt.engines.errors import ArtifactError, ConfigError
+from tdqrt.engines.config import check_int, check_real
+from tdqrt.engines.errors import ArtifactError
 from tdqrt.runtime.sampling import Sampler, SamplerConfig, sample
 from tdqrt.runtime.schedules import NoiseSchedule
 
@@ -43,12 +44,11 @@ class CalibSetConfig:
     def __post_init__(self) -> None:
         if isinstance(self.sampler, dict):
             object.__setattr__(self, "sampler", SamplerConfig.from_dict(self.sampler))
-        if self.num < 1 or self.batch < 1 or self.keep_steps < 1:
-            raise ConfigError(f"num, batch and keep_steps must be >= 1 (got {self.num}, {self.batch}, {self.keep_steps})")
-        if self.keep_steps > self.sampler.steps:
-            raise ConfigError(f"keep_steps={self.keep_steps} exceeds the sampler's {self.sampler.steps} steps")
-        if not 0.0 <= self.null_fraction < 1.0:
-            raise ConfigError(f"null_fraction must be in [0, 1), got {self.null_fraction}")
+        check_int("CalibSetConfig.num", self.num, 1, flag="--calib-num")
+        check_int("CalibSetConfig.batch", self.batch, 1)
+        check_int("CalibSetConfig.keep_steps", self.keep_steps, 1, self.sampler.steps, flag="--calib-keep",
+                  fix=f"keep at most the sampler's {self.sampler.steps} steps (--calib-steps)")
+        check_real("CalibSetConfig.null_fraction", self.null_fraction, 0.0, below=1.0)
 
     def kept_indices(self) -> list[int]:
         return sorted({int(round(v)) for v in np.linspace(0, self.sampler.steps - 1, self.keep_steps)})

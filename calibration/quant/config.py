@@ -5,10 +5,9 @@ import fnmatch
 from dataclasses import asdict, dataclass
 
 from tdqrt.calibration.quant.intmath import MAX_BITS, MIN_BITS
-from tdqrt.engines.config import config_from_dict
-from tdqrt.engines.errors import ConfigError
+from tdqrt.engines.config import check_choice, check_int, check_real, config_from_dict, invalid
 
-# Kept in float by default, as TensorRT deployments and the papers do (tensorrt-qdq.md §1.5, methods §1.4):
+# Kept in float by default, as TensorRT deployments and the papers (Q-Diffusion, TDQ) do:
 # the first and last conv, the timestep-embedding MLP and the per-ResBlock timestep projections, and the class
 # embedding. Patterns are fnmatch-style on module names and cover the built-in UNet and diffusers' UNet2DModel.
 DEFAULT_KEEP_FLOAT = (
@@ -40,19 +39,17 @@ class QuantConfig:
     def __post_init__(self) -> None:
         from tdqrt.calibration.quant.methods import METHODS  # the registry imports the methods, which import this
 
-        if self.method not in METHODS:
-            raise ConfigError(f"method {self.method!r} is not one of {list(METHODS)}")
+        check_choice("QuantConfig.method", self.method, tuple(METHODS), flag="--method")
         for name in ("wbits", "abits"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or not MIN_BITS <= v <= MAX_BITS:
-                raise ConfigError(f"{name}={v!r} is invalid; use an integer in [{MIN_BITS}, {MAX_BITS}] (8 = INT8)")
-        if self.weight_granularity not in ("channel", "tensor"):
-            raise ConfigError(f"weight_granularity {self.weight_granularity!r} must be 'channel' or 'tensor'")
+            check_int(f"QuantConfig.{name}", getattr(self, name), MIN_BITS, MAX_BITS, flag=f"--{name}",
+                      fix=f"give an integer in [{MIN_BITS}, {MAX_BITS}] (8 = INT8)")
+        check_choice("QuantConfig.weight_granularity", self.weight_granularity, ("channel", "tensor"),
+                     flag="--weight-granularity")
         if isinstance(self.keep_float, str) or not all(isinstance(p, str) and p for p in self.keep_float):
-            raise ConfigError(f"keep_float must be a list of non-empty name patterns, got {self.keep_float!r}")
+            raise invalid("QuantConfig.keep_float", self.keep_float, "a list of non-empty name patterns",
+                          "give fnmatch patterns of module names", flag="--keep-float")
         object.__setattr__(self, "keep_float", tuple(self.keep_float))
-        if not self.lp_norm > 0:
-            raise ConfigError(f"lp_norm must be > 0, got {self.lp_norm}")
+        check_real("QuantConfig.lp_norm", self.lp_norm, above=0.0, finite=False)
 
     def keeps_float(self, module_name: str) -> bool:
         return any(fnmatch.fnmatchcase(module_name, p) for p in self.keep_float)

@@ -1,9 +1,9 @@
 """The integer math of every quantizer in tdqrt — the only place that rounds and clamps.
 
-Grid: signed integers, zero point 0 (TensorRT accepts only symmetric INT8, tensorrt-qdq.md §1.2), codes
-``q = clamp(round_half_even(x / s), qmin, qmax)`` and values ``x̂ = s·q``. This is exactly ONNX
-``QuantizeLinear`` (divide, round half to even, saturate) followed by ``DequantizeLinear``, so a fake-quant
-torch model and its exported Q/DQ graph produce the same codes (up to float ties).
+Grid: signed integers, zero point 0 (TensorRT accepts only symmetric INT8: Developer Guide, "Working with Quantized
+Types"), codes ``q = clamp(round_half_even(x / s), qmin, qmax)`` and values ``x̂ = s·q``. This is exactly ONNX
+``QuantizeLinear`` (divide, round half to even, saturate) followed by ``DequantizeLinear``, so a fake-quant torch
+model and its exported Q/DQ graph produce the same codes (up to float ties).
 
 Activations use the full range ``[-2^(b-1), 2^(b-1)-1]`` (what QuantizeLinear saturates to); weights use the
 narrow symmetric range ``[-(2^(b-1)-1), 2^(b-1)-1]``, as TensorRT's weight quantization does.

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from tdqrt.calibration.quant.job import CalibrationJob
 from tdqrt.calibration.quant.qmodel import QuantizedModel, quantize_model
 from tdqrt.calibration.quant.tdq import GeneratorConfig, attach_generators, init_generators_from_observers
-from tdqrt.engines.errors import ConfigError
+from tdqrt.engines.config import check_int
 
 
 @dataclass(frozen=True)
@@ -28,8 +28,8 @@ class StaticOptions:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.observer_cap < 16 or self.batch < 1:
-            raise ConfigError(f"observer_cap must be >= 16 and batch >= 1 (got {self.observer_cap}, {self.batch})")
+        check_int("StaticOptions.observer_cap", self.observer_cap, 16, flag="--option observer_cap")
+        check_int("StaticOptions.batch", self.batch, 1, flag="--option batch")
 
 
 @torch.no_grad()

@@ -1,11 +1,12 @@
-"""TDQ interval generators (So et al. 2023): one small MLP per activation quantizer predicts the step size
-from the timestep alone, ``s(t) = softplus(MLP(enc(t)))``, so every scale can be precomputed per timestep.
+"""TDQ interval generators (So et al. 2023, arXiv 2306.02316): one small MLP per activation quantizer predicts the
+step size from the timestep alone, ``s(t) = softplus(MLP(enc(t)))``, so every scale can be precomputed per timestep.
 
-``enc(t)`` is the geometric Fourier encoding ``[sin(t·ω_i), cos(t·ω_i)]`` with ``ω_i = base^(−i/F)``,
-i < F = 64 frequencies, base 10000 (methods-tdq-brecq.md §1.2); the MLP is 3 × 64 ReLU layers and a linear
-output. Unlike the original code (which only set the last bias from one value pooled over all timesteps), the
-generators here start from per-timestep statistics: the MLP is regressed onto the per-timestep scales the
-calibration data gives (``fit_generator``), so s(t) starts as the per-timestep optimum, not a constant.
+``enc(t)`` is the geometric Fourier encoding ``[sin(t·ω_i), cos(t·ω_i)]`` with ``ω_i = base^(−i/F)``, i < F
+frequencies; the MLP has ``layers`` ReLU layers of width ``hidden`` and a linear output (:class:`GeneratorConfig`'s
+defaults, F = 64, base 10000, 3 × 64, are the paper's). Unlike the original code (which only set the last bias from
+one value pooled over all timesteps), the generators here start from per-timestep statistics: the MLP is regressed
+onto the per-timestep scales the calibration data gives (``fit_generator``), so s(t) starts as the per-timestep
+optimum, not a constant.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tdqrt.calibration.quant.qmodel import QuantizedModel
-from tdqrt.engines.errors import ConfigError
+from tdqrt.engines.config import check_int, check_real
 
 
 @dataclass(frozen=True)
@@ -30,8 +31,9 @@ class GeneratorConfig:
     layers: int = 3
 
     def __post_init__(self) -> None:
-        if self.frequencies < 1 or self.hidden < 1 or self.layers < 1 or not self.base > 1:
-            raise ConfigError(f"invalid TDQ generator shape {self}")
+        for name in ("frequencies", "hidden", "layers"):
+            check_int(f"GeneratorConfig.{name}", getattr(self, name), 1, flag=f"--option {name}")
+        check_real("GeneratorConfig.base", self.base, above=1.0, finite=False, flag="--option base")
 
 
 class TdqGenerator(nn.Module):

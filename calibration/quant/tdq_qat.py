@@ -1,4 +1,4 @@
-"""``tdq-qat``: TDQ inside quantization-aware training (So et al. 2023, methods-tdq-brecq.md §1.5–1.6).
+"""``tdq-qat``: TDQ inside quantization-aware training (So et al. 2023, arXiv 2306.02316).
 
 Procedure (``calibrate_tdq_qat``):
 
@@ -19,9 +19,8 @@ denoising loss ``‖ε̂_q − ε‖²``.
 
 Paper / original-code recipe (for scale, not the CPU defaults here): AdamW, lr 2e-4 (CIFAR-10, batch 128) or 5e-5
 (LSUN-Churches, batch 32), 5000 warm-up steps, up to 200k steps, EMA weights for sampling. The defaults below
-(300 steps at batch 64, lr 2e-4) take about 6 minutes on one CPU thread for the ``small`` digits model with a
-64 × 20 calibration set: ~70 s initialisation (observation, per-timestep scale search, generator fits) and ~0.9 s
-per training step.
+(300 steps at batch 64, lr 2e-4) calibrate the ``small`` digits model in minutes on one CPU thread (wall times in
+docs/results.md, "Calibration methods on the `small` digits model").
 
 The method returns the trained (not frozen) model; ``calibrate()`` freezes it, which evaluates every generator at
 every training timestep into the ``[T]`` table of each layer, and saves it.
@@ -30,7 +29,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 from dataclasses import dataclass, fields
 from typing import Optional
@@ -45,20 +43,13 @@ from tdqrt.calibration.quant.qmodel import QuantizedModel, quantize_model
 from tdqrt.calibration.quant.static import init_act_scales, observe_activations
 from tdqrt.calibration.quant.tdq import generator_config_of
 from tdqrt.calibration.training import ema_update, ema_warmup_decay, noisy_batch
+from tdqrt.engines.config import check_bool, check_choice, check_int, check_real, check_text
 from tdqrt.engines.errors import ConfigError, DataError
 from tdqrt.runtime.schedules import NoiseSchedule
 
 ACT_SCALES = ("tdq", "static")
 INIT_METHODS = ("mse", "minmax")
 LOG_FILE = "tdq_qat_log.json"
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_real(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass(frozen=True)
@@ -106,30 +97,19 @@ class TdqQatOptions:
     def __post_init__(self) -> None:
         for name, low in (("steps", 1), ("batch", 1), ("warmup_steps", 0), ("frequencies", 1), ("hidden", 1),
                           ("layers", 1), ("fit_steps", 0), ("observer_cap", 16), ("seed", 0)):
-            v = getattr(self, name)
-            if not _is_int(v) or v < low:
-                raise ConfigError(f"TdqQatOptions.{name}={v!r} is invalid; it must be an integer >= {low}")
-        if not _is_real(self.lr) or self.lr <= 0:
-            raise ConfigError(f"TdqQatOptions.lr={self.lr!r} is invalid; it must be a positive number (e.g. 2e-4)")
-        if not _is_real(self.weight_decay) or self.weight_decay < 0:
-            raise ConfigError(f"TdqQatOptions.weight_decay={self.weight_decay!r} is invalid; it must be >= 0")
-        if self.grad_clip is not None and (not _is_real(self.grad_clip) or self.grad_clip <= 0):
-            raise ConfigError(f"TdqQatOptions.grad_clip={self.grad_clip!r} is invalid; use a number > 0 or None")
-        if not isinstance(self.distill, bool):
-            raise ConfigError(f"TdqQatOptions.distill={self.distill!r} is invalid; it must be true or false")
-        if self.data is not None and (not isinstance(self.data, str) or not self.data):
-            raise ConfigError(f"TdqQatOptions.data={self.data!r} is invalid; give a data set name/folder or None")
-        if self.init not in INIT_METHODS:
-            raise ConfigError(f"TdqQatOptions.init={self.init!r} is invalid; choose one of {list(INIT_METHODS)}")
-        if self.act_scale not in ACT_SCALES:
-            raise ConfigError(f"TdqQatOptions.act_scale={self.act_scale!r} is invalid; choose one of "
-                              f"{list(ACT_SCALES)} ('static' = the LSQ baseline)")
-        if not _is_real(self.base) or self.base <= 1:
-            raise ConfigError(f"TdqQatOptions.base={self.base!r} is invalid; the encoding base must be > 1")
+            check_int(f"TdqQatOptions.{name}", getattr(self, name), low, flag=f"--option {name}")
+        check_real("TdqQatOptions.lr", self.lr, above=0.0, flag="--option lr", fix="give a number > 0 (e.g. 2e-4)")
+        check_real("TdqQatOptions.weight_decay", self.weight_decay, 0.0, flag="--option weight_decay")
+        check_real("TdqQatOptions.grad_clip", self.grad_clip, above=0.0, optional=True, flag="--option grad_clip")
+        check_bool("TdqQatOptions.distill", self.distill, flag="--option distill")
+        check_text("TdqQatOptions.data", self.data, "a data set name or folder", optional=True, flag="--option data")
+        check_choice("TdqQatOptions.init", self.init, INIT_METHODS, flag="--option init")
+        check_choice("TdqQatOptions.act_scale", self.act_scale, ACT_SCALES, flag="--option act_scale",
+                     fix="pick one of those ('static' = the LSQ baseline)")
+        check_real("TdqQatOptions.base", self.base, above=1.0, flag="--option base",
+                   fix="the encoding base must be > 1")
         for name in ("ema_decay", "cond_drop_prob"):
-            v = getattr(self, name)
-            if not _is_real(v) or not 0.0 <= v < 1.0:
-                raise ConfigError(f"TdqQatOptions.{name}={v!r} is invalid; it must be in [0, 1)")
+            check_real(f"TdqQatOptions.{name}", getattr(self, name), 0.0, below=1.0, flag=f"--option {name}")
 
 
 # --------------------------------------------------------------------------------------------------------------
