@@ -270,11 +270,18 @@ def test_engines_import_without_tensorrt():
     assert out == "[]"
 
 
-@pytest.mark.skipif(_tensorrt_importable(), reason="tensorrt is installed here")
-def test_cli_build_trt_without_tensorrt_names_the_extra(tmp_path, capsys):
+def test_cli_build_trt_without_tensorrt_names_the_extras(tmp_path, capsys, monkeypatch):
+    """Neither TensorRT library importable (a None entry in sys.modules makes `import` fail): one line naming both
+    extras and the flag that builds without TensorRT."""
+    import tdqrt.engines.trt as trt_mod
+
+    for name in trt_mod.LIBRARIES:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setattr(trt_mod, "_polygraphy_library", lambda: None)
     assert main(["build", "--bundle", str(tmp_path), "--backend", "trt"]) == 2
     err = capsys.readouterr().err
-    assert "TensorRT is not importable" in err and "tdqrt[trt]" in err and "--backend ort" in err
+    assert "TensorRT is not importable" in err and "tdqrt[trt]" in err and "tdqrt[trt-rtx]" in err
+    assert "--backend ort" in err and len(err.strip().splitlines()) == 1
 
 
 def test_cli_build_refuses_bad_settings_before_anything_else(tmp_path, capsys):

@@ -7,9 +7,10 @@ Runners (all driven by ``polygraphy.comparator.Comparator.run`` over the same fe
     torch_quant  the fake-quant torch model         (custom Polygraphy runner)
     ort_fp       unet_fp.onnx in ONNX Runtime (CPU) (OnnxrtRunner)
     ort_int8     unet.onnx in ONNX Runtime (CPU)    (OnnxrtRunner)
-    trt_int8     the TensorRT plan ``tdqrt build`` made of unet.onnx (TrtRunner over EngineFromBytes) — only with
-                 ``--engine``, when ``tensorrt`` imports and a CUDA device is there; a plan whose engine.json does not
-                 match this TensorRT, GPU or bundle is refused
+    trt_int8     the TensorRT plan ``tdqrt build`` made of unet.onnx (TrtRunner over EngineFromBytes; TensorRT or
+                 TensorRT-RTX, the library its engine.json names) — only with ``--engine``; a plan that does not
+                 exist, cannot run here (no library, no GPU of its class) or whose engine.json does not match this
+                 library, GPU or bundle fails the validation with the reason
 
 Inputs: the calibration set's ``(x_t, t, y)`` (the quant card records its path) at ``timesteps`` timesteps spread
 over the ones it holds, ``per_timestep`` samples each; one feed dict (one Polygraphy iteration) per timestep.
@@ -79,7 +80,7 @@ from tdqrt.calibration.quant.calib_set import CalibrationSet
 from tdqrt.calibration.quant.checkpoint import QUANT_FORMAT
 from tdqrt.engines.artifacts import write_json_atomic
 from tdqrt.engines.bundle import open_bundle
-from tdqrt.engines.errors import ArtifactError, ConfigError, DataError, DependencyError
+from tdqrt.engines.errors import ArtifactError, ConfigError, DataError
 
 REPORT_FILE = "validate.json"
 PLOT_FILE = "validate.png"
@@ -254,21 +255,16 @@ def TorchRunner(model: torch.nn.Module, inputs: dict[str, tuple[Any, tuple]], ou
 
 
 def tensorrt_status(engine: Optional[Union[str, os.PathLike]]) -> dict:
-    """Whether a TensorRT runner can run: ``{"ran": False, "reason": ...}`` when it cannot (no tensorrt, no CUDA
-    device, no ``--engine``)."""
-    from tdqrt.engines.trt import require_cuda, require_tensorrt
-
-    try:
-        require_tensorrt()
-        require_cuda()
-    except DependencyError as exc:
-        return {"ran": False, "engine": None if engine is None else str(engine),
-                "reason": f"{exc}; TensorRT runner skipped"}
+    """``{"ran": False, ...}`` when no ``--engine`` is given; with one, the plan must be able to run here — a missing
+    plan or card, or no TensorRT library / GPU for it, raises (the validation fails, it is never skipped)."""
     if engine is None:
         return {"ran": False, "engine": None, "reason": "no --engine given; TensorRT runner skipped"}
-    if not Path(engine).is_file():
-        raise ArtifactError(f"TensorRT engine {engine} does not exist")
-    return {"ran": True, "engine": str(engine), "reason": None}
+    from tdqrt.engines.engine_card import read_card
+    from tdqrt.engines.trt import require_plan_runtime
+
+    card = read_card(engine)  # a missing plan or engine.json: ArtifactError
+    require_plan_runtime(card, engine)  # no library / GPU for it: DependencyError
+    return {"ran": True, "engine": str(engine), "library": card["runtime"]["name"], "reason": None}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -366,6 +362,7 @@ def validate_models(fp_onnx: Union[str, os.PathLike], int8_onnx: Union[str, os.P
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.comparator import Comparator
 
+    trt = tensorrt_status(engine)  # before any work: an engine that cannot run fails the validation
     fp_onnx, int8_onnx = Path(fp_onnx), Path(int8_onnx)
     calib = calib if isinstance(calib, CalibrationSet) else CalibrationSet(calib)
     fp_inputs, fp_out = _session_inputs(fp_onnx)
@@ -385,7 +382,6 @@ def validate_models(fp_onnx: Union[str, os.PathLike], int8_onnx: Union[str, os.P
                OnnxrtRunner(SessionFromOnnx(str(int8_onnx), providers=["cpu"]), name="ort_int8")]
     int8_kind = "ort-cpu" if target == "ort-cpu" else "int8"
     pairs = [("torch_fp", "ort_fp", "fp"), ("torch_quant", "ort_int8", int8_kind), ("ort_fp", "ort_int8", None)]
-    trt = tensorrt_status(engine)
     if trt["ran"]:
         from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
