@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import math
 import os
 import re
@@ -269,6 +270,10 @@ def _build_trt(bundle: Bundle, config: BuildConfig, out: Path, shapes: Shapes,
     pools = None if config.workspace_gb is None else {trt.MemoryPoolType.WORKSPACE: int(config.workspace_gb * 2**30)}
     cache = config.timing_cache
     cache_loaded = cache is not None and Path(cache).is_file()
+    build_warnings = []
+    if cache is not None and library == TENSORRT_RTX:
+        build_warnings.append(f"--timing-cache: {library} {trt.__version__} loads and saves the file but ignores it "
+                              "(timing-cache operations are no-ops in TensorRT-RTX since 1.2)")
     if cache is not None:
         Path(cache).parent.mkdir(parents=True, exist_ok=True)
     settings = dict(profiles=[profile], memory_pool_limits=pools, builder_optimization_level=config.opt_level,
@@ -308,6 +313,7 @@ def _build_trt(bundle: Bundle, config: BuildConfig, out: Path, shapes: Shapes,
                f"({env.name} plans run on {_gpu_classes(env.name)})")
         write_json_atomic(out.parent / LAYERS_FILE, head | {"per_layer_precision": None, "needs_gpu": why})
         summary = {"layers": network["layers"], "warnings": [], "needs_gpu": why}
+    summary["warnings"] = build_warnings + summary["warnings"]
     summary |= {"network": {k: network[k] for k in ("layers", "quantize", "dequantize", "quantized_conv",
                                                      "quantized_matmul")},
                 "parser_warnings": len(parser_warnings), "plan_bytes": len(data),
@@ -325,7 +331,8 @@ def parse_onnx(onnx_path: Union[str, os.PathLike], library: str, *, lint_hint: s
     from tdqrt.engines.trt import require_tensorrt
 
     require_tensorrt(library)
-    with _polygraphy_log() as log_lines:
+    # Polygraphy prints its own "[!] Could not parse" line to stderr; the ArtifactError below says it in one line
+    with _polygraphy_log() as log_lines, contextlib.redirect_stderr(io.StringIO()):
         try:
             parsed = NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)()
         except PolygraphyException as exc:
@@ -385,18 +392,24 @@ def _polygraphy_log() -> Iterator[Callable[[], list[str]]]:
 
 def network_summary(network) -> dict:
     """What the parsed TensorRT network holds, known without a GPU: layer-type counts, Q/DQ layers, and the
-    Conv/MatMul layers both of whose first two inputs come from a DequantizeLinear (the INT8 candidates)."""
+    Conv/MatMul layers both of whose first two inputs come from a DequantizeLinear — directly or through the
+    SHUFFLE layers the parser inserts for MatMul broadcasting (the INT8 candidates)."""
     producer = {}
     types = Counter()
     layers = [network.get_layer(i) for i in range(network.num_layers)]
     for layer in layers:
         types[layer.type.name] += 1
         for k in range(layer.num_outputs):
-            producer[layer.get_output(k).name] = layer.type.name
+            producer[layer.get_output(k).name] = layer
+
+    def from_dequantize(tensor) -> bool:
+        layer = producer.get(tensor.name) if tensor is not None else None
+        while layer is not None and layer.type.name == "SHUFFLE" and layer.get_input(0) is not None:
+            layer = producer.get(layer.get_input(0).name)
+        return layer is not None and layer.type.name == "DEQUANTIZE"
 
     def quantized(layer) -> bool:
-        ins = [layer.get_input(k) for k in range(min(2, layer.num_inputs))]
-        return len(ins) == 2 and all(t is not None and producer.get(t.name) == "DEQUANTIZE" for t in ins)
+        return layer.num_inputs >= 2 and all(from_dequantize(layer.get_input(k)) for k in range(2))
 
     conv = sum(1 for la in layers if la.type.name == "CONVOLUTION" and quantized(la))
     matmul = sum(1 for la in layers if la.type.name == "MATRIX_MULTIPLY" and quantized(la))
