@@ -344,9 +344,13 @@ def test_cli_sample_with_a_plan_without_tensorrt(bundle_dir, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def trt_engine(bundle_dir, tmp_path_factory):
-    pytest.importorskip("tensorrt", reason="TensorRT is not installed (pip install 'tdqrt[trt]')")
+    from tdqrt.engines.trt import GPU_CLASSES
+
+    pytest.importorskip("tensorrt", reason=f"enterprise TensorRT is not installed (pip install 'tdqrt[trt]'; it runs "
+                                           f"on {GPU_CLASSES['tensorrt']}); TensorRT-RTX plans are built and refused "
+                                           "in tests/test_trt_rtx.py")
     if not torch.cuda.is_available():
-        pytest.skip("TensorRT engines need a CUDA GPU")
+        pytest.skip(f"enterprise TensorRT plans need a CUDA GPU: {GPU_CLASSES['tensorrt']}")
     out = tmp_path_factory.mktemp("engine") / "unet.trt.plan"
     return build_engine(bundle_dir, BuildConfig(max_batch=4, opt_batch=2, opt_level=1), out)
 

@@ -77,6 +77,7 @@ import torch
 
 from tdqrt.calibration.quant.api import load_model_dir
 from tdqrt.calibration.quant.calib_set import CalibrationSet
+from tdqrt.calibration.quant.calib_set import calibration_feeds as select_feeds
 from tdqrt.calibration.quant.checkpoint import QUANT_FORMAT
 from tdqrt.engines.artifacts import write_json_atomic
 from tdqrt.engines.bundle import open_bundle
@@ -155,44 +156,12 @@ def _session_inputs(onnx_path: Path) -> tuple[dict[str, tuple[Any, tuple]], str]
     return inputs, sess.get_outputs()[0].name
 
 
-def pick_timesteps(available: list[int], n: int) -> list[int]:
-    """``n`` timesteps spread evenly over ``available`` (all of them when there are fewer)."""
-    available = sorted(available)
-    if n >= len(available):
-        return available
-    idx = np.unique(np.round(np.linspace(0, len(available) - 1, n)).astype(int))
-    return [available[i] for i in idx]
-
-
 def calibration_feeds(calib: CalibrationSet, inputs: dict[str, tuple[Any, tuple]], config: ValidateConfig, *,
                       null_label: Optional[int] = None) -> list[tuple[int, "OrderedDict[str, np.ndarray]"]]:
-    """One Polygraphy feed dict per timestep: ``sample`` [B,C,H,W], ``timestep`` [B], ``class_labels`` [B] (only
-    when the graph has that input), in the graph's dtypes."""
-    if len(calib) == 0:
-        raise DataError(f"calibration set {calib.path} is empty")
-    rng = np.random.default_rng(config.seed)
-    feeds = []
-    for ts in pick_timesteps(calib.timesteps, config.timesteps):
-        rows = np.flatnonzero(calib.t == ts)
-        rows = np.sort(rng.choice(rows, size=min(config.per_timestep, len(rows)), replace=False))
-        x = np.ascontiguousarray(calib.x[rows])
-        shape = inputs["sample"][1]
-        if len(shape) != x.ndim or any(d is not None and d != s for d, s in zip(shape[1:], x.shape[1:])):
-            raise DataError(f"calibration set {calib.path} holds samples of shape {list(x.shape[1:])}, the model "
-                            f"takes {list(shape)}; pass the calibration set of this model with --calib")
-        feed = OrderedDict(sample=x.astype(inputs["sample"][0]),
-                           timestep=np.asarray(calib.t[rows]).astype(inputs["timestep"][0]))
-        if "class_labels" in inputs:
-            if calib.meta.get("conditional"):
-                y = np.asarray(calib.y[rows])
-            elif null_label is not None:
-                y = np.full(len(rows), null_label)
-            else:
-                raise ConfigError("the model is class-conditional but the calibration set has no labels and the "
-                                  "model records no null label")
-            feed["class_labels"] = y.astype(inputs["class_labels"][0])
-        feeds.append((int(ts), feed))
-    return feeds
+    """One Polygraphy feed dict per timestep (``config.timesteps`` of them, ``config.per_timestep`` samples each):
+    :func:`tdqrt.calibration.quant.calib_set.calibration_feeds`."""
+    return select_feeds(calib, inputs, timesteps=config.timesteps, per_timestep=config.per_timestep,
+                        seed=config.seed, null_label=null_label)
 
 
 # ---------------------------------------------------------------------------------------------------------------
