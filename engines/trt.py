@@ -80,11 +80,11 @@ def _polygraphy_library() -> Optional[str]:
     return TENSORRT_RTX if config.USE_TENSORRT_RTX else TENSORRT
 
 
-def require_tensorrt(library: Optional[str] = None):
+def require_tensorrt(library: Optional[str] = None, *, instead: str = "or build with --backend ort"):
     """Import TensorRT — ``library`` (``"tensorrt"`` / ``"tensorrt_rtx"``), or None: the one Polygraphy already
     uses in this process, else the first of :data:`LIBRARIES` that imports — and point Polygraphy's TensorRT
     loaders at it. A missing library, or one other than Polygraphy was already bound to, is a
-    :class:`DependencyError` that says what to do."""
+    :class:`DependencyError` that says what to do (``instead``: the way around it of the command at hand)."""
     bound = _polygraphy_library()
     if library is not None and library not in LIBRARIES:
         raise DependencyError(f"unknown TensorRT library {library!r}: use one of {', '.join(LIBRARIES)}")
@@ -108,7 +108,7 @@ def require_tensorrt(library: Optional[str] = None):
     raise DependencyError(
         f"TensorRT is not importable ({'; '.join(errors)}); install {which} — enterprise TensorRT for data-centre "
         f"GPUs: `{INSTALL[TENSORRT]}` (wheels from NVIDIA's package index, build on the target GPU), TensorRT-RTX "
-        f"for RTX GPUs, builds without a GPU: `{INSTALL[TENSORRT_RTX]}` — or build with --backend ort")
+        f"for RTX GPUs, builds without a GPU: `{INSTALL[TENSORRT_RTX]}` — {instead}")
 
 
 def library_name(trt) -> str:
@@ -149,10 +149,11 @@ def require_plan_runtime(card: dict, plan: Union[str, os.PathLike]) -> torch.dev
     if library not in LIBRARIES:
         raise ArtifactError(f"engine {plan} was built by {library!r}, not a TensorRT library; rebuild it with "
                             f"`{rebuild_command(card, plan)}`")
-    require_tensorrt(library)
+    instead = "or pass the bundle directory without --engine (ONNX Runtime on the CPU)"
+    require_tensorrt(library, instead=instead)
     if not torch.cuda.is_available():
         raise DependencyError(f"engine {plan} is a {library} plan: it runs on {GPU_CLASSES[library]}, and torch sees "
-                              "no CUDA GPU here; run it on such a GPU, or use the bundle with ONNX Runtime (CPU)")
+                              f"no CUDA GPU here; run it on such a GPU, {instead}")
     return torch.device("cuda", torch.cuda.current_device())
 
 

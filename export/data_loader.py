@@ -101,6 +101,7 @@ def write_data_loader(out_dir: Path, calib: CalibrationSet, signature: dict, fp_
     """Write :data:`INPUTS_FILE`, :data:`SCRIPT_FILE` and :data:`REFERENCE_FILE` into ``out_dir``; returns what the
     manifest records."""
     from polygraphy.comparator import IterationResult, RunResults
+    from polygraphy.logger import G_LOGGER
 
     inputs = {i["name"]: (_NP_DTYPES[i["dtype"]], tuple(d if isinstance(d, int) else None for d in i["shape"]))
               for i in signature["inputs"]}
@@ -118,7 +119,8 @@ def write_data_loader(out_dir: Path, calib: CalibrationSet, signature: dict, fp_
         iterations.append(IterationResult({output["name"]: quant.astype(_NP_DTYPES[output["dtype"]])},
                                           runner_name="torch_quant"))
     results.append(("torch_quant", iterations))
-    results.save(str(out_dir / REFERENCE_FILE))
+    with G_LOGGER.verbosity(G_LOGGER.WARNING):  # no "Saving inference results" line in the export's output
+        results.save(str(out_dir / REFERENCE_FILE))
     ratio_db = 20.0 * math.log10(1.0 / INT8_MAX_ERROR_RATIO)
     snr = round(min(min(sqnr) + ratio_db, -20.0 * math.log10(INT8_NEGLIGIBLE_REL_L2)), 3)
     fp_snr = round(min(sqnr) - 20.0 * math.log10(1.0 + INT8_MAX_ERROR_RATIO), 3)

@@ -347,6 +347,7 @@ def test_an_rtx_plan_without_a_supported_gpu_is_refused_in_one_line(fp32_builds,
         err = captured.err.strip().splitlines()
         assert len(err) == 1 and "Traceback" not in captured.err, err
         assert "tensorrt_rtx" in err[0] and ("RTX GPUs" in err[0] or "compute capabilities" in err[0]), err
+        assert "--backend" not in err[0]  # sample and validate have no --backend flag
         assert "PASSED" not in captured.out
 
 
