@@ -1,28 +1,39 @@
 """``tdqrt build``: turn a bundle's INT8 ``unet.onnx`` into an engine file with an ``engine.json`` beside it.
 
-``--backend trt`` — a TensorRT plan, built through Polygraphy's loaders::
+``--backend trt`` — a TensorRT plan, built with whichever TensorRT library is installed (enterprise ``tensorrt``
+first, else ``tensorrt_rtx``; ``--backend trt-rtx`` forces TensorRT-RTX), through ONE chain of Polygraphy loaders
+for both (:func:`_build_trt`; :func:`tdqrt.engines.trt.require_tensorrt` points Polygraphy at the library)::
 
     NetworkFromOnnxPath(unet.onnx, strongly_typed=True)          # precision from the ONNX dtypes and Q/DQ only
     CreateConfig(profiles=[batch profile], memory_pool_limits={WORKSPACE: ...}, builder_optimization_level=N,
                  profiling_verbosity=DETAILED, load_timing_cache=FILE)
+        # TensorRT-RTX: CreateConfigRTX(same settings, compute_capabilities=[(8, 6), ...] | use_gpu=True)
     EngineBytesFromNetwork(network, config, save_timing_cache=FILE)
 
 * Strong typing, no INT8/FP16 builder flags: TensorRT's explicit-quantization guide says "use explicit
   quantization with strong typing; precision-control build flags are not required and should not be specified";
   ``BuilderFlag.FP16/INT8/...`` are deprecated in TensorRT 10.12 and removed in 11, where every network is
-  strongly typed and ``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` is accepted and ignored (notes/tensorrt-qdq.md
-  §1.7, TensorRT 11 "Removed and Deprecated C++ APIs"). So an fp32 bundle keeps its non-quantized layers in FP32
-  (TF32 stays off, Polygraphy's default) and ``tdqrt export --dtype fp16`` gives FP16 ones.
+  strongly typed and ``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` is accepted and ignored (TensorRT 11
+  "Removed and Deprecated C++ APIs"; Polygraphy refuses precision flags with TensorRT-RTX). So an fp32 bundle keeps
+  its non-quantized layers in FP32 and ``tdqrt export --dtype fp16`` gives FP16 ones.
 * GroupNorm is exported as Reshape→InstanceNormalization→Reshape; the ONNX parser flag ``NATIVE_INSTANCENORM`` is
   ON by default in TensorRT 10 (``NvOnnxParser.h``), so no parser flag is passed (passing ``flags`` would replace
   the default set).
 * One optimization profile over the batch: min 1, opt ``--opt-batch``, max ``--max-batch``, both doubled for a
   class-conditional bundle because classifier-free guidance evaluates the conditional and unconditional halves in
   one call (``--no-cfg`` keeps them as given).
-* ``ProfilingVerbosity.DETAILED`` makes the engine inspector print each layer's formats; after the build the plan
-  is deserialized, the opt shapes are set on an execution context (without one, dynamic dimensions print as -1
-  and no format is shown) and ``get_engine_information(LayerInformationFormat.JSON)`` is parsed into
-  ``layers.json`` (:mod:`tdqrt.engines.layer_report`): precision per layer, unfused Q/DQ warnings.
+* TensorRT-RTX builds ahead of time without a GPU, for ``--compute-capability`` targets (default: the library's
+  portable set, :data:`tdqrt.engines.trt.RTX_DEFAULT_CAPABILITIES`) or, with ``--use-gpu``, for the local GPU.
+  Enterprise TensorRT needs the GPU it builds for.
+* The parsed network is summarised before the build (:func:`network_summary`): the parser's warnings, layer-type
+  counts, Q/DQ layers and the Conv/MatMul layers fed by DequantizeLinear on both inputs. A graph the parser rejects
+  is one :class:`ArtifactError` quoting the parser's error (which names the node); nothing is written.
+* ``ProfilingVerbosity.DETAILED`` makes the engine inspector print each layer's formats. When a GPU that can load
+  the plan is present, the plan is deserialized, the opt shapes are set on an execution context (without one,
+  dynamic dimensions print as -1 and no format is shown) and ``get_engine_information(LayerInformationFormat.JSON)``
+  is parsed into ``layers.json`` (:mod:`tdqrt.engines.layer_report`): precision per layer, unfused Q/DQ warnings.
+  Without one (a TensorRT-RTX build on a CPU machine) ``layers.json`` holds the network summary and the plan size,
+  and says that the per-layer precision report needs a GPU.
 
 ``--backend ort`` — no TensorRT needed: opens ``unet.onnx`` in ONNX Runtime (CPU provider, graph optimization
 level EXTENDED, where the QDQ fusions run), saves the optimized graph as the engine file, runs it once at batch 1
@@ -36,14 +47,18 @@ never leaves a card describing a plan that is not there.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
+import re
 import statistics
+import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 
@@ -52,14 +67,16 @@ from tdqrt.engines.artifacts import (atomic_path, read_json, sha256_file, versio
 from tdqrt.engines.bundle import Bundle, open_bundle
 from tdqrt.engines.engine_card import (CARD_FILE, ENGINE_FORMAT, ENGINE_SUFFIXES, RuntimeEnv, card_path, make_card,
                                        profile_to_json)
-from tdqrt.engines.config import check_bool, check_choice, check_int, check_real, is_int
+from tdqrt.engines.config import check_bool, check_choice, check_int, check_real, invalid, is_int
 from tdqrt.engines.errors import ArtifactError, ConfigError
 from tdqrt.engines.layer_report import parse_engine_information
 
-BACKENDS = ("trt", "ort")
+BACKENDS = ("trt", "trt-rtx", "ort")
 OPT_LEVELS = range(0, 6)  # IBuilderConfig::setBuilderOptimizationLevel: 0..5, TensorRT's default 3
 LAYERS_FILE = "layers.json"
-DEFAULT_ENGINE = {"trt": Path("trt") / "unet.trt.plan", "ort": Path("ort") / "unet.ort.onnx"}
+DEFAULT_ENGINE = {"trt": Path("trt") / "unet.trt.plan", "trt-rtx": Path("trt") / "unet.trt.plan",
+                  "ort": Path("ort") / "unet.ort.onnx"}
+_CAPABILITY = re.compile(r"^[0-9]+\.[0-9]+$")
 _ORT_INT8_OPS = {"MatMulIntegerToFloat", "QGemm", "ConvInteger", "MatMulInteger", "DynamicQuantizeMatMul"}
 
 Shapes = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
@@ -76,6 +93,8 @@ class BuildConfig:
     opt_level: int = 3  # TensorRT builder optimization level, 0..5
     timing_cache: Optional[str] = None  # loaded when it exists, updated after the build (trt)
     cfg: Optional[bool] = None  # double the batch for classifier-free guidance; None: when the bundle is conditional
+    compute_capabilities: Optional[tuple[str, ...]] = None  # TensorRT-RTX targets ("8.6", ...); None: its default
+    use_gpu: bool = False  # TensorRT-RTX: build for the local GPU (needs one)
 
     def __post_init__(self) -> None:
         check_choice("BuildConfig.backend", self.backend, BACKENDS, flag="--backend")
@@ -87,13 +106,31 @@ class BuildConfig:
         check_int("BuildConfig.opt_level", self.opt_level, OPT_LEVELS[0], OPT_LEVELS[-1], flag="--opt-level",
                   fix="give TensorRT's builder optimization level 0..5 (default 3)")
         check_bool("BuildConfig.cfg", self.cfg, optional=True, flag="--no-cfg")
+        if self.compute_capabilities is not None:
+            object.__setattr__(self, "compute_capabilities", tuple(self.compute_capabilities))
+            if not self.compute_capabilities or not all(isinstance(c, str) and _CAPABILITY.match(c)
+                                                        for c in self.compute_capabilities):
+                raise invalid("BuildConfig.compute_capabilities", list(self.compute_capabilities),
+                              "compute capabilities such as 8.6 8.9 12.0", "name them as MAJOR.MINOR",
+                              flag="--compute-capability")
+        check_bool("BuildConfig.use_gpu", self.use_gpu, flag="--use-gpu")
+        if self.use_gpu and self.compute_capabilities is not None:
+            raise invalid("BuildConfig.use_gpu", True, "either --use-gpu or --compute-capability",
+                          "drop one: --use-gpu builds for the local GPU", flag="--use-gpu")
+        if self.backend == "ort" and (self.use_gpu or self.compute_capabilities is not None):
+            raise invalid("BuildConfig.backend", self.backend, "a TensorRT backend with --compute-capability/--use-gpu",
+                          "drop --compute-capability/--use-gpu (TensorRT-RTX settings) for --backend ort",
+                          flag="--backend")
 
     @property
     def resolved_opt_batch(self) -> int:
         return self.opt_batch if self.opt_batch is not None else self.max_batch
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if self.compute_capabilities is not None:
+            out["compute_capabilities"] = list(self.compute_capabilities)
+        return out
 
 
 def resolve_cfg(config: BuildConfig, num_classes: int) -> bool:
@@ -133,7 +170,7 @@ def default_engine_path(bundle_dir: Union[str, os.PathLike], backend: str) -> Pa
 
 
 def _check_out(out: Path, backend: str) -> None:
-    suffixes = ENGINE_SUFFIXES if backend == "trt" else (".onnx",)
+    suffixes = (".onnx",) if backend == "ort" else ENGINE_SUFFIXES
     if out.suffix not in suffixes:
         raise ConfigError(f"--out {out}: a {backend} engine file must end in {' or '.join(suffixes)}")
     existing = card_path(out)
@@ -148,36 +185,56 @@ def _check_out(out: Path, backend: str) -> None:
 
 
 def build_engine(bundle_dir: Union[str, os.PathLike], config: BuildConfig = BuildConfig(),
-                 out: Optional[Union[str, os.PathLike]] = None) -> tuple[Path, dict]:
+                 out: Optional[Union[str, os.PathLike]] = None, *,
+                 log: Optional[Callable[[str], None]] = None) -> tuple[Path, dict]:
     """Build the ``config.backend`` engine of the (hash-verified) bundle into ``out`` (default
-    :func:`default_engine_path`); returns the engine path and its ``engine.json`` content."""
-    if config.backend == "trt":  # fail on a missing TensorRT / GPU before touching the bundle
-        from tdqrt.engines.trt import require_cuda, require_tensorrt
+    :func:`default_engine_path`); returns the engine path and its ``engine.json`` content. ``log`` receives one
+    line naming the TensorRT library used."""
+    library = None
+    if config.backend != "ort":  # fail on a missing TensorRT / GPU before touching the bundle
+        library = resolve_library(config)
+        if log is not None:
+            import importlib
 
-        require_tensorrt()
-        require_cuda()
+            how = "forced by --backend trt-rtx" if config.backend == "trt-rtx" else "the TensorRT library installed"
+            log(f"building with {library} {importlib.import_module(library).__version__} ({how})")
     bundle = open_bundle(bundle_dir)
     out = Path(out) if out is not None else default_engine_path(bundle.path, config.backend)
     _check_out(out, config.backend)
     cfg = resolve_cfg(config, bundle.num_classes)
     shapes = batch_profile(bundle.signature("unet"), opt_batch=config.resolved_opt_batch,
                            max_batch=config.max_batch, cfg=cfg)
-    build = _build_trt if config.backend == "trt" else _build_ort
     t0 = time.perf_counter()
-    env, report = build(bundle, config, out, shapes)
+    if library is None:
+        env, report = _build_ort(bundle, config, out, shapes)
+    else:
+        env, report = _build_trt(bundle, config, out, shapes, library)
     settings = config.to_dict() | {"cfg": cfg, "seconds": round(time.perf_counter() - t0, 3)}
-    card = make_card(backend=config.backend, plan=out, plan_bytes=out.stat().st_size,
+    card = make_card(backend="ort" if library is None else "trt", plan=out, plan_bytes=out.stat().st_size,
                      plan_sha256=sha256_file(out), bundle_path=bundle.path, bundle_sha256=bundle.sha256, env=env,
                      profile=profile_to_json(shapes), build=settings, report=report, versions=_versions())
     write_json_atomic(card_path(out), card)
     return out, card
 
 
+def resolve_library(config: BuildConfig) -> str:
+    """The TensorRT library a ``trt``/``trt-rtx`` build uses, checked against its settings (and the GPU it needs)."""
+    from tdqrt.engines.trt import TENSORRT, TENSORRT_RTX, library_name, require_cuda, require_tensorrt
+
+    library = library_name(require_tensorrt(TENSORRT_RTX if config.backend == "trt-rtx" else None))
+    if library == TENSORRT and (config.use_gpu or config.compute_capabilities is not None):
+        raise ConfigError("--compute-capability and --use-gpu are TensorRT-RTX settings; enterprise TensorRT builds "
+                          "for the GPU it runs on — drop them, or build with --backend trt-rtx")
+    if library == TENSORRT or config.use_gpu:
+        require_cuda(library)
+    return library
+
+
 def _versions() -> dict:
     from importlib import metadata
 
     out = versions()
-    for dist in ("polygraphy", "tensorrt"):
+    for dist in ("polygraphy", "tensorrt", "tensorrt-rtx"):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -186,40 +243,169 @@ def _versions() -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# TensorRT
+# TensorRT (enterprise and RTX: one loader chain)
 
 
-def _build_trt(bundle: Bundle, config: BuildConfig, out: Path, shapes: Shapes) -> tuple[RuntimeEnv, dict]:
-    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
+def _build_trt(bundle: Bundle, config: BuildConfig, out: Path, shapes: Shapes,
+               library: str) -> tuple[RuntimeEnv, dict]:
+    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, Profile
     from polygraphy.exception import PolygraphyException
 
-    from tdqrt.engines.trt import require_cuda, require_tensorrt, tensorrt_env
+    from tdqrt.engines.trt import RTX_DEFAULT_CAPABILITIES, TENSORRT_RTX, require_tensorrt, tensorrt_env
 
-    trt = require_tensorrt()
-    device = require_cuda()
+    trt = require_tensorrt(library)
     onnx_path = bundle.onnx_path("unet")
     profile = Profile()
     for name, (low, opt, high) in shapes.items():
         profile.add(name, min=low, opt=opt, max=high)
     pools = None if config.workspace_gb is None else {trt.MemoryPoolType.WORKSPACE: int(config.workspace_gb * 2**30)}
     cache = config.timing_cache
+    cache_loaded = cache is not None and Path(cache).is_file()
+    build_warnings = []
+    if cache is not None and library == TENSORRT_RTX:
+        build_warnings.append(f"--timing-cache: {library} {trt.__version__} loads and saves the file but ignores it "
+                              "(timing-cache operations are no-ops in TensorRT-RTX since 1.2)")
     if cache is not None:
         Path(cache).parent.mkdir(parents=True, exist_ok=True)
-    network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)
-    create_config = CreateConfig(profiles=[profile], memory_pool_limits=pools,
-                                 builder_optimization_level=config.opt_level,
-                                 profiling_verbosity=trt.ProfilingVerbosity.DETAILED, load_timing_cache=cache)
+    settings = dict(profiles=[profile], memory_pool_limits=pools, builder_optimization_level=config.opt_level,
+                    profiling_verbosity=trt.ProfilingVerbosity.DETAILED, load_timing_cache=cache)
+    if library == TENSORRT_RTX:
+        from polygraphy.backend.tensorrt_rtx import CreateConfigRTX
+
+        targets = None if config.compute_capabilities is None else \
+            [tuple(int(v) for v in c.split(".")) for c in config.compute_capabilities]
+        _check_rtx_targets(trt, config.compute_capabilities or ())
+        create_config = CreateConfigRTX(use_gpu=config.use_gpu, compute_capabilities=targets, **settings)
+        env = tensorrt_env(library=library) if config.use_gpu else RuntimeEnv(library, trt.__version__)
+        env = RuntimeEnv(env.name, env.version, env.gpu, env.compute_capability,
+                         (env.compute_capability,) if config.use_gpu else
+                         config.compute_capabilities or RTX_DEFAULT_CAPABILITIES)
+    else:
+        create_config = CreateConfig(**settings)
+        env = tensorrt_env(library=library)
+    parsed, parser_warnings = parse_onnx(onnx_path, library, lint_hint=f"`tdqrt lint {bundle.path}`")
+    network = network_summary(parsed[1]) | {"parser_warnings": parser_warnings}
     try:
-        plan = EngineBytesFromNetwork(network, config=create_config, save_timing_cache=cache)()
+        plan = EngineBytesFromNetwork(parsed, config=create_config, save_timing_cache=cache)()
     except PolygraphyException as exc:
-        raise ArtifactError(f"TensorRT could not build an engine from {onnx_path}: {str(exc)[:600]}; check the graph "
-                            f"with `tdqrt lint {bundle.path}`") from exc
+        raise ArtifactError(f"{library} could not build an engine from {onnx_path}: {str(exc)[:600]}; check the "
+                            f"graph with `tdqrt lint {bundle.path}`") from exc
     data = bytes(memoryview(plan))
     write_bytes_atomic(out, data)
-    report = parse_engine_information(engine_information(data, shapes))
-    write_json_atomic(out.parent / LAYERS_FILE, {"format": "tdqrt-layer-report", "version": 1, "engine": out.name,
-                                                 "sha256": hashlib.sha256(data).hexdigest()} | report.to_dict())
-    return tensorrt_env(device), report.summary()
+    head = {"format": "tdqrt-layer-report", "version": 1, "engine": out.name,
+            "sha256": hashlib.sha256(data).hexdigest(), "library": library, "plan_bytes": len(data),
+            "network": network}
+    if _can_load(env):
+        report = parse_engine_information(engine_information(data, shapes))
+        write_json_atomic(out.parent / LAYERS_FILE, head | report.to_dict())
+        summary = report.summary()
+    else:
+        why = (f"the per-layer precision report needs a GPU that can load the plan, and there is none here "
+               f"({env.name} plans run on {_gpu_classes(env.name)})")
+        write_json_atomic(out.parent / LAYERS_FILE, head | {"per_layer_precision": None, "needs_gpu": why})
+        summary = {"layers": network["layers"], "warnings": [], "needs_gpu": why}
+    summary["warnings"] = build_warnings + summary["warnings"]
+    summary |= {"network": {k: network[k] for k in ("layers", "quantize", "dequantize", "quantized_conv",
+                                                     "quantized_matmul")},
+                "parser_warnings": len(parser_warnings), "plan_bytes": len(data),
+                "timing_cache": None if cache is None else {"path": str(cache), "loaded": cache_loaded}}
+    return env, summary
+
+
+def parse_onnx(onnx_path: Union[str, os.PathLike], library: str, *, lint_hint: str = "`tdqrt lint`") -> tuple:
+    """``(builder, network, parser)`` of ``onnx_path`` parsed by ``library``'s ONNX parser through Polygraphy's
+    ``NetworkFromOnnxPath`` (strongly typed), and the parser's warnings. A graph the parser rejects is one
+    :class:`ArtifactError` quoting its first error (which names the node)."""
+    from polygraphy.backend.trt import NetworkFromOnnxPath
+    from polygraphy.exception import PolygraphyException
+
+    from tdqrt.engines.trt import require_tensorrt
+
+    require_tensorrt(library)
+    # Polygraphy prints its own "[!] Could not parse" line to stderr; the ArtifactError below says it in one line
+    with _polygraphy_log() as log_lines, contextlib.redirect_stderr(io.StringIO()):
+        try:
+            parsed = NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)()
+        except PolygraphyException as exc:
+            errors = [ln[4:] for ln in log_lines() if ln.startswith("[E]")]
+            # the parser's own error records read "In node N with name: X and operator: Y (...): ..."
+            named = [e for e in errors if e.startswith("In node")] or errors[-1:] or [str(exc)]
+            raise ArtifactError(f"{library}'s ONNX parser rejected {onnx_path}: {named[0][:600]}; check the graph "
+                                f"with {lint_hint}") from exc
+        return parsed, [ln[4:] for ln in log_lines() if ln.startswith("[W]")]
+
+
+def _gpu_classes(library: str) -> str:
+    from tdqrt.engines.trt import GPU_CLASSES
+
+    return GPU_CLASSES[library]
+
+
+def _can_load(env: RuntimeEnv) -> bool:
+    """Whether this machine can deserialize the plan just built for ``env`` (a GPU of a targeted capability)."""
+    if not torch.cuda.is_available():
+        return False
+    if env.compute_capabilities is None:
+        return True
+    major, minor = torch.cuda.get_device_capability()
+    return f"{major}.{minor}" in env.compute_capabilities
+
+
+def _check_rtx_targets(trt, capabilities: tuple[str, ...]) -> None:
+    known = sorted(n[2:] for n in dir(trt.ComputeCapability) if re.fullmatch(r"SM[0-9]+", n))
+    for c in capabilities:
+        if not hasattr(trt.ComputeCapability, "SM" + c.replace(".", "")):
+            pretty = ", ".join(f"{k[:-1]}.{k[-1]}" for k in known)
+            raise ConfigError(f"--compute-capability {c}: TensorRT-RTX {trt.__version__} builds for {pretty}")
+
+
+@contextlib.contextmanager
+def _polygraphy_log() -> Iterator[Callable[[], list[str]]]:
+    """Collect the lines Polygraphy's logger writes (TensorRT's parser warnings and errors reach it through
+    Polygraphy's TensorRT logger) while the block runs; yields a function returning them so far.
+
+    Polygraphy logs each TensorRT warning once per process (``LogMode.ONCE``); the set of seen messages is emptied
+    for the block and merged back afterwards, so a second build in one process reports its warnings too."""
+    from polygraphy.logger import G_LOGGER
+
+    seen, previous = G_LOGGER.once_logged, (G_LOGGER._log_path, G_LOGGER._log_file)
+    G_LOGGER.once_logged = set()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "polygraphy.log"
+        G_LOGGER.log_file = str(path)  # the public setter opens the file; restoring goes around it (it truncates)
+        try:
+            yield lambda: [ln for ln in path.read_text().splitlines() if ln.strip()]
+        finally:
+            G_LOGGER._log_file.close()
+            G_LOGGER._log_path, G_LOGGER._log_file = previous
+            G_LOGGER.once_logged = seen | G_LOGGER.once_logged
+
+
+def network_summary(network) -> dict:
+    """What the parsed TensorRT network holds, known without a GPU: layer-type counts, Q/DQ layers, and the
+    Conv/MatMul layers both of whose first two inputs come from a DequantizeLinear — directly or through the
+    SHUFFLE layers the parser inserts for MatMul broadcasting (the INT8 candidates)."""
+    producer = {}
+    types = Counter()
+    layers = [network.get_layer(i) for i in range(network.num_layers)]
+    for layer in layers:
+        types[layer.type.name] += 1
+        for k in range(layer.num_outputs):
+            producer[layer.get_output(k).name] = layer
+
+    def from_dequantize(tensor) -> bool:
+        layer = producer.get(tensor.name) if tensor is not None else None
+        while layer is not None and layer.type.name == "SHUFFLE" and layer.get_input(0) is not None:
+            layer = producer.get(layer.get_input(0).name)
+        return layer is not None and layer.type.name == "DEQUANTIZE"
+
+    def quantized(layer) -> bool:
+        return layer.num_inputs >= 2 and all(from_dequantize(layer.get_input(k)) for k in range(2))
+
+    conv = sum(1 for la in layers if la.type.name == "CONVOLUTION" and quantized(la))
+    matmul = sum(1 for la in layers if la.type.name == "MATRIX_MULTIPLY" and quantized(la))
+    return {"layers": len(layers), "layer_types": dict(sorted(types.items())), "quantize": types["QUANTIZE"],
+            "dequantize": types["DEQUANTIZE"], "quantized_conv": conv, "quantized_matmul": matmul}
 
 
 def engine_information(plan: bytes, shapes: Shapes) -> str:
@@ -254,7 +440,7 @@ def _build_ort(bundle: Bundle, config: BuildConfig, out: Path, shapes: Shapes) -
         so.optimized_model_filepath = str(tmp)
         denoiser = OrtDenoiser(bundle, ["CPUExecutionProvider"], session_options=so)
         smoke = [_smoke_run(denoiser, batch) for batch in sorted({1, shapes["sample"][1][0]})]
-    report = ort_graph_report(out) | {"smoke": smoke}
+    report = ort_graph_report(out, bundle.manifest.get("export", {}).get("target", "trt")) | {"smoke": smoke}
     return RuntimeEnv("onnxruntime", ort.__version__), report
 
 
@@ -275,19 +461,27 @@ def _smoke_run(denoiser, batch: int, repeats: int = 3) -> dict:
     return {"batch": batch, "ms": round(1e3 * statistics.median(times), 3)}
 
 
-def ort_graph_report(path: Union[str, os.PathLike]) -> dict:
-    """Op counts of an ONNX Runtime optimized graph: fused integer kernels and the Q/DQ nodes left unfused."""
+def ort_graph_report(path: Union[str, os.PathLike], target: str = "trt") -> dict:
+    """Op counts of an ONNX Runtime optimized graph: fused integer kernels and the Q/DQ nodes left unfused, with
+    warnings that say what that means for a bundle of export flavour ``target`` (``trt`` / ``ort-cpu``)."""
     import onnx
 
     counts = Counter(node.op_type for node in onnx.load(str(path)).graph.node)
     int8 = {op: n for op, n in sorted(counts.items()) if op.startswith("QLinear") or op in _ORT_INT8_OPS}
     q, dq = counts.get("QuantizeLinear", 0), counts.get("DequantizeLinear", 0)
+    fused = ", ".join(f"{n} {op}" for op, n in int8.items()) or "no integer kernel"
     warnings = []
-    if q or dq:
-        warnings.append(f"{q} QuantizeLinear / {dq} DequantizeLinear nodes stay unfused in ONNX Runtime: on x86 CPU "
-                        "it fuses a Conv into QLinearConv only when a Q follows the Conv (notes/tensorrt-qdq.md §5), "
-                        "which the TensorRT-flavour graph does not have, so those layers run in float")
-    if not int8:
-        warnings.append("ONNX Runtime fused no integer kernel: this engine runs the Q/DQ graph in float")
+    if target == "ort-cpu":
+        if q or dq:
+            warnings.append(f"ort-cpu bundle: ONNX Runtime fused {fused} and left {q} QuantizeLinear / {dq} "
+                            "DequantizeLinear nodes unfused, which run as float Q/DQ math")
+        if not int8:
+            warnings.append("ort-cpu bundle: ONNX Runtime fused no QLinearConv; this engine runs the Q/DQ graph in "
+                            "float — re-export it with `tdqrt export --target ort-cpu` and check it with `tdqrt lint`")
+    elif q or dq:
+        warnings.append(f"trt-flavour bundle: its convolutions stay float in ONNX Runtime ({q} QuantizeLinear / {dq} "
+                        f"DequantizeLinear nodes unfused; fused: {fused}) — the TensorRT graph puts no Q after a Conv, "
+                        "which ONNX Runtime's CPU QLinearConv fusion needs; for integer kernels on the CPU export "
+                        "with `tdqrt export --target ort-cpu` (README, \"The ort-cpu flavour\")")
     return {"op_counts": dict(sorted(counts.items())), "int8_ops": int8, "quantize_linear": q,
             "dequantize_linear": dq, "warnings": warnings}

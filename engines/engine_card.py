@@ -4,17 +4,20 @@
 ``engine.json`` beside it::
 
     format, version     "tdqrt-engine", 1
-    backend             "trt" | "ort"
+    backend             "trt" (a TensorRT or TensorRT-RTX plan) | "ort"
     plan                file name, bytes, sha256 of the engine file
     bundle              path and sha256 (of manifest.json) of the bundle it was built from
-    runtime             name and version of the runtime (tensorrt / onnxruntime), GPU name and compute capability
+    runtime             name and version of the runtime (tensorrt / tensorrt_rtx / onnxruntime), the GPU name and
+                        compute capability it was built on (None for a CPU runtime or a TensorRT-RTX ahead-of-time
+                        build), and for TensorRT-RTX the target compute capabilities (None: the library's default)
     profile             per input: min / opt / max shapes of the optimization profile
     build               the build settings (BuildConfig) and how long the build took
     report              layer report summary (precision counts, unfused Q/DQ, warnings)
 
 A TensorRT plan only runs on the TensorRT version and the GPU it was built with (the developer guide's
-"Engine compatibility": by default neither version- nor hardware-compatible), and it bakes in one bundle's
-weights and scales. :func:`check_card` compares the card with the running environment, given as data
+"Engine compatibility": by default neither version- nor hardware-compatible); a TensorRT-RTX plan runs with the
+TensorRT-RTX version that built it on GPUs of the compute capabilities it targets (its "CPU-only AOT" guide). Both
+bake in one bundle's weights and scales. :func:`check_card` compares the card with the running environment, given as data
 (:class:`RuntimeEnv`) so every refusal is testable without TensorRT or a GPU, and says how to rebuild.
 """
 from __future__ import annotations
@@ -36,16 +39,21 @@ ENGINE_SUFFIXES = (".plan", ".engine")  # TensorRT plan files; what `tdqrt sampl
 
 @dataclass(frozen=True)
 class RuntimeEnv:
-    """The runtime an engine is built on or loaded into: ``name`` ("tensorrt" / "onnxruntime") and its version,
-    the GPU name and compute capability ("9.0"; None for CPU runtimes)."""
+    """The runtime an engine is built on or loaded into: ``name`` ("tensorrt" / "tensorrt_rtx" / "onnxruntime") and
+    its version, the GPU name and compute capability ("9.0"; None for CPU runtimes and TensorRT-RTX builds without a
+    GPU); ``compute_capabilities``: the targets of a TensorRT-RTX plan (None: the library's default set)."""
 
     name: str
     version: str
     gpu: Optional[str] = None
     compute_capability: Optional[str] = None
+    compute_capabilities: Optional[tuple[str, ...]] = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if self.compute_capabilities is not None:
+            out["compute_capabilities"] = list(self.compute_capabilities)
+        return out
 
 
 def is_engine_file(path: Union[str, os.PathLike]) -> bool:
@@ -60,13 +68,20 @@ def rebuild_command(card: dict, plan: Union[str, os.PathLike]) -> str:
     """The ``tdqrt build`` command line that rebuilds ``plan`` with the card's settings."""
     build = card.get("build") or {}
     bundle = (card.get("bundle") or {}).get("path", "BUNDLE")
-    args = ["tdqrt", "build", "--bundle", str(bundle), "--backend", str(card.get("backend", "trt"))]
+    backend = str(card.get("backend", "trt"))
+    if (card.get("runtime") or {}).get("name") == "tensorrt_rtx":
+        backend = "trt-rtx"
+    args = ["tdqrt", "build", "--bundle", str(bundle), "--backend", backend]
     for key, flag in (("max_batch", "--max-batch"), ("opt_batch", "--opt-batch"), ("workspace_gb", "--workspace"),
                       ("opt_level", "--opt-level"), ("timing_cache", "--timing-cache")):
         if build.get(key) is not None:
             args += [flag, str(build[key])]
     if build.get("cfg") is False:
         args.append("--no-cfg")
+    if build.get("compute_capabilities"):
+        args += ["--compute-capability", *map(str, build["compute_capabilities"])]
+    if build.get("use_gpu"):
+        args.append("--use-gpu")
     return " ".join(shlex.quote(a) for a in args + ["--out", str(plan)])
 
 
@@ -125,7 +140,12 @@ def check_card(card: dict, *, plan_name: str, plan_bytes: int, plan_sha256: str,
     if built.get("version") != env.version:
         raise ArtifactError(f"engine {where} was built with {env.name} {built.get('version')}, this is {env.name} "
                             f"{env.version}; engines only load into the version that built them — {redo}")
-    if built.get("gpu") is not None and (built.get("gpu"), built.get("compute_capability")) != \
+    if built.get("name") == "tensorrt_rtx":  # portable across GPUs of its target compute capabilities
+        targets = built.get("compute_capabilities")
+        if targets is not None and env.compute_capability not in targets:
+            raise ArtifactError(f"engine {where} was built for compute capabilities {', '.join(targets)}, this GPU "
+                                f"is {env.gpu} ({env.compute_capability}); {redo}")
+    elif built.get("gpu") is not None and (built.get("gpu"), built.get("compute_capability")) != \
             (env.gpu, env.compute_capability):
         raise ArtifactError(f"engine {where} was built for {built.get('gpu')} (compute capability "
                             f"{built.get('compute_capability')}), this GPU is {env.gpu} ({env.compute_capability}); "

@@ -155,7 +155,7 @@ def parse_engine_information(info: Union[str, dict]) -> LayerReport:
     if unfused:
         names = ", ".join(u["name"] for u in unfused[:5]) + (" ..." if len(unfused) > 5 else "")
         report.warnings.append(f"{len(unfused)} Q/DQ layer(s) were not fused into a compute layer and run as "
-                               f"separate kernels ({names}); check the Q/DQ placement (notes/tensorrt-qdq.md §1.5)")
+                               f"separate kernels ({names}); check the Q/DQ placement with `tdqrt lint`")
     if not report.int8_layers:
         report.warnings.append("no layer runs in INT8: TensorRT folded or ignored every Q/DQ pair (is this the "
                                "bundle's unet.onnx, not unet_fp.onnx?)")

@@ -3,7 +3,10 @@
 The bundle (read by :mod:`tdqrt.engines.bundle`, which needs none of this code) holds ``unet.onnx`` (the INT8
 Q/DQ graph in the flavour of ``ExportConfig.target`` — ``trt`` or ``ort-cpu`` —, ``unet.onnx.data`` beside it
 when large), ``unet_fp.onnx`` (the FP reference with the same signature),
-``lint.json`` (the lint report of both graphs), ``d2.npz`` + ``d2.json`` when D² statistics are given, and
+``lint.json`` (the lint report of both graphs), ``d2.npz`` + ``d2.json`` when D² statistics are given,
+``tdqrt_data_loader.py`` + ``validation_inputs.npz`` + ``fake_quant_outputs.json`` (Polygraphy's data-loader script
+over the calibration inputs ``tdqrt validate`` uses and the reference outputs: :mod:`tdqrt.export.data_loader`;
+when the calibration set is there), and
 ``manifest.json`` last: format tag and version, sha256 and size of every file, the model description, quant and
 export settings, schedule, D² sampler settings, sources (paths + sha256) and tool versions.
 
@@ -28,6 +31,8 @@ from tdqrt.engines.bundle import (BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST_FILE, 
                                   open_bundle)
 from tdqrt.engines.errors import ArtifactError, ConfigError
 from tdqrt.engines.ort import saturation_warning
+from tdqrt.calibration.quant.calib_set import CalibrationSet
+from tdqrt.export.data_loader import INPUTS_FILE, REFERENCE_FILE, SCRIPT_FILE, write_data_loader
 from tdqrt.export.exporter import ExportConfig, ExportedModel, export_fp, export_quantized, save_onnx
 from tdqrt.export.lint import LintReport, get_flavour, lint_model
 from tdqrt.runtime.d2 import JSON_FILE as D2_JSON
@@ -51,7 +56,9 @@ def graph_description(ratio_op: str, quantize_outputs: bool) -> str:
 def _role(name: str) -> str:
     return {UNET_FILE: "int8 Q/DQ UNet", UNET_FP_FILE: "FP reference UNet", LINT_FILE: "lint report",
             D2_NPZ: "D² statistics", D2_JSON: "D² statistics card", UNET_FILE + ".data": "unet.onnx external data",
-            UNET_FP_FILE + ".data": "unet_fp.onnx external data"}.get(name, "")
+            UNET_FP_FILE + ".data": "unet_fp.onnx external data", SCRIPT_FILE: "Polygraphy data-loader script",
+            INPUTS_FILE: "validation inputs of the data-loader script",
+            REFERENCE_FILE: "fake-quant outputs on the validation inputs (Polygraphy RunResults)"}.get(name, "")
 
 
 def _check_d2(table: D2Table, d2_dir: Path, quant_sha: str, schedule: dict) -> None:
@@ -145,6 +152,12 @@ def export_bundle(quant_dir: Union[str, os.PathLike], out: Union[str, os.PathLik
                 shutil.copy2(Path(d2_stats) / name, tmp / name)
                 files.append(name)
         null = getattr(qm, "null_label", None)
+        loader = None
+        validation_calib = calib_dir if calib_dir is not None else (rec.card.get("calibration") or {}).get("path")
+        if validation_calib is not None and Path(validation_calib).is_dir():
+            loader = write_data_loader(tmp, CalibrationSet(validation_calib), q.signature, fp.model, qm,
+                                       null_label=null)
+            files += [INPUTS_FILE, SCRIPT_FILE, REFERENCE_FILE]
         manifest = {
             "format": BUNDLE_FORMAT,
             "version": BUNDLE_VERSION,
@@ -166,6 +179,7 @@ def export_bundle(quant_dir: Union[str, os.PathLike], out: Union[str, os.PathLik
             "sources": {"quant_model": {"path": str(Path(quant_dir).resolve()), "sha256": rec.sha256},
                         "fp_model": {"path": str(Path(fp.path).resolve()), "sha256": fp.sha256}}
                        | ({"output_grid_calibration": str(Path(calib).resolve())} if calib is not None else {}),
+            "data_loader": loader,
             "lint": {name: {"clean": bool(r), "errors": len(r.errors), "warnings": len(r.warnings),
                             "checks": r.checks} for name, r in reports.items()},
             "versions": versions(),

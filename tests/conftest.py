@@ -68,3 +68,60 @@ def tiny_diffusers_unet():
         }, num_classes=num_classes).eval()
 
     return make
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Exported bundles shared by the TensorRT-RTX build tests (tests/test_trt_rtx.py) and the data-loader script test
+
+
+@pytest.fixture(scope="session")
+def minmax_quant_dir(tiny_digits_model, tiny_calib_set, tmp_path_factory):
+    """The tiny (class-conditional) model quantized W8A8 with min-max."""
+    from tdqrt.calibration.quant.api import CalibrateConfig, calibrate
+
+    return calibrate(tiny_digits_model, tmp_path_factory.mktemp("q_minmax_s"), CalibrateConfig(),
+                     calib_dir=tiny_calib_set.path, progress=False)
+
+
+@pytest.fixture(scope="session")
+def trt_bundles(minmax_quant_dir, tiny_digits_model, tiny_calib_set, tmp_path_factory):
+    """Exported trt-flavour bundles: ``fp32`` (tiny minmax W8A8, class-conditional), ``fp16`` (the same model
+    exported in FP16), ``tdq`` (tdq-ptq W4A8 with per-timestep ratio tables; no reconstruction iterations — the
+    build does not care how good the rounding is)."""
+    from tdqrt.calibration.quant.api import CalibrateConfig, calibrate
+    from tdqrt.calibration.quant.config import QuantConfig
+    from tdqrt.export.bundle import export_bundle
+    from tdqrt.export.exporter import ExportConfig
+
+    root = tmp_path_factory.mktemp("trt_bundles")
+    options = {"iters_w": 0, "iters_a": 0, "batch": 8, "num_samples": 16, "hidden": 16, "layers": 1, "fit_steps": 5}
+    tdq = calibrate(tiny_digits_model, root / "q_tdq", CalibrateConfig(quant=QuantConfig(method="tdq-ptq", wbits=4),
+                                                                       options=options),
+                    calib_dir=tiny_calib_set.path, progress=False)
+    return {"fp32": export_bundle(minmax_quant_dir, root / "fp32", ExportConfig(polygraphy=False)),
+            "fp16": export_bundle(minmax_quant_dir, root / "fp16", ExportConfig(dtype="fp16", polygraphy=False)),
+            "tdq": export_bundle(tdq, root / "tdq", ExportConfig(polygraphy=False))}
+
+
+@pytest.fixture(scope="session")
+def cifar_bundle(tmp_path_factory):
+    """The ``ddpm-cifar10-32`` architecture (random weights, 35.7 M parameters), min-max W8A8 on a tiny
+    calibration set (2 trajectories x 2 kept steps), exported without the FP reference graph."""
+    from tdqrt.calibration.checkpoint import save_fp_checkpoint
+    from tdqrt.calibration.models import model_from_preset
+    from tdqrt.calibration.quant.api import CalibrateConfig, calibrate
+    from tdqrt.calibration.quant.calib_set import CalibSetConfig
+    from tdqrt.export.bundle import export_bundle
+    from tdqrt.export.exporter import ExportConfig
+    from tdqrt.runtime.sampling import SamplerConfig
+    from tdqrt.runtime.schedules import ScheduleConfig
+
+    root = tmp_path_factory.mktemp("cifar")
+    torch.manual_seed(0)
+    model = model_from_preset("ddpm-cifar10-32", image_size=32, in_channels=3, num_classes=0).eval()
+    fp = save_fp_checkpoint(root / "fp", model, ScheduleConfig(), data={"name": "random"},
+                            training={"preset": "ddpm-cifar10-32", "steps": 0}, ema=False)
+    calib = CalibSetConfig(num=2, keep_steps=2, batch=2, sampler=SamplerConfig(steps=2))
+    quant = calibrate(fp, root / "q", CalibrateConfig(calib_set=calib), progress=False)
+    return export_bundle(quant, root / "bundle", ExportConfig(polygraphy=False, fp_reference=False,
+                                                              calib_samples=4))

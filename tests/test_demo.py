@@ -13,7 +13,8 @@ from tdqrt.tools.cli import main
 from tdqrt.tools.demo import RUN_FILE, STAGES, DemoConfig, run_demo
 
 SECTIONS = ("# tdqrt demo report", "## FP model", "## Samples: FP vs INT8 vs INT8+D²", "## Metrics",
-            "## Activation scale vs timestep", "## D² statistics vs timestep", "## Validation", "## Timings")
+            "## Activation scale vs timestep", "## D² statistics vs timestep", "## Validation", "## TensorRT engine",
+            "## Timings")
 FE = "tdqrt-digits-cnn"
 
 
@@ -71,6 +72,16 @@ def test_metrics_are_numbers(demo):
     checked = {name: p["passed"] for name, p in val["pairs"].items() if p["passed"] is not None}
     assert val["passed"] is True and checked == {"torch_fp vs ort_fp": True, "torch_quant vs ort_int8": True}, val
     assert len(val["timesteps"]) == DemoConfig.create(quick=True).validate_timesteps
+    build = metrics["tensorrt_build"]
+    try:
+        import tensorrt_rtx  # noqa: F401  (the test extra installs it: then the demo builds a real plan)
+    except ImportError:
+        assert build["built"] or build["reason"]
+    else:
+        assert build["built"] and build["plan_bytes"] > 0 and build["seconds"] > 0
+        assert build["network"]["quantize"] > 0 and build["network"]["quantized_conv"] > 0
+        text = (demo / "report" / "report.md").read_text()
+        assert f"| {build['library']} | {build['version']} |" in text
 
 
 def test_rerun_reuses_every_stage(demo):

@@ -408,7 +408,8 @@ def test_export_refuses_unsupported_settings(quant_dirs):
 def test_bundle_contents_and_manifest(bundle_dir, quant_dirs, d2_dir):
     b = open_bundle(bundle_dir)
     m = b.manifest
-    assert set(m["files"]) == {"unet.onnx", "unet_fp.onnx", "lint.json", "d2.npz", "d2.json"}
+    assert set(m["files"]) == {"unet.onnx", "unet_fp.onnx", "lint.json", "d2.npz", "d2.json", "tdqrt_data_loader.py",
+                               "validation_inputs.npz", "fake_quant_outputs.json"}
     rec = load_model_dir(quant_dirs["minmax"])
     assert m["sources"]["quant_model"]["sha256"] == rec.sha256
     assert m["sources"]["fp_model"]["sha256"] == rec.card["fp_model"]["sha256"]

@@ -271,11 +271,18 @@ def test_engines_import_without_tensorrt():
     assert out == "[]"
 
 
-@pytest.mark.skipif(_tensorrt_importable(), reason="tensorrt is installed here")
-def test_cli_build_trt_without_tensorrt_names_the_extra(tmp_path, capsys):
+def test_cli_build_trt_without_tensorrt_names_the_extras(tmp_path, capsys, monkeypatch):
+    """Neither TensorRT library importable (a None entry in sys.modules makes `import` fail): one line naming both
+    extras and the flag that builds without TensorRT."""
+    import tdqrt.engines.trt as trt_mod
+
+    for name in trt_mod.LIBRARIES:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setattr(trt_mod, "_polygraphy_library", lambda: None)
     assert main(["build", "--bundle", str(tmp_path), "--backend", "trt"]) == 2
     err = capsys.readouterr().err
-    assert "TensorRT is not importable" in err and "tdqrt[trt]" in err and "--backend ort" in err
+    assert "TensorRT is not importable" in err and "tdqrt[trt]" in err and "tdqrt[trt-rtx]" in err
+    assert "--backend ort" in err and len(err.strip().splitlines()) == 1
 
 
 def test_cli_build_refuses_bad_settings_before_anything_else(tmp_path, capsys):
@@ -339,9 +346,13 @@ def test_cli_sample_with_a_plan_without_tensorrt(bundle_dir, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def trt_engine(bundle_dir, tmp_path_factory):
-    pytest.importorskip("tensorrt", reason="TensorRT is not installed (pip install 'tdqrt[trt]')")
+    from tdqrt.engines.trt import GPU_CLASSES
+
+    pytest.importorskip("tensorrt", reason=f"enterprise TensorRT is not installed (pip install 'tdqrt[trt]'; it runs "
+                                           f"on {GPU_CLASSES['tensorrt']}); TensorRT-RTX plans are built and refused "
+                                           "in tests/test_trt_rtx.py")
     if not torch.cuda.is_available():
-        pytest.skip("TensorRT engines need a CUDA GPU")
+        pytest.skip(f"enterprise TensorRT plans need a CUDA GPU: {GPU_CLASSES['tensorrt']}")
     out = tmp_path_factory.mktemp("engine") / "unet.trt.plan"
     return build_engine(bundle_dir, BuildConfig(max_batch=4, opt_batch=2, opt_level=1), out)
 

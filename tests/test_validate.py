@@ -17,7 +17,7 @@ from _scripts import load_script
 
 from tdqrt.calibration.quant.api import CalibrateConfig, calibrate, load_model_dir
 from tdqrt.calibration.quant.config import QuantConfig
-from tdqrt.engines.errors import ConfigError
+from tdqrt.engines.errors import ArtifactError, ConfigError
 from tdqrt.export.bundle import export_bundle
 from tdqrt.export.exporter import ExportConfig
 from tdqrt.tools.cli import main
@@ -141,12 +141,18 @@ def test_cli_exit_1_on_failure(bundle_dir, tmp_path, capsys, monkeypatch):
     assert json.loads((out / "validate.json").read_text())["passed"] is False
 
 
-def test_tensorrt_skipped_without_tensorrt(tmp_path):
-    try:
-        import tensorrt  # noqa: F401
-        pytest.skip("tensorrt is installed")
-    except ImportError:
-        pass
-    status = tensorrt_status(tmp_path / "unet.engine")
-    assert status["ran"] is False and "tensorrt" in status["reason"]
-
+def test_an_engine_that_cannot_run_fails_the_validation(bundle_dir, tmp_path, capsys):
+    """``--engine`` is a request to compare the plan: a plan that does not exist, has no engine.json, or cannot run
+    here fails (exit 2, the reason on one line) — it is never reported as skipped next to PASSED."""
+    assert tensorrt_status(None)["ran"] is False
+    missing = tmp_path / "trt" / "unet.trt.plan"
+    with pytest.raises(ArtifactError, match="does not exist"):
+        tensorrt_status(missing)
+    args = ["validate", str(bundle_dir), "--timesteps", "1", "--per-timestep", "1", "--out", str(tmp_path / "r")]
+    assert main(args + ["--engine", str(missing)]) == 2
+    err = capsys.readouterr()
+    assert "does not exist" in err.err and "PASSED" not in err.out
+    missing.parent.mkdir()
+    missing.write_bytes(b"plan")  # no engine.json beside it
+    assert main(args + ["--engine", str(missing)]) == 2
+    assert "has no engine.json" in capsys.readouterr().err

@@ -260,9 +260,14 @@ def _parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "build", "build an engine of a bundle: TensorRT INT8 plan (trt) or ONNX Runtime check (ort)")
     p.add_argument("--bundle", required=True, type=Path, help="bundle directory written by `tdqrt export`")
-    p.add_argument("--backend", choices=("trt", "ort"), default="trt",
-                   help="trt: TensorRT plan (needs the trt extra and a GPU); ort: ONNX Runtime session check and "
-                        "optimized graph")
+    p.add_argument("--backend", choices=("trt", "trt-rtx", "ort"), default="trt",
+                   help="trt: TensorRT plan with the TensorRT library installed (enterprise tensorrt needs a GPU; "
+                        "tensorrt_rtx builds without one); trt-rtx: force TensorRT-RTX; ort: ONNX Runtime session "
+                        "check and optimized graph (default trt)")
+    p.add_argument("--compute-capability", nargs="+", default=None, metavar="CC",
+                   help="TensorRT-RTX target compute capabilities, e.g. 8.6 8.9 12.0 (default: the library's "
+                        "portable set)")
+    p.add_argument("--use-gpu", action="store_true", help="TensorRT-RTX: build for the local GPU")
     p.add_argument("--max-batch", type=int, default=16,
                    help="most images per call (doubled for classifier-free guidance on class-conditional bundles)")
     p.add_argument("--opt-batch", type=int, default=None, help="batch size TensorRT tunes for (default --max-batch)")
@@ -469,8 +474,10 @@ def _run_build(args: argparse.Namespace) -> int:
     cfg = BuildConfig(backend=args.backend, max_batch=args.max_batch, opt_batch=args.opt_batch,
                       workspace_gb=args.workspace, opt_level=args.opt_level,
                       timing_cache=None if args.timing_cache is None else str(args.timing_cache),
-                      cfg=False if args.no_cfg else None)
-    out, card = build_engine(args.bundle, cfg, args.out)
+                      cfg=False if args.no_cfg else None,
+                      compute_capabilities=None if args.compute_capability is None else tuple(args.compute_capability),
+                      use_gpu=args.use_gpu)
+    out, card = build_engine(args.bundle, cfg, args.out, log=print)
     runtime, batch, report = card["runtime"], card["profile"]["sample"], card["report"]
     where = f" on {runtime['gpu']}" if runtime["gpu"] else ""
     print(f"{args.backend} engine written to {out} ({runtime['name']} {runtime['version']}{where}; batch "
@@ -479,6 +486,13 @@ def _run_build(args: argparse.Namespace) -> int:
         counts = ", ".join(f"{k} {v}" for k, v in report["precision_counts"].items())
         print(f"{report['layers']} layers ({counts}); {len(report['unfused_qdq'])} unfused Q/DQ; "
               f"per-layer report in {out.parent / LAYERS_FILE}")
+    if "network" in report:
+        net = report["network"]
+        print(f"network: {net['layers']} layers, {net['quantize']} Q / {net['dequantize']} DQ, "
+              f"{net['quantized_conv']} quantized Conv, {net['quantized_matmul']} quantized MatMul; plan "
+              f"{report['plan_bytes'] / 2**20:.1f} MiB")
+    if report.get("needs_gpu"):
+        print(f"note: {report['needs_gpu']}")
     for warning in report["warnings"]:
         print(f"warning: {warning}")
     return 0

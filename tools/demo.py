@@ -14,6 +14,8 @@ reused)::
     d2               D² statistics of the W4A8 model on FP trajectories
     export           the W4A8 model as a linted ONNX Q/DQ bundle that ships the D² statistics
     validate         Polygraphy: torch FP vs ORT FP, torch fake-quant vs ORT INT8, per timestep
+    build            the bundle built into a TensorRT plan with whichever TensorRT library is installed (TensorRT-RTX
+                     builds without a GPU); skipped, with the reason in the report, when none can build here
     samples-fp       FP samples (torch)
     samples-int8     INT8 samples through the bundle (ONNX Runtime)
     samples-int8-d2  the same with the D-D² correction from the bundle's statistics
@@ -74,8 +76,8 @@ REPORT_DIR = "report"
 REPORT_FILE = "report.md"
 CONFIG_FILE = "demo.json"
 METRICS_FILE = "metrics.json"
-STAGES = ("model", "extractor", "calib", "w8a8", "w4a8", "d2", "export", "validate", "samples-fp", "samples-int8",
-          "samples-int8-d2", "eval", "eps-error", "speed", "report")
+STAGES = ("model", "extractor", "calib", "w8a8", "w4a8", "d2", "export", "validate", "build", "samples-fp",
+          "samples-int8", "samples-int8-d2", "eval", "eps-error", "speed", "report")
 SAMPLE_SETS = {"samples-fp": "FP", "samples-int8": "INT8", "samples-int8-d2": "INT8+D²"}
 
 # --quick: everything tiny, so the test suite runs every stage in one to two minutes on one thread.
@@ -511,6 +513,63 @@ def _metric(metrics: dict, label: str) -> float:
     return next(v for k, v in metrics.items() if k.startswith(label + "["))
 
 
+def _tensorrt_here() -> dict:
+    """The TensorRT library a build would use here (name, version), or why there is none."""
+    import importlib
+
+    from tdqrt.engines.errors import DependencyError
+    from tdqrt.engines.trt import library_name, require_tensorrt
+
+    try:
+        trt = require_tensorrt()
+    except DependencyError as exc:
+        return {"library": None, "reason": str(exc)}
+    name = library_name(trt)
+    return {"library": name, "version": importlib.import_module(name).__version__}
+
+
+def _build_stage(runner: StageRunner, export: Stage) -> Stage:
+    """``tdqrt build --backend trt`` of the bundle, or a record of why it could not run here."""
+    from tdqrt.engines.build import BuildConfig, build_engine
+    from tdqrt.engines.errors import DependencyError
+
+    here = _tensorrt_here()
+    build_cfg = BuildConfig(backend="trt")
+
+    def body(tmp: Path) -> dict:
+        if here["library"] is None:
+            return {"built": False, "reason": here["reason"]}
+        try:
+            plan, card = build_engine(export.path / "bundle", build_cfg, tmp / "trt" / "unet.trt.plan")
+        except DependencyError as exc:  # e.g. enterprise TensorRT without a GPU
+            return {"built": False, "reason": str(exc)}
+        report = card["report"]
+        return {"built": True, "library": card["runtime"]["name"], "version": card["runtime"]["version"],
+                "targets": card["runtime"].get("compute_capabilities") or card["runtime"]["gpu"],
+                "seconds": card["build"]["seconds"], "plan_bytes": card["plan"]["bytes"],
+                "network": report["network"], "plan": str(plan.relative_to(tmp))}
+
+    return runner.run("build", f"TensorRT plan of the bundle ({here['library'] or 'no TensorRT here'})",
+                      {"config": build_cfg.to_dict(), "export": export.digest, "tensorrt": here}, body)
+
+
+def _build_lines(summary: dict) -> list[str]:
+    if not summary["built"]:
+        return ["## TensorRT engine", f"Not built here: {summary['reason']}", ""]
+    net = summary["network"]
+    targets = summary["targets"]
+    return ["## TensorRT engine",
+            f"`tdqrt build --backend trt` with {summary['library']} {summary['version']} (targets: "
+            f"{', '.join(targets) if isinstance(targets, list) else targets}):",
+            "",
+            markdown_table(["library", "version", "build s", "plan MiB", "network Q / DQ layers",
+                            "quantized Conv / MatMul"],
+                           [[summary["library"], summary["version"], f"{summary['seconds']:.1f}",
+                             f"{summary['plan_bytes'] / 2**20:.1f}", f"{net['quantize']} / {net['dequantize']}",
+                             f"{net['quantized_conv']} / {net['quantized_matmul']}"]]),
+            ""]
+
+
 def _report_stage(runner: StageRunner, cfg: DemoConfig, st: dict[str, Stage]) -> Stage:
     """The report depends on every stage before it (its timings table included)."""
     def body(tmp: Path) -> dict:
@@ -561,7 +620,7 @@ def _write_report(tmp: Path, cfg: DemoConfig, st: dict[str, Stage], runner: Stag
                "validation": {"passed": val["passed"], "timesteps": val["timesteps"],
                               "pairs": {k: {"overall": p["overall"], "passed": p["passed"]}
                                         for k, p in val["pairs"].items()}},
-               "speed": speed,
+               "speed": speed, "tensorrt_build": st["build"].summary,
                "sampling": {name: {"s_per_step": st[name].summary["s_per_step"], "seconds": st[name].summary["seconds"]}
                             for name in SAMPLE_SETS}}
     write_json_atomic(tmp / METRICS_FILE, metrics)
@@ -636,6 +695,7 @@ def _write_report(tmp: Path, cfg: DemoConfig, st: dict[str, Stage], runner: Stag
         "",
         "![validation](" + val_png + ")",
         "",
+        *_build_lines(st["build"].summary),
         "## Timings",
         f"Wall and CPU seconds of every stage when it ran (`{RUN_FILE}` beside the stage directories records each "
         "run; reused: made by an earlier run with the same inputs). CPU time counts all threads of the process; "
@@ -728,6 +788,7 @@ def _run_stages(runner: StageRunner, cfg: DemoConfig) -> None:
         runner.say(f"warning: bundle validation FAILED ({'; '.join(validate.summary['failures'][:2])}); "
                    "the report shows the per-timestep errors")
 
+    st["build"] = _build_stage(runner, export)
     st["samples-fp"] = _sample_stage(runner, cfg, "samples-fp", model, model_dir)
     st["samples-int8"] = _sample_stage(runner, cfg, "samples-int8", export, bundle)
     st["samples-int8-d2"] = _sample_stage(runner, cfg, "samples-int8-d2", export, bundle, d2=bundle)

@@ -7,9 +7,10 @@ Runners (all driven by ``polygraphy.comparator.Comparator.run`` over the same fe
     torch_quant  the fake-quant torch model         (custom Polygraphy runner)
     ort_fp       unet_fp.onnx in ONNX Runtime (CPU) (OnnxrtRunner)
     ort_int8     unet.onnx in ONNX Runtime (CPU)    (OnnxrtRunner)
-    trt_int8     the TensorRT plan ``tdqrt build`` made of unet.onnx (TrtRunner over EngineFromBytes) — only with
-                 ``--engine``, when ``tensorrt`` imports and a CUDA device is there; a plan whose engine.json does not
-                 match this TensorRT, GPU or bundle is refused
+    trt_int8     the TensorRT plan ``tdqrt build`` made of unet.onnx (TrtRunner over EngineFromBytes; TensorRT or
+                 TensorRT-RTX, the library its engine.json names) — only with ``--engine``; a plan that does not
+                 exist, cannot run here (no library, no GPU of its class) or whose engine.json does not match this
+                 library, GPU or bundle fails the validation with the reason
 
 Inputs: the calibration set's ``(x_t, t, y)`` (the quant card records its path) at ``timesteps`` timesteps spread
 over the ones it holds, ``per_timestep`` samples each; one feed dict (one Polygraphy iteration) per timestep.
@@ -65,11 +66,12 @@ import torch
 
 from tdqrt.calibration.quant.api import load_model_dir
 from tdqrt.calibration.quant.calib_set import CalibrationSet
+from tdqrt.calibration.quant.calib_set import calibration_feeds as select_feeds
 from tdqrt.calibration.quant.checkpoint import QUANT_FORMAT
 from tdqrt.engines.artifacts import write_json_atomic
 from tdqrt.engines.bundle import open_bundle
 from tdqrt.engines.config import check_int, check_real
-from tdqrt.engines.errors import ArtifactError, ConfigError, DataError, DependencyError
+from tdqrt.engines.errors import ArtifactError, ConfigError, DataError
 from tdqrt.engines.ort import saturation_warning
 
 REPORT_FILE = "validate.json"
@@ -139,44 +141,12 @@ def _session_inputs(onnx_path: Path) -> tuple[dict[str, tuple[Any, tuple]], str]
     return inputs, sess.get_outputs()[0].name
 
 
-def pick_timesteps(available: list[int], n: int) -> list[int]:
-    """``n`` timesteps spread evenly over ``available`` (all of them when there are fewer)."""
-    available = sorted(available)
-    if n >= len(available):
-        return available
-    idx = np.unique(np.round(np.linspace(0, len(available) - 1, n)).astype(int))
-    return [available[i] for i in idx]
-
-
 def calibration_feeds(calib: CalibrationSet, inputs: dict[str, tuple[Any, tuple]], config: ValidateConfig, *,
                       null_label: Optional[int] = None) -> list[tuple[int, "OrderedDict[str, np.ndarray]"]]:
-    """One Polygraphy feed dict per timestep: ``sample`` [B,C,H,W], ``timestep`` [B], ``class_labels`` [B] (only
-    when the graph has that input), in the graph's dtypes."""
-    if len(calib) == 0:
-        raise DataError(f"calibration set {calib.path} is empty")
-    rng = np.random.default_rng(config.seed)
-    feeds = []
-    for ts in pick_timesteps(calib.timesteps, config.timesteps):
-        rows = np.flatnonzero(calib.t == ts)
-        rows = np.sort(rng.choice(rows, size=min(config.per_timestep, len(rows)), replace=False))
-        x = np.ascontiguousarray(calib.x[rows])
-        shape = inputs["sample"][1]
-        if len(shape) != x.ndim or any(d is not None and d != s for d, s in zip(shape[1:], x.shape[1:])):
-            raise DataError(f"calibration set {calib.path} holds samples of shape {list(x.shape[1:])}, the model "
-                            f"takes {list(shape)}; pass the calibration set of this model with --calib")
-        feed = OrderedDict(sample=x.astype(inputs["sample"][0]),
-                           timestep=np.asarray(calib.t[rows]).astype(inputs["timestep"][0]))
-        if "class_labels" in inputs:
-            if calib.meta.get("conditional"):
-                y = np.asarray(calib.y[rows])
-            elif null_label is not None:
-                y = np.full(len(rows), null_label)
-            else:
-                raise ConfigError("the model is class-conditional but the calibration set has no labels and the "
-                                  "model records no null label")
-            feed["class_labels"] = y.astype(inputs["class_labels"][0])
-        feeds.append((int(ts), feed))
-    return feeds
+    """One Polygraphy feed dict per timestep (``config.timesteps`` of them, ``config.per_timestep`` samples each):
+    :func:`tdqrt.calibration.quant.calib_set.calibration_feeds`."""
+    return select_feeds(calib, inputs, timesteps=config.timesteps, per_timestep=config.per_timestep,
+                        seed=config.seed, null_label=null_label)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -239,21 +209,16 @@ def TorchRunner(model: torch.nn.Module, inputs: dict[str, tuple[Any, tuple]], ou
 
 
 def tensorrt_status(engine: Optional[Union[str, os.PathLike]]) -> dict:
-    """Whether a TensorRT runner can run: ``{"ran": False, "reason": ...}`` when it cannot (no tensorrt, no CUDA
-    device, no ``--engine``)."""
-    from tdqrt.engines.trt import require_cuda, require_tensorrt
-
-    try:
-        require_tensorrt()
-        require_cuda()
-    except DependencyError as exc:
-        return {"ran": False, "engine": None if engine is None else str(engine),
-                "reason": f"{exc}; TensorRT runner skipped"}
+    """``{"ran": False, ...}`` when no ``--engine`` is given; with one, the plan must be able to run here — a missing
+    plan or card, or no TensorRT library / GPU for it, raises (the validation fails, it is never skipped)."""
     if engine is None:
         return {"ran": False, "engine": None, "reason": "no --engine given; TensorRT runner skipped"}
-    if not Path(engine).is_file():
-        raise ArtifactError(f"TensorRT engine {engine} does not exist")
-    return {"ran": True, "engine": str(engine), "reason": None}
+    from tdqrt.engines.engine_card import read_card
+    from tdqrt.engines.trt import require_plan_runtime
+
+    card = read_card(engine)  # a missing plan or engine.json: ArtifactError
+    require_plan_runtime(card, engine)  # no library / GPU for it: DependencyError
+    return {"ran": True, "engine": str(engine), "library": card["runtime"]["name"], "reason": None}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -353,6 +318,7 @@ def validate_models(fp_onnx: Union[str, os.PathLike], int8_onnx: Union[str, os.P
 
     from tdqrt.engines.ort import create_session
 
+    trt = tensorrt_status(engine)  # before any work: an engine that cannot run fails the validation
     fp_onnx, int8_onnx = Path(fp_onnx), Path(int8_onnx)
     calib = calib if isinstance(calib, CalibrationSet) else CalibrationSet(calib)
     fp_inputs, fp_out = _session_inputs(fp_onnx)
@@ -372,7 +338,6 @@ def validate_models(fp_onnx: Union[str, os.PathLike], int8_onnx: Union[str, os.P
                OnnxrtRunner(lambda: create_session(int8_onnx, ["CPUExecutionProvider"]), name="ort_int8")]
     int8_kind = "ort-cpu" if target == "ort-cpu" else "int8"
     pairs = [("torch_fp", "ort_fp", "fp"), ("torch_quant", "ort_int8", int8_kind), ("ort_fp", "ort_int8", None)]
-    trt = tensorrt_status(engine)
     if trt["ran"]:
         from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 

@@ -14,7 +14,8 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from collections import OrderedDict
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 
 from tdqrt.engines.artifacts import read_json, write_json_atomic
 from tdqrt.engines.config import check_int, check_real
-from tdqrt.engines.errors import ArtifactError
+from tdqrt.engines.errors import ArtifactError, ConfigError, DataError
 from tdqrt.runtime.sampling import Sampler, SamplerConfig, sample
 from tdqrt.runtime.schedules import NoiseSchedule
 
@@ -144,3 +145,46 @@ def collect_calibration_set(model: torch.nn.Module, schedule: NoiseSchedule, cfg
         "format": CALIB_FORMAT, "version": 1, "config": cfg.to_dict(), "count": total,
         "timesteps": sorted(set(ts.tolist())), "conditional": bool(model.num_classes), "shape": list(shape)})
     return CalibrationSet(out_dir)
+
+
+def pick_timesteps(available: list[int], n: int) -> list[int]:
+    """``n`` timesteps spread evenly over ``available`` (all of them when there are fewer)."""
+    available = sorted(available)
+    if n >= len(available):
+        return available
+    idx = np.unique(np.round(np.linspace(0, len(available) - 1, n)).astype(int))
+    return [available[i] for i in idx]
+
+
+def calibration_feeds(calib: CalibrationSet, inputs: dict[str, tuple[Any, tuple]], *, timesteps: int,
+                      per_timestep: int, seed: int = 0, null_label: Optional[int] = None
+                      ) -> list[tuple[int, "OrderedDict[str, np.ndarray]"]]:
+    """One feed dict per timestep (``timesteps`` of them spread over the set's, ``per_timestep`` samples each, picked
+    with ``seed``): ``sample`` [B,C,H,W], ``timestep`` [B], ``class_labels`` [B] (only when ``inputs`` — name ->
+    (numpy dtype, shape with None for dynamic dims) — has that input), in those dtypes. What ``tdqrt validate``
+    compares on, and what a bundle's Polygraphy data-loader script replays."""
+    if len(calib) == 0:
+        raise DataError(f"calibration set {calib.path} is empty")
+    rng = np.random.default_rng(seed)
+    feeds = []
+    for ts in pick_timesteps(calib.timesteps, timesteps):
+        rows = np.flatnonzero(calib.t == ts)
+        rows = np.sort(rng.choice(rows, size=min(per_timestep, len(rows)), replace=False))
+        x = np.ascontiguousarray(calib.x[rows])
+        shape = inputs["sample"][1]
+        if len(shape) != x.ndim or any(d is not None and d != s for d, s in zip(shape[1:], x.shape[1:])):
+            raise DataError(f"calibration set {calib.path} holds samples of shape {list(x.shape[1:])}, the model "
+                            f"takes {list(shape)}; pass the calibration set of this model with --calib")
+        feed = OrderedDict(sample=x.astype(inputs["sample"][0]),
+                           timestep=np.asarray(calib.t[rows]).astype(inputs["timestep"][0]))
+        if "class_labels" in inputs:
+            if calib.meta.get("conditional"):
+                y = np.asarray(calib.y[rows])
+            elif null_label is not None:
+                y = np.full(len(rows), null_label)
+            else:
+                raise ConfigError("the model is class-conditional but the calibration set has no labels and the "
+                                  "model records no null label")
+            feed["class_labels"] = y.astype(inputs["class_labels"][0])
+        feeds.append((int(ts), feed))
+    return feeds
