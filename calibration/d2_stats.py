@@ -34,10 +34,10 @@ from typing import Iterator, Optional, Sequence, Union
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from tdqrt.engines.denoiser import Denoiser
 from tdqrt.engines.errors import ConfigError
+from tdqrt.engines.progress import progress_bar
 from tdqrt.runtime.d2 import MOMENTS, ZERO_VAR_RTOL, D2Settings, D2Table
 from tdqrt.runtime.sampling import NoiseSource, Sampler, SamplerConfig, guided_eps
 from tdqrt.runtime.schedules import NoiseSchedule
@@ -157,7 +157,7 @@ def _fp_trajectories(
     """Yield ``(step, ε̂, ε)`` along FP trajectories; the noise order is that of ``sample()`` without a hook."""
     g = sampler.config.guidance_scale
     starts = range(0, num, batch)
-    with tqdm(total=len(starts) * len(sampler), desc=desc, disable=not progress, leave=False) as bar:
+    with progress_bar(total=len(starts) * len(sampler), desc=desc, disable=not progress, leave=False) as bar:
         for start in starts:
             indices = list(range(start, min(start + batch, num)))
             noise = NoiseSource(seed, indices, device)

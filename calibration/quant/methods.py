@@ -19,6 +19,7 @@ from tdqrt.calibration.quant.config import QuantConfig
 from tdqrt.calibration.quant.qmodel import QuantizedModel
 from tdqrt.engines.config import config_from_dict
 from tdqrt.engines.errors import ConfigError
+from tdqrt.engines.progress import progress_bar
 from tdqrt.runtime.schedules import NoiseSchedule
 
 
@@ -72,8 +73,6 @@ def options_to_dict(options: Any) -> dict:
 @torch.no_grad()
 def run_calibration_passes(qm: QuantizedModel, job: CalibrationJob, batch: int, desc: str) -> None:
     """One forward pass of ``qm`` over the whole calibration set (used to observe activations)."""
-    from tqdm.auto import tqdm
-
     total = (len(job.calib) + batch - 1) // batch
-    for x, t, y in tqdm(job.calib.batches(batch), total=total, desc=desc, disable=not job.progress, leave=False):
+    for x, t, y in progress_bar(job.calib.batches(batch), total=total, desc=desc, disable=not job.progress, leave=False):
         qm(x.to(job.device), t.to(job.device), None if y is None else y.to(job.device))

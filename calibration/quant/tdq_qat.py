@@ -37,7 +37,6 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from tdqrt.calibration.data import ImageData, load_dataset
 from tdqrt.calibration.quant.methods import CalibrationJob, register_method
@@ -46,6 +45,7 @@ from tdqrt.calibration.quant.static import observe_activations
 from tdqrt.calibration.quant.tdq import GeneratorConfig, attach_generators, init_generators_from_observers
 from tdqrt.calibration.training import ema_update, ema_warmup_decay, noisy_batch
 from tdqrt.engines.errors import ArtifactError, ConfigError
+from tdqrt.engines.progress import progress_bar
 from tdqrt.runtime.schedules import NoiseSchedule
 
 ACT_SCALES = ("tdq", "static")
@@ -237,7 +237,7 @@ def train_qat(qm: QuantizedModel, teacher: Optional[torch.nn.Module], data: Imag
     trainable = [p for g in opt.param_groups for p in g["params"]]
     log = []
     qm.train()
-    bar = tqdm(range(options.steps), desc=f"tdq-qat ({options.act_scale})", disable=not progress, leave=False)
+    bar = progress_bar(range(options.steps), desc=f"tdq-qat ({options.act_scale})", disable=not progress, leave=False)
     for step in bar:
         x_t, t, y, noise = noisy_batch(data, schedule, options.batch, gen, cond_drop_prob=options.cond_drop_prob,
                                        null_label=qm.null_label)
