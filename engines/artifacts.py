@@ -128,7 +128,8 @@ def folder_lock(path: str | os.PathLike, command: str | None = None) -> Iterator
                           stacklevel=3)
         os.ftruncate(fd, 0)
         os.lseek(fd, 0, os.SEEK_SET)
-        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": command or " ".join(sys.argv),
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "command": command or " ".join(sys.argv),
                                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode())
         yield
     finally:

@@ -231,7 +231,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the end-to-end demo on the bundled digits: FP -> W8A8/W4A8 -> D² -> ONNX bundle "
                                     "-> validation -> samples -> FID/KID -> report; finished stages are reused")
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--quick", action="store_true", help="tiny model, tiny everything: every stage in about a minute")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny model, tiny everything, numbers meaningless: every stage in about half a minute")
     p.add_argument("--retrain", action="store_true", help="train the demo model instead of using the shipped one")
     p.add_argument("--num", type=int, default=None, help="images per sample set (default 200; quick 20)")
     p.add_argument("--batch", type=int, default=None, help="sampling batch, also of the speed table (default 100)")

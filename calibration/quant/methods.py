@@ -74,5 +74,6 @@ def options_to_dict(options: Any) -> dict:
 def run_calibration_passes(qm: QuantizedModel, job: CalibrationJob, batch: int, desc: str) -> None:
     """One forward pass of ``qm`` over the whole calibration set (used to observe activations)."""
     total = (len(job.calib) + batch - 1) // batch
-    for x, t, y in progress_bar(job.calib.batches(batch), total=total, desc=desc, disable=not job.progress, leave=False):
+    for x, t, y in progress_bar(job.calib.batches(batch), total=total, desc=desc, disable=not job.progress,
+                                leave=False):
         qm(x.to(job.device), t.to(job.device), None if y is None else y.to(job.device))
