@@ -122,3 +122,16 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tiny_digits_model, tmp_path)
     with pytest.warns(UserWarning, match=f"left by process {dead.pid} on h .*no longer running"):
         assert main(["sample", "--model", str(tiny_digits_model), "--num", "2", "--steps", "2", "--out", str(out)]) == 0
     assert (out / "samples.npz").is_file() and not lock_file(out).exists()
+
+
+def test_demo_interrupted_names_its_stage(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.Popen([sys.executable, "-m", "tdqrt.tools", "demo", "--quick", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=os.environ | {"OMP_NUM_THREADS": "1", "TDQRT_CACHE_DIR": str(tmp_path / "cache")})
+    _, err = _signal_when(proc, out / "model" / "stage.json", signal.SIGTERM)
+    assert proc.returncode == 143
+    line = _lines(err)[-1]  # after the bar lines of the finished stages
+    assert line.startswith("tdqrt demo: terminated in stage ") and line.endswith(
+        " stages finished); rerun the same command to resume (finished stages are reused)"), line
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no half-written stage left
