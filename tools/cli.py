@@ -154,7 +154,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--d2", choices=("off", "s", "d", "ptqd"), default="off",
                    help="quantization-error correction: S-D², D-D², PTQD (default off)")
     p.add_argument("--d2-granularity", choices=("tensor", "channel"), default="channel")
-    p.add_argument("--d2-stats", type=Path, default=None, help="statistics directory from `tdqrt d2-stats`")
+    p.add_argument("--d2-stats", type=Path, default=None,
+                   help="statistics directory from `tdqrt d2-stats` (default: the bundle's, for a bundle that ships "
+                        "them)")
     p.add_argument("--d2-force", action="store_true", help="use statistics collected for other settings")
     p.set_defaults(run=_run_sample)
 
