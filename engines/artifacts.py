@@ -78,7 +78,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 def lock_file(path: str | os.PathLike) -> Path:
     """Where :func:`folder_lock` keeps the lock of ``path``: ``.<name>.lock`` beside it (a folder written through
     :func:`atomic_dir` is replaced as a whole, so the lock cannot live inside it)."""
-    path = Path(path).absolute()
+    path = Path(path).resolve()
     return path.parent / f".{path.name}.lock"
 
 

@@ -544,7 +544,7 @@ _RERUN = {
     "d2-stats": "rerun the same command to collect them again",
     "demo": "rerun the same command to resume (finished stages are reused)",
 }
-_RERUN_DEFAULT = "nothing half-written is left; rerun the same command to start again"
+_RERUN_DEFAULT = "rerun the same command to start again"
 
 
 def _output_folder(args: argparse.Namespace) -> Optional[Path]:
@@ -584,7 +584,7 @@ def _own_files() -> tuple[str, ...]:
     roots = []
     for layer in ("tools", "export", "calibration", "runtime", "engines"):
         spec = importlib.util.find_spec(f"tdqrt.{layer}")
-        roots += [str(Path(p).resolve()) for p in (spec.submodule_search_locations or [])] if spec else []
+        roots += [str(Path(p).resolve()) + os.sep for p in (spec.submodule_search_locations or [])] if spec else []
     return tuple(roots)
 
 
