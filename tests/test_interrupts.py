@@ -135,3 +135,26 @@ def test_demo_interrupted_names_its_stage(tmp_path):
     assert line.startswith("tdqrt demo: terminated in stage ") and line.endswith(
         " stages finished); rerun the same command to resume (finished stages are reused)"), line
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no half-written stage left
+
+
+def test_brecq_calibration_interrupted_then_resumed_per_unit(tiny_digits_model, tiny_calib_set, tmp_path):
+    out = tmp_path / "q"
+    args = ["calibrate", "--model", str(tiny_digits_model), "--method", "brecq", "--calib", str(tiny_calib_set.path),
+            "--option", "iters_w=16", "--option", "iters_a=8", "--option", "num_samples=16", "--option", "batch=8",
+            "--out", str(out)]
+    proc = _tdqrt(*args)
+    _, err = _signal_when(proc, out / "work" / "brecq" / "unit_000.safetensors", signal.SIGINT)
+    assert proc.returncode == 130
+    *bars, line = _lines(err)  # bars: the final lines of the activation observation passes
+    assert not [x for x in bars if "interrupted" in x or "tdqrt" in x], bars
+    prefix = "tdqrt calibrate: interrupted after "
+    assert line.startswith(prefix) and line.endswith(
+        " BRECQ units; rerun the same command to resume (BRECQ keeps its finished units, other methods start over)"), line
+    done, units = int(line[len(prefix):].split()[0]), int(line[len(prefix):].split()[2])
+    assert 1 <= done < units
+
+    proc = _tdqrt(*args)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert f"resuming: {done} of {units} BRECQ units already calibrated (in {out / 'work' / 'brecq'})" in _lines(err)
+    assert (out / "quant.json").is_file()

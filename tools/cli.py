@@ -538,8 +538,7 @@ def _run_bench(args: argparse.Namespace) -> int:
 # What a rerun after an interrupt does, per command (the line printed on Ctrl-C / SIGTERM ends with it).
 _RERUN = {
     "train": "rerun with --resume to continue from the last checkpoint",
-    "calibrate": "rerun the same command to resume (BRECQ keeps its finished units; the calibration set and the "
-                 "other methods are computed again)",
+    "calibrate": "rerun the same command to resume (BRECQ keeps its finished units, other methods start over)",
     "sample": "rerun the same command to resume",
     "d2-stats": "rerun the same command to collect them again",
     "demo": "rerun the same command to resume (finished stages are reused)",
