@@ -36,10 +36,10 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from tdqrt.engines.denoiser import Denoiser
 from tdqrt.engines.errors import ConfigError
+from tdqrt.engines.progress import progress_bar
 from tdqrt.runtime.d2 import MOMENTS, ZERO_VAR_RTOL, D2Settings, D2Table
 from tdqrt.runtime.sampling import Sampler, SamplerConfig, StepInfo, guided_eps, sample
 from tdqrt.runtime.schedules import NoiseSchedule
@@ -166,7 +166,7 @@ def _fp_trajectories(
     are ``sample()``'s own."""
     g = config.guidance_scale
     starts = range(0, num, batch)
-    with tqdm(total=len(starts) * config.steps, desc=desc, disable=not progress, leave=False) as bar:
+    with progress_bar(total=len(starts) * config.steps, desc=desc, disable=not progress, leave=False) as bar:
         for start in starts:
             indices = list(range(start, min(start + batch, num)))
             y = torch.tensor([i % num_classes for i in indices], device=device) if num_classes > 0 else None

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from tdqrt.calibration.checkpoint import save_fp_checkpoint
 from tdqrt.calibration.data import ImageData, load_dataset
@@ -23,6 +22,7 @@ from tdqrt.calibration.models import PRESET_NAMES, count_parameters, model_from_
 from tdqrt.engines.artifacts import atomic_path, read_json, write_json_atomic
 from tdqrt.engines.config import check_choice, check_int, check_real, config_from_dict
 from tdqrt.engines.errors import ArtifactError, ConfigError
+from tdqrt.engines.progress import note, progress_bar, saved_progress
 from tdqrt.runtime.schedules import NoiseSchedule, ScheduleConfig
 
 STATE_FILE = "train_state.pt"
@@ -136,13 +136,21 @@ def _check_resumable(saved: dict, cfg: TrainConfig, path: Path) -> None:
 
 
 def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True) -> Path:
-    """Train a UNet preset on ``cfg.data`` and write the EMA weights as an FP checkpoint into ``out_dir``."""
+    """Train a UNet preset on ``cfg.data`` and write the EMA weights as an FP checkpoint into ``out_dir``.
+
+    ``resume`` continues from the last checkpoint in ``out_dir`` (every ``checkpoint_every`` steps), or starts at
+    step 0 when the run there was stopped before its first checkpoint.
+    """
     out_dir = Path(out_dir)
     state_path = out_dir / STATE_FILE
     if resume:
-        if not state_path.is_file():
-            raise ArtifactError(f"--resume given but {state_path} does not exist; start without --resume")
+        if not (out_dir / CONFIG_FILE).is_file():
+            raise ArtifactError(f"--resume given but {out_dir} holds no training run ({out_dir / CONFIG_FILE} does "
+                                "not exist); start without --resume")
         _check_resumable(read_json(out_dir / CONFIG_FILE), cfg, out_dir)
+        resume = state_path.is_file()
+        if progress and not resume:
+            note(f"resuming: no checkpoint was saved, starting at step 0 of {cfg.steps}")
     elif state_path.exists():
         raise ConfigError(f"{out_dir} already holds a training run; pass --resume to continue it or pick a new --out")
 
@@ -166,39 +174,51 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
         gen.set_state(state["gen"])
         torch.set_rng_state(state["torch_rng"])
         start = int(state["step"])
+        if progress:
+            note(f"resuming: from the checkpoint at step {start} of {cfg.steps}")
         log = read_json(out_dir / LOG_FILE).get("loss", [])[:start]
     else:
         write_json_atomic(out_dir / CONFIG_FILE, cfg.to_dict())
 
     def save_state(step: int) -> None:
+        # the log first: a resume reads the log up to the state's step, so an interrupt between the two is harmless
+        write_json_atomic(out_dir / LOG_FILE, {"loss": log})
         with atomic_path(state_path) as tmp:
             torch.save(
                 {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                  "gen": gen.get_state(), "torch_rng": torch.get_rng_state(), "step": step},
                 tmp,
             )
-        write_json_atomic(out_dir / LOG_FILE, {"loss": log})
 
     model.train()
     t0 = time.perf_counter()
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, desc="train")
-    for step in bar:
-        x_t, t, y, noise = noisy_batch(data, schedule, cfg.batch_size, gen, cond_drop_prob=cfg.cond_drop_prob,
-                                       null_label=model.null_label)
-        loss = F.mse_loss(model(x_t, t, y), noise)
-        if not torch.isfinite(loss):
-            raise ArtifactError(f"training diverged at step {step} (loss {loss.item()}); lower --lr")
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * lr_factor(cfg, step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        ema_update(ema, model, ema_warmup_decay(cfg.ema_decay, step))
-        log.append([step, loss.item()])
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            save_state(step + 1)
+    bar = progress_bar(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, desc="train")
+    step = start
+
+    def where() -> str:  # read from disk: an interrupt can come between a checkpoint's write and anything after it
+        if not state_path.is_file():
+            return f"at step {step} of {cfg.steps}, before the first checkpoint (every {cfg.checkpoint_every} steps)"
+        saved = torch.load(state_path, weights_only=True, mmap=True)["step"]
+        return f"at step {step} of {cfg.steps} (last checkpoint: step {saved})"
+
+    with saved_progress(where):
+        for step in bar:
+            x_t, t, y, noise = noisy_batch(data, schedule, cfg.batch_size, gen, cond_drop_prob=cfg.cond_drop_prob,
+                                           null_label=model.null_label)
+            loss = F.mse_loss(model(x_t, t, y), noise)
+            if not torch.isfinite(loss):
+                raise ArtifactError(f"training diverged at step {step} (loss {loss.item()}); lower --lr")
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * lr_factor(cfg, step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            ema_update(ema, model, ema_warmup_decay(cfg.ema_decay, step))
+            log.append([step, loss.item()])
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+                save_state(step + 1)
     bar.close()
     save_state(cfg.steps)
     training = cfg.to_dict() | {

@@ -1,22 +1,28 @@
-"""Artifact files: atomic writes, content hashes and JSON sidecars.
+"""Artifact files: atomic writes, content hashes, JSON sidecars and the lock on an output folder.
 
 Every stage hands files to the next one. A file is written to a temporary name in the same directory and
 renamed into place, so a crash never leaves a half-written artifact under the real name. JSON sidecars carry a
-``format`` tag and a ``version`` so a reader can refuse what it does not understand.
+``format`` tag and a ``version`` so a reader can refuse what it does not understand. Two runs writing the same
+folder at once are refused (:func:`folder_lock`).
 """
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import math
 import os
 import shutil
+import socket
+import sys
 import tempfile
+import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
-from tdqrt.engines.errors import ArtifactError
+from tdqrt.engines.errors import ArtifactError, FolderLockedError
 
 
 @contextlib.contextmanager
@@ -67,6 +73,69 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def lock_file(path: str | os.PathLike) -> Path:
+    """Where :func:`folder_lock` keeps the lock of ``path``: ``.<name>.lock`` beside it (a folder written through
+    :func:`atomic_dir` is replaced as a whole, so the lock cannot live inside it)."""
+    path = Path(path).resolve()
+    return path.parent / f".{path.name}.lock"
+
+
+def _holder(fd: int) -> dict:
+    os.lseek(fd, 0, os.SEEK_SET)
+    try:
+        return json.loads(os.read(fd, 1 << 16) or b"{}")
+    except ValueError:
+        return {}
+
+
+@contextlib.contextmanager
+def folder_lock(path: str | os.PathLike, command: str | None = None) -> Iterator[None]:
+    """Hold the lock on output folder ``path`` for the block; a second holder is refused with
+    :class:`FolderLockedError` naming the process (pid, host, ``command``: default ``sys.argv``) that has it.
+
+    The lock is an ``flock`` on :func:`lock_file`, which records its holder and is deleted on release. The kernel
+    drops the ``flock`` when its process dies, so a lock file that is there but not locked was left by a process
+    that was killed: it is taken over with a warning naming that process. Hand-written rather than the
+    ``filelock`` package because the refusal must say who holds the lock, which ``filelock`` does not record.
+    """
+    lock = lock_file(path)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            held = _holder(fd)
+            os.close(fd)
+            who = (f"process {held['pid']} on {held.get('host', '?')} ({held.get('command', '?')}, since "
+                   f"{held.get('started', '?')})" if "pid" in held else "another process")
+            raise FolderLockedError(f"{Path(path)} is being written by {who}; wait for it to finish, or write "
+                                    "to another folder") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:  # released (and deleted) between our open and our flock: try again
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        stale = _holder(fd)
+        if "pid" in stale:
+            warnings.warn(f"taking over the lock on {Path(path)} left by process {stale['pid']} on "
+                          f"{stale.get('host', '?')} ({stale.get('command', '?')}), which is no longer running",
+                          stacklevel=3)
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "command": command or " ".join(sys.argv),
+                                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode())
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)  # still holding the flock, so nobody else has it
+        os.close(fd)
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:

@@ -23,3 +23,7 @@ class ArtifactError(TdqrtError):
 
 class DependencyError(TdqrtError):
     """An optional dependency (TensorRT, a CUDA device) that the requested backend needs is missing."""
+
+
+class FolderLockedError(TdqrtError):
+    """Another running process is writing the output folder this run would write."""

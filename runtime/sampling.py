@@ -24,11 +24,11 @@ from typing import Any, Iterator, Mapping, Optional, Protocol, Sequence, Union
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from tdqrt.engines.denoiser import Denoiser
 from tdqrt.engines.errors import ConfigError, DataError
 from tdqrt.engines.config import check_choice, check_int, check_real, config_from_dict
+from tdqrt.engines.progress import progress_bar
 from tdqrt.runtime.philox import normal_from_words, philox4x32_words
 from tdqrt.runtime.schedules import NoiseSchedule
 
@@ -358,7 +358,7 @@ def sample(
     on_device = noise.device.type != "cpu"
     first_bad = torch.full((), -1, dtype=torch.long, device=noise.device)  # first step with NaN/Inf (device only)
     with torch.inference_mode():
-        for i in tqdm(range(len(sampler)), desc="sampling", disable=not progress, leave=False):
+        for i in progress_bar(range(len(sampler)), desc="sampling", disable=not progress, leave=False):
             info = sampler.info(i)
             t = torch.full((B,), info.t, dtype=torch.long, device=noise.device)
             try:

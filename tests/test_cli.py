@@ -96,3 +96,14 @@ def test_calibration_set_arguments_reach_both_commands():
     expected = _calib_set_from_args(calibrate)
     assert (expected.num, expected.keep_steps, expected.sampler.steps, expected.seed) == (3, 2, 4, 7)
     assert _calib_set_from_args(bench) == expected
+
+
+def test_int4_activations_warn_at_calibration(tiny_digits_model, tiny_calib_set, tmp_path, capsys):
+    """--abits 4 calibrates, saying at once that export will refuse it (and export does)."""
+    out = tmp_path / "a4"
+    with pytest.warns(UserWarning, match="--abits 4: 4-bit activations are a research setting that TensorRT and ONNX "
+                                         "Runtime cannot deploy .* `tdqrt export` will refuse this model"):
+        assert main(["calibrate", "--model", str(tiny_digits_model), "--abits", "4", "--calib",
+                     str(tiny_calib_set.path), "--out", str(out)]) == 0
+    assert main(["export", "--quant", str(out), "--out", str(tmp_path / "bundle"), "--no-polygraphy"]) == 2
+    assert "8-bit activations" in capsys.readouterr().err

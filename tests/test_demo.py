@@ -1,6 +1,8 @@
 """The end-to-end demo in --quick mode: every stage runs and the report has every section with valid PNGs, the
 metrics are numbers, a re-run reuses every stage, and a changed setting or a damaged stage reruns exactly the
 stages it affects."""
+import contextlib
+import io
 import json
 import math
 import re
@@ -19,14 +21,22 @@ FE = "tdqrt-digits-cnn"
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """One quick demo through the CLI, with its own cache (so it also trains its feature extractor)."""
+def demo_run(tmp_path_factory):
+    """One quick demo through the CLI, with its own cache (so it also trains its feature extractor); its output
+    folder and what it wrote to stderr (not a terminal: a log)."""
     out = tmp_path_factory.mktemp("demo")
     mp = pytest.MonkeyPatch()
     mp.setenv("TDQRT_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-    assert main(["demo", "--out", str(out), "--quick"]) == 0
-    yield out
+    log = io.StringIO()
+    with contextlib.redirect_stderr(log):
+        assert main(["demo", "--out", str(out), "--quick"]) == 0
+    yield out, log.getvalue()
     mp.undo()
+
+
+@pytest.fixture(scope="module")
+def demo(demo_run):
+    return demo_run[0]
 
 
 def _statuses(out) -> dict:
@@ -56,6 +66,15 @@ def test_report_has_every_section_and_valid_pngs(demo):
     assert f"FID [{FE}]" in text and "ONNX Runtime INT8" in text and "torch fake-quant" in text
     saved = json.loads((report_dir / "demo.json").read_text())
     assert DemoConfig.from_dict(saved) == DemoConfig.create(quick=True)
+
+
+def test_log_has_lines_not_bar_redraws(demo_run):
+    """With stderr not a terminal, progress bars write a final line each (nested ones none), never redraws."""
+    log = demo_run[1]
+    assert "\r" not in log and "\x1b" not in log
+    lines = log.splitlines()
+    assert 0 < len(lines) <= 3 * len(STAGES), lines
+    assert all(re.fullmatch(r"[^:]+: \d+(/\d+)? in \d+\.\d s( \(.*\))?", line) for line in lines), lines
 
 
 def test_metrics_are_numbers(demo):

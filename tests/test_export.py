@@ -610,6 +610,28 @@ def test_sample_model_from_a_bundle_with_its_d2_statistics(bundle_dir, tmp_path)
     assert meta["model_sha256"] == open_bundle(bundle_dir).manifest["sources"]["quant_model"]["sha256"]
 
 
+def test_sample_d2_defaults_to_the_bundles_statistics(bundle_dir, tmp_path, capsys):
+    """``tdqrt sample --model BUNDLE --d2 d`` without --d2-stats uses the statistics the bundle ships; a model
+    directory without them is refused in one line."""
+    from tdqrt.tools.cli import main
+
+    common = ["sample", "--num", "2", "--batch", "2", "--steps", "6"]
+    assert main([*common, "--model", str(bundle_dir), "--d2", "d", "--d2-stats", str(bundle_dir), "--out",
+                 str(tmp_path / "explicit")]) == 0
+    assert main([*common, "--model", str(bundle_dir), "--d2", "d", "--out", str(tmp_path / "default")]) == 0
+    assert main([*common, "--model", str(bundle_dir), "--out", str(tmp_path / "off")]) == 0
+    arrays = {name: np.load(tmp_path / name / "samples.npz")["arr_0"] for name in ("explicit", "default", "off")}
+    np.testing.assert_array_equal(arrays["default"], arrays["explicit"])
+    assert not np.array_equal(arrays["default"], arrays["off"])
+    meta = json.loads((tmp_path / "default" / "sample.json").read_text())
+    assert meta["job"]["d2_stats"] == str(bundle_dir)
+    capsys.readouterr()
+    fp_dir = open_bundle(bundle_dir).manifest["sources"]["fp_model"]["path"]
+    assert main([*common, "--model", fp_dir, "--d2", "d", "--out", str(tmp_path / "fp")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--d2-stats" in err and "ships" in err, err
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # CLI
 

@@ -73,7 +73,7 @@ from tdqrt.runtime.schedules import NoiseSchedule, ScheduleConfig
 from tdqrt.tools.d2 import D2StatsJob, collect_to_dir
 from tdqrt.tools.plots import save_bars
 from tdqrt.tools.quality import markdown_table
-from tdqrt.tools.sample import SampleJob, correction_hook, load_model_or_bundle
+from tdqrt.tools.sample import SampleJob, bundle_d2_stats, correction_hook, load_model_or_bundle
 
 BENCH_FORMAT = "tdqrt-bench"
 BENCH_VERSION = 1
@@ -586,10 +586,7 @@ def _d2_stats_dir(cfg: LoopBenchConfig) -> Optional[str]:
     """Where the D² statistics come from: ``d2_stats``, else the bundle's own (refused when it ships none)."""
     if cfg.d2 == "off" or cfg.d2_stats is not None:
         return cfg.d2_stats
-    bundle = open_bundle(cfg.model)
-    if bundle.d2_dir is None:
-        raise ConfigError(f"bundle {cfg.model} ships no D² statistics; pass --d2-stats DIR or --d2 off")
-    return str(bundle.d2_dir)
+    return bundle_d2_stats(cfg.model)
 
 
 def bench_loop(cfg: LoopBenchConfig, *, command: Optional[str] = None, progress: bool = False) -> dict[str, Any]:

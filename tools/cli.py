@@ -1,14 +1,24 @@
 """The ``tdqrt`` command line: one entry point, one subcommand per stage, each a thin layer that turns
 arguments into a validated config object and calls the library function that does the work.
 
-Errors tdqrt raises on purpose (``TdqrtError``) are printed as one line and exit with status 2.
+Errors tdqrt raises on purpose (``TdqrtError``) are printed as one line and exit with status 2; warnings are one
+line each. Ctrl-C (SIGINT) and SIGTERM take one path: a line saying what of the run is saved and how to rerun it,
+exit status 130 / 143. A command that writes a folder holds the lock on it while it runs (a second run into it is
+refused, exit 2).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
+import os
 import shlex
+import signal
 import sys
+import threading
+import warnings
 from pathlib import Path
+from typing import Iterator, Optional
 
 from tdqrt.engines.errors import TdqrtError
 
@@ -213,7 +223,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--distributed", action="store_true",
                    help="shard the batches over the processes torchrun starts (gloo on CPU, nccl on CUDA)")
     _add_sampler_args(p)
-    _add_d2_args(p, default="off")
+    _add_d2_args(p, default="off", bundle_stats=True)
     p.set_defaults(run=_run_sample)
 
     p = _command(sub, "d2-stats", "collect D²/PTQD quantization-error statistics (FP vs quantized)")
@@ -298,7 +308,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path,
                    help="directory to write: one folder per stage (models, bundle, samples, evaluations) and "
                         "report/report.md with its PNGs, metrics.json and demo.json")
-    p.add_argument("--quick", action="store_true", help="tiny model, tiny everything: every stage in about a minute")
+    p.add_argument("--quick", action="store_true", help="tiny model, tiny everything: numbers meaningless: every stage in about half a minute")
     p.add_argument("--retrain", action="store_true", help="train the demo model instead of using the shipped one")
     p.add_argument("--num", type=int, default=None, help="images per sample set (default 200; quick 20)")
     p.add_argument("--batch", type=int, default=None, help="sampling batch, also of the speed table (default 100)")
@@ -604,14 +614,96 @@ def _run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# What a rerun after an interrupt does, per command (the line printed on Ctrl-C / SIGTERM ends with it).
+_RERUN = {
+    "train": "rerun with --resume to continue from the last checkpoint",
+    "calibrate": "rerun the same command to resume (BRECQ keeps its finished units, other methods start over)",
+    "sample": "rerun the same command to resume",
+    "d2-stats": "rerun the same command to collect them again",
+    "demo": "rerun the same command to resume (finished stages are reused)",
+}
+_RERUN_DEFAULT = "rerun the same command to start again"
+
+
+def _output_folder(args: argparse.Namespace) -> Optional[Path]:
+    """The folder (or file) the command writes, locked while it runs; None for commands that write none."""
+    if args.command in ("train", "calibrate", "sample", "d2-stats", "export", "extractor", "demo"):
+        return args.out
+    if args.command in ("build", "validate"):  # they write into the bundle unless told otherwise
+        return args.out if args.out is not None else args.bundle
+    if args.command == "bench" and getattr(args, "work", None) is not None:
+        return args.work
+    return None
+
+
+@contextlib.contextmanager
+def _locked(args: argparse.Namespace) -> Iterator[None]:
+    from tdqrt.engines.artifacts import folder_lock
+
+    folder = _output_folder(args)
+    # torchrun ranks of one --distributed job share --out: rank 0 holds the lock for them all
+    if folder is None or os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    with folder_lock(folder, command=args.command_line):
+        yield
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C raises KeyboardInterrupt, so that both leave the same way (files closed,
+    temporary files removed, what is finished kept)."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise _Terminated()
+
+
+def _own_files() -> tuple[str, ...]:
+    roots = []
+    for layer in ("tools", "export", "calibration", "runtime", "engines"):
+        spec = importlib.util.find_spec(f"tdqrt.{layer}")
+        roots += [str(Path(p).resolve()) + os.sep for p in (spec.submodule_search_locations or [])] if spec else []
+    return tuple(roots)
+
+
+def _warning_line(command: str):
+    """``warnings.formatwarning`` for the CLI: one line per warning, no source line; a warning from another
+    library names its origin."""
+    own = _own_files()
+
+    def format_warning(message, category, filename, lineno, line=None) -> str:
+        text = " ".join(str(message).split())
+        origin = "" if str(Path(filename).resolve()).startswith(own) else \
+            f" [{category.__name__} from {filename}:{lineno}]"
+        return f"tdqrt {command}: warning: {text}{origin}\n"
+
+    return format_warning
+
+
 def main(argv: list[str] | None = None) -> int:
+    from tdqrt.engines.progress import pop_interrupted
+
     args = _parser().parse_args(argv)
     args.command_line = shlex.join(["tdqrt", *map(str, sys.argv[1:] if argv is None else argv)])
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
+    format_warning, warnings.formatwarning = warnings.formatwarning, _warning_line(args.command)
     try:
-        return args.run(args)
+        with _locked(args):
+            return args.run(args)
     except TdqrtError as exc:
         print(f"tdqrt {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        where = pop_interrupted()
+        what, status = ("terminated", 143) if isinstance(exc, _Terminated) else ("interrupted", 130)
+        print(f"tdqrt {args.command}: {what}{' ' + where if where else ''}; "
+              f"{_RERUN.get(args.command, _RERUN_DEFAULT)}", file=sys.stderr, flush=True)
+        return status
+    finally:
+        warnings.formatwarning = format_warning
+        if main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ from tdqrt.engines.artifacts import (atomic_dir, read_json, sha256_file, sha256_
                                      write_json_atomic)
 from tdqrt.engines.config import check_bool, check_choice, check_int, check_text, config_from_dict, invalid
 from tdqrt.engines.errors import ArtifactError
+from tdqrt.engines.progress import saved_progress
 from tdqrt.engines.threads import torch_threads
 from tdqrt.export.bundle import export_bundle
 from tdqrt.export.exporter import ExportConfig
@@ -276,7 +277,8 @@ class StageRunner:
             self.say(f"{n} reused (took {record['seconds']:.1f} s when it ran)")
         else:
             self.say(f"{n} {title} ...")
-            with atomic_dir(path) as tmp:
+            with saved_progress(lambda: f"in stage {name} ({len(self.done)} of {len(STAGES)} stages finished)"), \
+                    atomic_dir(path) as tmp:
                 summary = fn(tmp)
                 seconds, cpu, load = time.perf_counter() - t0, time.process_time() - c0, os.getloadavg()[0]
                 files = {p.relative_to(tmp).as_posix(): sha256_file(p)

@@ -8,6 +8,7 @@ killed run resumes, and several ranks (``torchrun ... --distributed``) draw one 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -17,12 +18,12 @@ from typing import Optional
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from tdqrt.calibration.data.images import to_uint8_nhwc
 from tdqrt.calibration.quant.api import load_model_dir
 from tdqrt.engines.artifacts import write_bytes_atomic, write_json_atomic
 from tdqrt.engines.errors import ConfigError
+from tdqrt.engines.progress import note, progress_bar, saved_progress
 from tdqrt.runtime.corrections import CORRECTION_KINDS, GRANULARITIES, make_correction
 from tdqrt.runtime.d2 import D2Table
 from tdqrt.runtime.sampling import Sampler, SamplerConfig, StepHook, sample
@@ -43,7 +44,7 @@ class SampleJob:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     d2: str = "off"
     d2_granularity: str = "channel"
-    d2_stats: Optional[str] = None
+    d2_stats: Optional[str] = None  # default: the statistics the bundle ships (refused for other models)
     d2_force: bool = False
     engine: Optional[str] = None  # TensorRT plan from `tdqrt build`; the model path is then its bundle (or the plan)
 
@@ -53,8 +54,6 @@ class SampleJob:
         if self.d2 not in CORRECTION_KINDS or self.d2_granularity not in GRANULARITIES:
             raise ConfigError(f"d2={self.d2!r} / d2_granularity={self.d2_granularity!r}: use one of "
                               f"{CORRECTION_KINDS} / {GRANULARITIES}")
-        if self.d2 != "off" and self.d2_stats is None:
-            raise ConfigError(f"--d2 {self.d2} needs --d2-stats DIR (written by `tdqrt d2-stats`)")
         if isinstance(self.sampler, dict):
             object.__setattr__(self, "sampler", SamplerConfig.from_dict(self.sampler))
 
@@ -88,6 +87,16 @@ def correction_hook(job: SampleJob, schedule: NoiseSchedule, model_sha256: str) 
         raise ConfigError(f"{job.d2_stats} was collected for another quantized model (sha256 {recorded[:12]}…, this "
                           f"one {model_sha256[:12]}…); run `tdqrt d2-stats` for it, or pass --d2-force")
     return make_correction(job.d2, job.d2_granularity, table, Sampler(schedule, job.sampler), force=job.d2_force)
+
+
+def bundle_d2_stats(path: str | Path) -> str:
+    """The D² statistics the bundle at ``path`` ships: what ``--d2`` uses without ``--d2-stats``."""
+    from tdqrt.engines.bundle import is_bundle_dir, open_bundle
+
+    if not is_bundle_dir(path) or open_bundle(path).d2_dir is None:
+        raise ConfigError(f"--d2 needs --d2-stats DIR (written by `tdqrt d2-stats` for this model): {path} is not a "
+                          "bundle that ships D² statistics; or pass --d2 off")
+    return str(open_bundle(path).d2_dir)
 
 
 def load_model_or_bundle(path: str | Path, *, device: str = "cpu", threads: Optional[int] = None,
@@ -143,9 +152,11 @@ def sample_model(model_dir: str | Path, out_dir: str | Path, job: SampleJob, *,
 
     def load():
         ckpt = load_model_or_bundle(model_dir, device=job.device, engine=job.engine)
-        return ckpt, correction_hook(job, NoiseSchedule(ckpt.schedule), ckpt.sha256)
+        resolved = job if job.d2 == "off" or job.d2_stats is not None else \
+            dataclasses.replace(job, d2_stats=bundle_d2_stats(ckpt.path))
+        return ckpt, resolved, correction_hook(resolved, NoiseSchedule(ckpt.schedule), ckpt.sha256)
 
-    ckpt, hook = ranks.collective(load)
+    ckpt, job, hook = ranks.collective(load)
     t0 = time.perf_counter()
     model = ckpt.model
     schedule = NoiseSchedule(ckpt.schedule)
@@ -164,6 +175,9 @@ def sample_model(model_dir: str | Path, out_dir: str | Path, job: SampleJob, *,
         return store.open(every[0])
 
     pending = ranks.broadcast(ranks.collective(plan))
+    total = len(store.ranges)
+    if progress and ranks.rank == 0 and len(pending) < total:
+        note(f"resuming: {total - len(pending)} of {total} batches already drawn")
 
     def draw(batch: Optional[int]) -> None:
         if batch is None:  # this rank has no batch left in this round
@@ -175,11 +189,6 @@ def sample_model(model_dir: str | Path, out_dir: str | Path, job: SampleJob, *,
                    null_label=model.null_label, hook=hook, device=job.device, progress=progress and ranks.rank == 0)
         labels = y.cpu().numpy() if y is not None else np.full(len(idx), -1, np.int64)
         store.write(batch, to_uint8_nhwc(x.cpu()), labels)
-
-    mine = pending[ranks.rank::ranks.world]
-    rounds = range(math.ceil(len(pending) / ranks.world))
-    for r in tqdm(rounds, disable=not progress or ranks.rank != 0 or len(rounds) <= 1, desc="batches"):
-        ranks.collective(partial(draw, mine[r] if r < len(mine) else None))
 
     def merge() -> Optional[SampleResult]:
         if ranks.rank != 0:
@@ -194,4 +203,9 @@ def sample_model(model_dir: str | Path, out_dir: str | Path, job: SampleJob, *,
         store.remove()
         return SampleResult(images, labels, seconds, out_dir)
 
-    return ranks.collective(merge)
+    mine = pending[ranks.rank::ranks.world]
+    rounds = range(math.ceil(len(pending) / ranks.world))
+    with saved_progress(lambda: f"after {store.count()} of {total} batches"):
+        for r in progress_bar(rounds, disable=not progress or ranks.rank != 0 or len(rounds) <= 1, desc="batches"):
+            ranks.collective(partial(draw, mine[r] if r < len(mine) else None))
+        return ranks.collective(merge)

@@ -72,6 +72,10 @@ class ShardStore:
                 found[(int(match[1]), int(match[2]))] = path
         return found
 
+    def count(self) -> int:
+        """How many finished batches are on disk."""
+        return len(self._shard_files())
+
     def open(self, settings: dict) -> list[int]:
         """Start or resume: the batches still to draw, in order.
 
@@ -109,7 +113,8 @@ class ShardStore:
         try:
             self.load(batch)
         except ArtifactError as err:
-            warnings.warn(f"{err}; removing it and drawing indices {self.ranges[batch]} again", stacklevel=2)
+            start, stop = self.ranges[batch]
+            warnings.warn(f"{err}; it is deleted and indices {start}..{stop - 1} will be drawn again", stacklevel=2)
             path.unlink()
             return False
         return True

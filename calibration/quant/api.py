@@ -3,11 +3,13 @@ and ``load_model_dir``: open an FP or a quantized checkpoint directory alike."""
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from tdqrt.calibration.checkpoint import CARD_FILE, FPCheckpoint, load_fp_checkpoint
+from tdqrt.calibration.quant.brecq import finished_units
 from tdqrt.calibration.quant.calib_set import CalibrationSet, CalibSetConfig, collect_calibration_set
 from tdqrt.calibration.quant.checkpoint import QUANT_CARD, load_quant_checkpoint, save_quant_checkpoint
 from tdqrt.calibration.quant.config import QuantConfig
@@ -15,6 +17,7 @@ from tdqrt.calibration.quant.job import CalibrationJob
 from tdqrt.calibration.quant.methods import method_spec, options_from_dict
 from tdqrt.engines.artifacts import write_json_atomic
 from tdqrt.engines.errors import ArtifactError
+from tdqrt.engines.progress import saved_progress
 from tdqrt.runtime.schedules import NoiseSchedule
 
 
@@ -42,15 +45,29 @@ def load_model_dir(path: str | Path, *, device: str = "cpu") -> FPCheckpoint:
     raise ArtifactError(f"{path} holds neither {CARD_FILE} (FP model) nor {QUANT_CARD} (quantized model)")
 
 
+def _finished_units(job: CalibrationJob) -> Optional[str]:
+    done = finished_units(job.work_dir) if job.quant.method == "brecq" else None
+    return None if done is None else f"after {done[0]} of {done[1]} BRECQ units"
+
+
 def calibrate(model_dir: str | Path, out_dir: str | Path, cfg: CalibrateConfig, *,
               calib_dir: Optional[str | Path] = None, progress: bool = True) -> Path:
     """Quantize the FP model in ``model_dir`` with ``cfg`` and write the checkpoint into ``out_dir``.
 
     The calibration set is read from ``calib_dir`` when given (share one set between methods), otherwise it
-    is collected into ``out_dir/calib``.
+    is collected into ``out_dir/calib``. Activations of other than 8 bits are calibrated with a warning: TensorRT
+    and ONNX Runtime run integer activations in 8 bits only, so such a model stays in torch (fake-quant) and
+    ``tdqrt export`` refuses it. Interrupted, BRECQ keeps its finished units in ``out_dir/work`` for a rerun.
     """
     out_dir = Path(out_dir)
     options = cfg.method_options()
+    abits = cfg.quant.abits
+    if abits != 8:
+        warnings.warn(f"--abits {abits}: {abits}-bit activations are a research setting that TensorRT and ONNX "
+                      "Runtime cannot deploy (they quantize activations to 8 bits only), so `tdqrt export` will "
+                      "refuse this model; it can still be sampled and evaluated in torch (fake-quant). To deploy, use "
+                      "--abits 8 (weights may have fewer bits, e.g. --wbits 4: their codes are stored as int8)",
+                      stacklevel=2)
     fp = load_fp_checkpoint(model_dir, device=cfg.device)
     schedule = NoiseSchedule(fp.schedule)
     t0 = time.perf_counter()
@@ -62,7 +79,8 @@ def calibrate(model_dir: str | Path, out_dir: str | Path, cfg: CalibrateConfig, 
     t_calib = time.perf_counter() - t0
     job = CalibrationJob(fp, schedule, calib, cfg.quant, options, out_dir / "work", cfg.device, progress)
     t0 = time.perf_counter()
-    qm = method_spec(cfg.quant.method).run(job)
+    with saved_progress(lambda: _finished_units(job)):
+        qm = method_spec(cfg.quant.method).run(job)
     qm.freeze()
     wall = time.perf_counter() - t0
     calibration = {"path": str(calib.path), "count": len(calib), "timesteps": calib.timesteps,

@@ -53,11 +53,11 @@ the int8 codes; the static scale or the generator is tabulated per timestep) and
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import time
 import warnings
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import numpy as np
@@ -65,7 +65,6 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from tdqrt.calibration.models import DiffusersUNet
 from tdqrt.calibration.models.unet import AttentionBlock, ResBlock
@@ -77,8 +76,8 @@ from tdqrt.calibration.quant.tdq import generator_config_of
 from tdqrt.engines.artifacts import atomic_path, read_json, sha256_file, sha256_json, write_json_atomic
 from tdqrt.engines.config import check_choice, check_int, check_real, invalid
 from tdqrt.engines.errors import ArtifactError, ConfigError, DataError
+from tdqrt.engines.progress import ProgressBar, note, progress_bar
 
-log = logging.getLogger(__name__)
 
 ACT_SCALES = ("static", "tdq")
 INIT_METHODS = ("mse", "minmax")
@@ -357,7 +356,7 @@ def _minibatches(n: int, batch: int, gen: torch.Generator, device: str):
 
 
 def reconstruct_weights(qm: QuantizedModel, unit: Unit, data: UnitData, opts: BrecqOptions,
-                        gen: torch.Generator, bar: Optional[tqdm] = None) -> list[AdaRound]:
+                        gen: torch.Generator, bar: Optional[ProgressBar] = None) -> list[AdaRound]:
     """Phase 1: learn AdaRound V of the unit's layers (activations in float), then harden the rounding."""
     layers = unit.layers(qm)
     roundings = [attach_adaround(layer.weight_quant, layer.weight) for layer in layers]
@@ -391,7 +390,7 @@ def _act_params(layers: list[QuantLayer], act_scale: str) -> list[nn.Parameter]:
 
 
 def reconstruct_acts(qm: QuantizedModel, unit: Unit, data: UnitData, opts: BrecqOptions,
-                     gen: torch.Generator, bar: Optional[tqdm] = None) -> None:
+                     gen: torch.Generator, bar: Optional[ProgressBar] = None) -> None:
     """Phase 2: learn the unit's activation steps (static scalars or TDQ generators) with weights hard."""
     layers = unit.layers(qm)
     for layer in layers:
@@ -522,6 +521,15 @@ class Progress:
         self._write()
 
 
+def finished_units(work_dir: Path) -> Optional[tuple[int, int]]:
+    """``(units finished on disk, units)`` of the BRECQ run in ``work_dir``; None before it has recorded any."""
+    try:
+        index = read_json(work_dir / PROGRESS_DIR / INDEX_FILE, expect_format=INDEX_FORMAT)
+    except ArtifactError:
+        return None
+    return len(index.get("units", [])), int(index.get("num_units", 0))
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The method
 
@@ -545,7 +553,7 @@ def brecq_model(job: CalibrationJob) -> QuantizedModel:
     units = find_units(qm, x.to(job.device), t.to(job.device), None if y is None else y.to(job.device))
     progress = Progress(job, units)
 
-    bar_units = tqdm(units, desc="brecq units", disable=not job.progress)
+    bar_units = progress_bar(units, desc="brecq units", disable=not job.progress)
     for k, unit in enumerate(bar_units):
         state = progress.saved_state(k)
         if state is not None:
@@ -553,14 +561,14 @@ def brecq_model(job: CalibrationJob) -> QuantizedModel:
             progress.mark_loaded(k)
             continue
         if k == len(progress.loaded):
-            if progress.loaded:
-                log.info("brecq: loaded finished units 0..%d from %s", k - 1, progress.dir)
+            if progress.loaded and job.progress:
+                note(f"resuming: {k} of {len(units)} BRECQ units already calibrated (in {progress.dir})")
             progress.finish_loading()
         t0 = time.perf_counter()
         data = capture_unit(qm, fp_model, unit, job, indices)
         mse_before = unit_mse(qm, unit, data)  # nearest rounding, initial activation steps
         gen = torch.Generator().manual_seed(opts.seed * 100_003 + k)
-        with tqdm(total=opts.iters_w + opts.iters_a, desc=f"unit {k + 1}/{len(units)} {unit.name}", leave=False,
+        with progress_bar(total=opts.iters_w + opts.iters_a, desc=f"unit {k + 1}/{len(units)} {unit.name}", leave=False,
                   disable=not job.progress) as bar:
             reconstruct_weights(qm, unit, data, opts, gen, bar)
             with acts_in_float(qm, unit):
@@ -577,6 +585,7 @@ def brecq_model(job: CalibrationJob) -> QuantizedModel:
             "seconds": round(time.perf_counter() - t0, 3)})
         bar_units.set_postfix_str(f"mse {mse_before:.3g} -> {mse_after:.3g}")
     if len(progress.loaded) == len(units):
-        log.info("brecq: all %d units loaded from %s", len(units), progress.dir)
+        if job.progress:
+            note(f"resuming: all {len(units)} BRECQ units already calibrated (in {progress.dir})")
         progress.finish_loading()
     return qm

@@ -19,11 +19,11 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from tdqrt.engines.artifacts import read_json, write_json_atomic
 from tdqrt.engines.config import check_int, check_real
 from tdqrt.engines.errors import ArtifactError, ConfigError, DataError
+from tdqrt.engines.progress import progress_bar
 from tdqrt.runtime.sampling import Sampler, SamplerConfig, sample
 from tdqrt.runtime.schedules import NoiseSchedule
 
@@ -112,7 +112,7 @@ def collect_calibration_set(model: torch.nn.Module, schedule: NoiseSchedule, cfg
     rng = np.random.default_rng(cfg.seed)
     null_mask = rng.random(cfg.num) < cfg.null_fraction if model.num_classes else np.zeros(cfg.num, bool)
     try:
-        for b in tqdm(range(math.ceil(cfg.num / cfg.batch)), desc="calibration set", disable=not progress):
+        for b in progress_bar(range(math.ceil(cfg.num / cfg.batch)), desc="calibration set", disable=not progress):
             idx = torch.arange(b * cfg.batch, min(cfg.num, (b + 1) * cfg.batch))
             y = (idx % model.num_classes).to(device) if model.num_classes else None
             rows = []

@@ -11,12 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from tdqrt.calibration.quant.job import CalibrationJob
 from tdqrt.calibration.quant.qmodel import QuantizedModel, quantize_model
 from tdqrt.calibration.quant.tdq import GeneratorConfig, attach_generators, init_generators_from_observers
 from tdqrt.engines.config import check_int
+from tdqrt.engines.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,8 @@ def observe_activations(qm: QuantizedModel, job: CalibrationJob, cap: int, seed:
     for i, q in enumerate(qm.act_quantizers()):
         q.observe(cap, seed + i)
     total = (len(job.calib) + batch - 1) // batch
-    for x, t, y in tqdm(job.calib.batches(batch), total=total, desc="observe activations", disable=not job.progress,
-                        leave=False):
+    for x, t, y in progress_bar(job.calib.batches(batch), total=total, desc="observe activations",
+                                disable=not job.progress, leave=False):
         qm(x.to(job.device), t.to(job.device), None if y is None else y.to(job.device))
 
 

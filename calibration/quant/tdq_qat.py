@@ -35,7 +35,6 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from tdqrt.calibration.data import ImageData, load_dataset
 from tdqrt.calibration.quant.job import CalibrationJob
@@ -45,6 +44,7 @@ from tdqrt.calibration.quant.tdq import generator_config_of
 from tdqrt.calibration.training import ema_update, ema_warmup_decay, noisy_batch
 from tdqrt.engines.config import check_bool, check_choice, check_int, check_real, check_text
 from tdqrt.engines.errors import ConfigError, DataError
+from tdqrt.engines.progress import progress_bar
 from tdqrt.runtime.schedules import NoiseSchedule
 
 ACT_SCALES = ("tdq", "static")
@@ -206,7 +206,7 @@ def train_qat(qm: QuantizedModel, teacher: Optional[torch.nn.Module], data: Imag
     trainable = [p for g in opt.param_groups for p in g["params"]]
     log = []
     qm.train()
-    bar = tqdm(range(options.steps), desc=f"tdq-qat ({options.act_scale})", disable=not progress, leave=False)
+    bar = progress_bar(range(options.steps), desc=f"tdq-qat ({options.act_scale})", disable=not progress, leave=False)
     for step in bar:
         x_t, t, y, noise = noisy_batch(data, schedule, options.batch, gen, cond_drop_prob=options.cond_drop_prob,
                                        null_label=qm.null_label)
