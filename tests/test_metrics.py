@@ -70,7 +70,7 @@ def _noisy(x, sigma, seed=0):
 def test_extractor_accuracy_card_and_offline_load(digits_extractor, digits_u8):
     card = json.loads((digits_extractor / "extractor.json").read_text())
     print(f"extractor held-out accuracy {card['accuracy']:.4f} on {card['holdout_count']} images, "
-          f"{card['training']['seconds']:.1f} s training")
+          f"{card['run']['seconds']:.1f} s training")
     assert card["accuracy"] >= 0.9
     assert card["name"] == NAME and card["dataset"] == "digits"
     assert card["image_size"] == 16 and card["channels"] == 1 and card["num_classes"] == 10
@@ -242,6 +242,20 @@ def test_cli_extractor_trains_and_reports(tmp_path, capsys):
     assert main(["extractor", "--data", "digits", "--out", str(tmp_path / "e"), "--steps", "3", "--threads", "1"]) == 0
     assert "tdqrt-digits-cnn" in capsys.readouterr().out
     assert (tmp_path / "e" / "extractor.safetensors").is_file() and (tmp_path / "e" / "extractor.json").is_file()
+
+
+def test_retraining_with_the_same_settings_keeps_the_extractor_id(tmp_path):
+    """The identity of an extractor is its weights and settings: a second run (other time, other folder)
+    writes a byte-identical weights file, so eval.json and the demo keep the same sha256."""
+    cfg = ExtractorConfig(data="digits", steps=3, threads=1)
+    first, second = train_extractor(cfg, tmp_path / "a"), train_extractor(cfg, tmp_path / "b")
+    again = train_extractor(cfg, tmp_path / "a")
+    assert first.sha256 == second.sha256 == again.sha256 == load_extractor(tmp_path / "a").sha256
+    card = json.loads((tmp_path / "a" / "extractor.json").read_text())
+    assert card["weights"]["sha256"] == first.sha256 and card["run"]["seconds"] > 0  # the run is recorded beside it
+    assert "seconds" not in first.card["training"] and "run" in first.card
+    assert train_extractor(ExtractorConfig(data="digits", steps=3, threads=1, seed=1), tmp_path / "c").sha256 \
+        != first.sha256  # other settings, another extractor
 
 
 # ------------------------------------------------------------------------------------------------ refusals

@@ -446,7 +446,7 @@ def _run_extractor(args: argparse.Namespace) -> int:
                           seed=args.seed, threads=args.threads)
     ext = train_extractor(cfg, args.out, progress=True)
     print(f"extractor {ext.name} written to {ext.weights.parent} (held-out accuracy {ext.card['accuracy']:.4f}, "
-          f"{ext.card['training']['seconds']:.1f} s, sha256 {ext.sha256[:12]})")
+          f"{ext.card['run']['seconds']:.1f} s, sha256 {ext.sha256[:12]})")
     return 0
 
 
