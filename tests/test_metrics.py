@@ -238,6 +238,30 @@ def test_cli_eval_on_sample_npz(digits_extractor, digits_u8, tmp_path, monkeypat
     assert fid_rgb == pytest.approx(result["metrics"][f"FID[{NAME}]"], rel=1e-6)
 
 
+def test_a_sample_folder_means_its_samples_npz(digits_extractor, cache_dir, digits_u8, tmp_path, capsys):
+    """`tdqrt eval --samples OUT` on a `tdqrt sample` folder evaluates OUT/samples.npz, not grid.png or other
+    PNGs lying there; a sample folder without samples.npz is refused, saying so."""
+    from PIL import Image
+
+    from tdqrt.tools.sample import write_samples
+
+    out = tmp_path / "run"
+    write_samples(out, _noisy(digits_u8[:60], 20), np.arange(60) % 10, {"format": "tdqrt-samples"})
+    for i in range(5):  # stray images a user left there must not be evaluated either
+        Image.fromarray(digits_u8[i, ..., 0]).save(out / f"stray{i}.png")
+    cfg = _cfg(digits_extractor, cache_dir, metrics=("fid",))
+    by_folder = evaluate(out, "digits", cfg)
+    by_file = evaluate(out / "samples.npz", "digits", cfg)
+    assert by_folder["samples"]["count"] == 60 and by_folder["samples"]["source"].endswith("samples.npz")
+    assert by_folder["metrics"] == by_file["metrics"]
+    assert main(["eval", "--samples", str(out), "--ref", "digits", "--metrics", "fid", "--threads", "1",
+                 "--feature-extractor", str(digits_extractor), "--cache-dir", str(cache_dir)]) == 0
+    assert "60 samples" in capsys.readouterr().out and (out / "eval.json").is_file()
+    (out / "samples.npz").unlink()
+    with pytest.raises(DataError, match="without samples.npz"):
+        evaluate(out, "digits", cfg)
+
+
 def test_cli_extractor_trains_and_reports(tmp_path, capsys):
     assert main(["extractor", "--data", "digits", "--out", str(tmp_path / "e"), "--steps", "3", "--threads", "1"]) == 0
     assert "tdqrt-digits-cnn" in capsys.readouterr().out
