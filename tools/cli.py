@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+import warnings
 from pathlib import Path
 
 from tdqrt.engines.errors import TdqrtError
@@ -373,7 +374,11 @@ def _run_export(args: argparse.Namespace) -> int:
 
     cfg = ExportConfig(target=args.target, dtype=args.dtype, opset=args.opset, ratio_op=args.ratio_op,
                        polygraphy=not args.no_polygraphy, calib_samples=args.calib_samples)
-    out = export_bundle(args.quant, args.out, cfg, d2_stats=args.d2_stats, fp_dir=args.fp, calib_dir=args.calib)
+    with warnings.catch_warnings(record=True) as caught:  # one line each, not Python's file:line format
+        warnings.simplefilter("always")
+        out = export_bundle(args.quant, args.out, cfg, d2_stats=args.d2_stats, fp_dir=args.fp, calib_dir=args.calib)
+    for w in caught:
+        print(f"tdqrt export: warning: {w.message}", file=sys.stderr)
     print(f"{cfg.target} bundle written to {out} (unet.onnx, unet_fp.onnx, manifest.json"
           f"{', d2' if args.d2_stats else ''}); lint clean, report in {out / 'lint.json'}")
     return 0
