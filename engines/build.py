@@ -55,6 +55,7 @@ from tdqrt.engines.engine_card import (CARD_FILE, ENGINE_FORMAT, ENGINE_SUFFIXES
                                        profile_to_json)
 from tdqrt.engines.errors import ArtifactError, ConfigError
 from tdqrt.engines.layer_report import parse_engine_information
+from tdqrt.engines.polygraphy_log import quiet_polygraphy_colors
 
 BACKENDS = ("trt", "ort")
 OPT_LEVELS = range(0, 6)  # IBuilderConfig::setBuilderOptimizationLevel: 0..5, TensorRT's default 3
@@ -206,6 +207,7 @@ def _build_trt(bundle: Bundle, config: BuildConfig, out: Path, shapes: Shapes) -
 
     from tdqrt.engines.trt import require_cuda, require_tensorrt, tensorrt_env
 
+    quiet_polygraphy_colors()
     trt = require_tensorrt()
     device = require_cuda()
     onnx_path = bundle.onnx_path("unet")

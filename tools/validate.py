@@ -80,6 +80,7 @@ from tdqrt.calibration.quant.checkpoint import QUANT_FORMAT
 from tdqrt.engines.artifacts import write_json_atomic
 from tdqrt.engines.bundle import open_bundle
 from tdqrt.engines.errors import ArtifactError, ConfigError, DataError, DependencyError
+from tdqrt.engines.polygraphy_log import quiet_polygraphy_colors
 
 REPORT_FILE = "validate.json"
 PLOT_FILE = "validate.png"
@@ -366,6 +367,7 @@ def validate_models(fp_onnx: Union[str, os.PathLike], int8_onnx: Union[str, os.P
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.comparator import Comparator
 
+    quiet_polygraphy_colors()
     fp_onnx, int8_onnx = Path(fp_onnx), Path(int8_onnx)
     calib = calib if isinstance(calib, CalibrationSet) else CalibrationSet(calib)
     fp_inputs, fp_out = _session_inputs(fp_onnx)
