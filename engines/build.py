@@ -70,6 +70,7 @@ from tdqrt.engines.engine_card import (CARD_FILE, ENGINE_FORMAT, ENGINE_SUFFIXES
 from tdqrt.engines.config import check_bool, check_choice, check_int, check_real, invalid, is_int
 from tdqrt.engines.errors import ArtifactError, ConfigError
 from tdqrt.engines.layer_report import parse_engine_information
+from tdqrt.engines.polygraphy_log import quiet_polygraphy_colors
 
 BACKENDS = ("trt", "trt-rtx", "ort")
 OPT_LEVELS = range(0, 6)  # IBuilderConfig::setBuilderOptimizationLevel: 0..5, TensorRT's default 3
@@ -253,6 +254,7 @@ def _build_trt(bundle: Bundle, config: BuildConfig, out: Path, shapes: Shapes,
 
     from tdqrt.engines.trt import RTX_DEFAULT_CAPABILITIES, TENSORRT_RTX, require_tensorrt, tensorrt_env
 
+    quiet_polygraphy_colors()
     trt = require_tensorrt(library)
     onnx_path = bundle.onnx_path("unet")
     profile = Profile()

@@ -13,7 +13,9 @@ export settings, schedule, D² sampler settings, sources (paths + sha256) and to
 Atomicity (:func:`tdqrt.engines.artifacts.atomic_dir`): everything is written into a temporary directory beside the
 target and renamed onto it at the end; a
 failure (export error, lint error, Ctrl-C) removes the temporary directory, so a half bundle never appears under
-the real name. An existing bundle at the target is replaced only once the new one is complete.
+the real name. An existing bundle at the target is replaced only once the new one is complete, with everything
+made from it inside its folder (``ort/``, ``trt/``, ``validation/``: built for the old graphs); a warning names
+what was replaced. A directory that is not a bundle is never replaced.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from typing import Optional, Union
 from tdqrt.calibration.checkpoint import load_fp_checkpoint
 from tdqrt.calibration.quant.api import load_model_dir
 from tdqrt.calibration.quant.checkpoint import QUANT_FORMAT
-from tdqrt.engines.artifacts import atomic_dir, sha256_file, versions, write_json_atomic
+from tdqrt.engines.artifacts import atomic_dir, read_json, sha256_file, versions, write_json_atomic
 from tdqrt.engines.bundle import (BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST_FILE, UNET_FILE, UNET_FP_FILE, is_bundle_dir,
                                   open_bundle)
 from tdqrt.engines.errors import ArtifactError, ConfigError
@@ -80,14 +82,26 @@ def _lint(path: Path, config: ExportConfig, failed_report: Path) -> LintReport:
     return report
 
 
-def _prepare_target(out: Path) -> None:
-    if out.exists():
-        if not out.is_dir():
-            raise ArtifactError(f"{out} exists and is not a directory; choose another --out")
-        if any(out.iterdir()) and not is_bundle_dir(out):
-            raise ArtifactError(f"{out} is a non-empty directory that is not a tdqrt bundle; refusing to replace it. "
-                                "Choose another --out or remove it")
+def _prepare_target(out: Path) -> Optional[str]:
+    """Refuse a target that is not (empty or) a bundle; for an existing bundle, the line that says what the
+    new bundle replaces: the bundle itself and everything made from it inside its folder (``ort/``, ``trt/``
+    engines, ``validation/`` reports...), which would not match the new graphs."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise ArtifactError(f"{out} exists and is not a directory; choose another --out")
+    entries = sorted(out.iterdir())
+    if entries and not is_bundle_dir(out):
+        raise ArtifactError(f"{out} is a non-empty directory that is not a tdqrt bundle; refusing to replace it. "
+                            "Choose another --out or remove it")
+    if not entries:
+        return None
+    own = set(read_json(out / MANIFEST_FILE).get("files", {})) | {MANIFEST_FILE}
+    derived = [p.name + ("/" if p.is_dir() else "") for p in entries if p.name not in own]
+    return (f"replacing the existing bundle at {out}" + (f" together with what was made from it there: "
+                                                          f"{', '.join(derived)}" if derived else "")
+            + " (export elsewhere with another --out to keep them)")
 
 
 def export_bundle(quant_dir: Union[str, os.PathLike], out: Union[str, os.PathLike],
@@ -124,7 +138,7 @@ def export_bundle(quant_dir: Union[str, os.PathLike], out: Union[str, os.PathLik
         if calib is None or not Path(calib).is_dir():
             raise ArtifactError(f"target {config.target} sets its output grids from calibration inputs, and the set "
                                 f"{calib} recorded by {quant_dir} is not there; pass one with --calib")
-    _prepare_target(out)
+    replacing = _prepare_target(out)
 
     failed_report = out.parent / f"{out.name}.lint-failed.json"
     with atomic_dir(out) as tmp:
@@ -189,4 +203,6 @@ def export_bundle(quant_dir: Union[str, os.PathLike], out: Union[str, os.PathLik
         failed_report.unlink()
     if warning := saturation_warning(open_bundle(out, verify=False)):
         warnings.warn(warning, stacklevel=2)
+    if replacing:  # said once the new bundle is in place: a failed export replaces nothing
+        warnings.warn(replacing, stacklevel=2)
     return out

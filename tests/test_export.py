@@ -508,6 +508,30 @@ def test_bundle_is_written_atomically(quant_dirs, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "other"]
 
 
+def test_reexport_says_what_it_replaces(quant_dirs, tmp_path, capsys):
+    """Re-exporting into a bundle replaces it and what was made from it there (engines, validation reports, built
+    for the old graphs) - and says so, in one line naming them; a first export says nothing."""
+    import warnings
+
+    from tdqrt.tools.cli import main
+
+    target = tmp_path / "b"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fresh target: no warning at all
+        export_bundle(quant_dirs["minmax"], target, FAST)
+    for sub in ("ort", "trt", "validation"):
+        (target / sub).mkdir()
+        (target / sub / "x.json").write_text("{}")
+    with pytest.warns(UserWarning, match=r"replacing the existing bundle at .*: ort/, trt/, validation/") as caught:
+        export_bundle(quant_dirs["mse"], target, FAST)
+    assert len(caught) == 1
+    assert not any((target / sub).exists() for sub in ("ort", "trt", "validation"))
+    assert main(["export", "--quant", str(quant_dirs["mse"]), "--out", str(target), "--no-polygraphy"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"tdqrt export: warning: replacing the existing bundle at {target} (export elsewhere with "
+                   "another --out to keep them)"]
+
+
 def test_export_fails_on_lint_errors(quant_dirs, tmp_path, monkeypatch):
     import tdqrt.export.bundle as bundle_mod
     from tdqrt.export.lint import LintReport

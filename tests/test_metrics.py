@@ -70,7 +70,7 @@ def _noisy(x, sigma, seed=0):
 def test_extractor_accuracy_card_and_offline_load(digits_extractor, digits_u8):
     card = json.loads((digits_extractor / "extractor.json").read_text())
     print(f"extractor held-out accuracy {card['accuracy']:.4f} on {card['holdout_count']} images, "
-          f"{card['training']['seconds']:.1f} s training")
+          f"{card['run']['seconds']:.1f} s training")
     assert card["accuracy"] >= 0.9
     assert card["name"] == NAME and card["dataset"] == "digits"
     assert card["image_size"] == 16 and card["channels"] == 1 and card["num_classes"] == 10
@@ -238,10 +238,48 @@ def test_cli_eval_on_sample_npz(digits_extractor, digits_u8, tmp_path, monkeypat
     assert fid_rgb == pytest.approx(result["metrics"][f"FID[{NAME}]"], rel=1e-6)
 
 
+def test_a_sample_folder_means_its_samples_npz(digits_extractor, cache_dir, digits_u8, tmp_path, capsys):
+    """`tdqrt eval --samples OUT` on a `tdqrt sample` folder evaluates OUT/samples.npz, not grid.png or other
+    PNGs lying there; a sample folder without samples.npz is refused, saying so."""
+    from PIL import Image
+
+    from tdqrt.tools.sample import write_samples
+
+    out = tmp_path / "run"
+    write_samples(out, _noisy(digits_u8[:60], 20), np.arange(60) % 10, {"format": "tdqrt-samples"})
+    for i in range(5):  # stray images a user left there must not be evaluated either
+        Image.fromarray(digits_u8[i, ..., 0]).save(out / f"stray{i}.png")
+    cfg = _cfg(digits_extractor, cache_dir, metrics=("fid",))
+    by_folder = evaluate(out, "digits", cfg)
+    by_file = evaluate(out / "samples.npz", "digits", cfg)
+    assert by_folder["samples"]["count"] == 60 and by_folder["samples"]["source"].endswith("samples.npz")
+    assert by_folder["metrics"] == by_file["metrics"]
+    assert main(["eval", "--samples", str(out), "--ref", "digits", "--metrics", "fid", "--threads", "1",
+                 "--feature-extractor", str(digits_extractor), "--cache-dir", str(cache_dir)]) == 0
+    assert "60 samples" in capsys.readouterr().out and (out / "eval.json").is_file()
+    (out / "samples.npz").unlink()
+    with pytest.raises(DataError, match="without samples.npz"):
+        evaluate(out, "digits", cfg)
+
+
 def test_cli_extractor_trains_and_reports(tmp_path, capsys):
     assert main(["extractor", "--data", "digits", "--out", str(tmp_path / "e"), "--steps", "3", "--threads", "1"]) == 0
     assert "tdqrt-digits-cnn" in capsys.readouterr().out
     assert (tmp_path / "e" / "extractor.safetensors").is_file() and (tmp_path / "e" / "extractor.json").is_file()
+
+
+def test_retraining_with_the_same_settings_keeps_the_extractor_id(tmp_path):
+    """The identity of an extractor is its weights and settings: a second run (other time, other folder)
+    writes a byte-identical weights file, so eval.json and the demo keep the same sha256."""
+    cfg = ExtractorConfig(data="digits", steps=3, threads=1)
+    first, second = train_extractor(cfg, tmp_path / "a"), train_extractor(cfg, tmp_path / "b")
+    again = train_extractor(cfg, tmp_path / "a")
+    assert first.sha256 == second.sha256 == again.sha256 == load_extractor(tmp_path / "a").sha256
+    card = json.loads((tmp_path / "a" / "extractor.json").read_text())
+    assert card["weights"]["sha256"] == first.sha256 and card["run"]["seconds"] > 0  # the run is recorded beside it
+    assert "seconds" not in first.card["training"] and "run" in first.card
+    assert train_extractor(ExtractorConfig(data="digits", steps=3, threads=1, seed=1), tmp_path / "c").sha256 \
+        != first.sha256  # other settings, another extractor
 
 
 # ------------------------------------------------------------------------------------------------ refusals

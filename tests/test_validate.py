@@ -81,12 +81,23 @@ def test_compare_arrays():
     assert m["max_abs"] == pytest.approx(0.3)
 
 
-def test_good_bundle_passes_and_writes_report(bundle_dir, tmp_path, capsys):
+def test_good_bundle_passes_and_writes_report(bundle_dir, tmp_path, capsys, monkeypatch):
+    import sys
+
+    import polygraphy.logger.logger as poly_logger
+
+    # As on a machine without the optional `colored` module, before Polygraphy has logged anything: its
+    # "'colored' module is not installed" line must not reach the user.
+    monkeypatch.setitem(sys.modules, "colored", None)
+    monkeypatch.setattr(poly_logger, "COLORED_MODULE_PRESENT", None)
+    monkeypatch.setattr(poly_logger.G_LOGGER, "colors", True)
     out = tmp_path / "report"
     rc = main(["validate", str(bundle_dir), "--timesteps", "3", "--per-timestep", "3", "--out", str(out)])
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
     assert rc == 0, text
     assert "PASSED" in text
+    assert "colored" not in captured.out + captured.err
     report = json.loads((out / "validate.json").read_text())
     assert (out / "validate.png").stat().st_size > 0
     assert report["passed"] is True and report["failures"] == []

@@ -459,7 +459,11 @@ def _run_export(args: argparse.Namespace) -> int:
 
     cfg = ExportConfig(target=args.target, dtype=args.dtype, opset=args.opset, ratio_op=args.ratio_op,
                        polygraphy=not args.no_polygraphy, calib_samples=args.calib_samples)
-    out = export_bundle(args.quant, args.out, cfg, d2_stats=args.d2_stats, fp_dir=args.fp, calib_dir=args.calib)
+    with warnings.catch_warnings(record=True) as caught:  # one line each, not Python's file:line format
+        warnings.simplefilter("always")
+        out = export_bundle(args.quant, args.out, cfg, d2_stats=args.d2_stats, fp_dir=args.fp, calib_dir=args.calib)
+    for w in caught:
+        print(f"tdqrt export: warning: {w.message}", file=sys.stderr)
     print(f"{cfg.target} bundle written to {out} (unet.onnx, unet_fp.onnx, manifest.json"
           f"{', d2' if args.d2_stats else ''}); lint clean, report in {out / 'lint.json'}")
     return 0
@@ -541,7 +545,7 @@ def _run_extractor(args: argparse.Namespace) -> int:
                           seed=args.seed, threads=args.threads)
     ext = train_extractor(cfg, args.out, progress=True)
     print(f"extractor {ext.name} written to {ext.weights.parent} (held-out accuracy {ext.card['accuracy']:.4f}, "
-          f"{ext.card['training']['seconds']:.1f} s, sha256 {ext.sha256[:12]})")
+          f"{ext.card['run']['seconds']:.1f} s, sha256 {ext.sha256[:12]})")
     return 0
 
 

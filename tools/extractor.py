@@ -12,7 +12,8 @@ Files (``--out DIR``, default ``default_extractor_dir(dataset)``)::
     extractor.safetensors   weights; its metadata key "tdqrt-extractor" holds the card below without sha256,
                             so the file alone is enough to rebuild the network
     extractor.json          the card: format, name, dataset, image size, channels, classes, architecture,
-                            held-out accuracy, training settings, sha256 of the weights, versions
+                            held-out accuracy, training settings, sha256 of the weights, versions, and "run"
+                            (seconds, threads) - kept out of the weights, so equal settings give equal files
 
 Network (``ExtractorCNN``; all ReLU)::
 
@@ -62,6 +63,7 @@ FEATURE_LAYERS = ("pool", "embedding", "logits")
 DEFAULT_LAYERS = {"fid": "embedding", "kid": "embedding", "prc": "embedding", "isc": "logits"}
 CACHE_ENV = "TDQRT_CACHE_DIR"
 _NAME_RE = re.compile(r"^tdqrt-[a-z0-9][a-z0-9-]*-cnn$")
+RUN_ONLY = ("threads",)  # ExtractorConfig fields that change how training runs, not the network it makes
 
 
 # ----------------------------------------------------------------------------------------------- locations
@@ -300,21 +302,30 @@ def _train(cfg: ExtractorConfig, out_dir: str | Path | None, progress: bool) -> 
         "accuracy": round(accuracy, 6),
         "holdout_count": int(len(held_idx)),
         "train_count": int(len(train_idx)),
-        "training": {k: v for k, v in asdict(cfg).items()} | {"num": num, "final_loss": round(last_loss, 6),
-                                                              "seconds": round(seconds, 3)},
+        "training": {k: v for k, v in asdict(cfg).items() if k not in RUN_ONLY} | {
+            "num": num, "final_loss": round(last_loss, 6)},
         "data": data.info,
     }
-    _save(out_dir, model, card)
-    return load_extractor(out_dir)
+    run = {"seconds": round(seconds, 3), "threads": cfg.threads}
+    _save(out_dir, model, card, run)
+    ext = load_extractor(out_dir)
+    ext.card = {**ext.card, "run": run}
+    return ext
 
 
-def _save(out_dir: Path, model: ExtractorCNN, card: dict) -> None:
+def _save(out_dir: Path, model: ExtractorCNN, card: dict, run: dict) -> None:
+    """Weights with the card as metadata, and ``extractor.json`` = card + ``run`` + sha256 + versions.
+
+    Only what defines the network goes into the weights file (``run``, how long and on how many threads this
+    training ran, goes into extractor.json alone), so retraining with the same settings writes a byte-identical
+    file: the same sha256, the same extractor id in every eval.json and demo report.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(out_dir / WEIGHTS_FILE) as tmp:
         save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(card, sort_keys=True)})
         digest = sha256_file(tmp)
-    write_json_atomic(out_dir / CARD_FILE, {**card, "weights": {"file": WEIGHTS_FILE, "sha256": digest},
+    write_json_atomic(out_dir / CARD_FILE, {**card, "run": run, "weights": {"file": WEIGHTS_FILE, "sha256": digest},
                                             "versions": versions()})
 
 

@@ -3,7 +3,8 @@
 ``evaluate(samples, ref, EvalConfig(...))`` compares a set of generated images with a reference set:
 
 * ``samples``: a ``.npz`` in the OpenAI/guided-diffusion evaluator layout (``arr_0``: ``uint8`` NHWC, what
-  ``tdqrt sample`` writes and ``write_openai_npz`` writes), a folder of images, or a ``uint8`` NHWC array.
+  ``tdqrt sample`` writes and ``write_openai_npz`` writes), a ``tdqrt sample`` output folder (its
+  ``samples.npz``; never its ``grid.png``), a folder of images, or a ``uint8`` NHWC array.
 * ``ref``: ``"digits"`` / ``"shapes"`` (loaded at the samples' image size), a ``.npz``, a folder, or an array.
 
 Feature extractor (one per call; its name is part of every metric key, e.g. ``FID[tdqrt-digits-cnn]``):
@@ -57,6 +58,8 @@ from tdqrt.tools.extractor import (
 EVAL_FORMAT = "tdqrt-eval"
 EVAL_VERSION = 1
 EVAL_FILE = "eval.json"
+SAMPLES_FILE = "samples.npz"  # what `tdqrt sample` writes (tools/sample.py), beside grid.png and sample.json
+SAMPLE_CARD = "sample.json"
 METRICS = ("fid", "kid", "isc", "prc")
 INCEPTION_NAME = "inception-v3-compat"
 INCEPTION_FILE_HINT = ("the standard FID Inception-v3 weights, pt_inception-2015-12-05-6726825d.pth (pytorch-fid; "
@@ -271,6 +274,11 @@ def load_images(spec, what: str, *, image_size: int | None = None, num: int | No
         raise ConfigError(f"{what} must be a path (.npz or folder), a uint8 NHWC array"
                           f"{' or digits/shapes' if what == 'reference' else ''}; got {type(spec).__name__}")
     path = Path(spec).expanduser()
+    if path.is_dir() and (path / SAMPLES_FILE).is_file():  # a `tdqrt sample` folder means its samples
+        path = path / SAMPLES_FILE
+    elif path.is_dir() and (path / SAMPLE_CARD).is_file():
+        raise DataError(f"{path} is a `tdqrt sample` output folder without {SAMPLES_FILE} (an unfinished run?); "
+                        "rerun the same `tdqrt sample` command to finish it - its grid.png is not a sample set")
     if path.is_dir():
         first_side = _first_image_side(path)  # also gives a clear "empty folder" error
         data = load_folder(path, image_size=image_size or first_side, num=num, seed=seed)

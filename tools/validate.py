@@ -73,6 +73,7 @@ from tdqrt.engines.bundle import open_bundle
 from tdqrt.engines.config import check_int, check_real
 from tdqrt.engines.errors import ArtifactError, ConfigError, DataError
 from tdqrt.engines.ort import saturation_warning
+from tdqrt.engines.polygraphy_log import quiet_polygraphy_colors
 
 REPORT_FILE = "validate.json"
 PLOT_FILE = "validate.png"
@@ -319,6 +320,7 @@ def validate_models(fp_onnx: Union[str, os.PathLike], int8_onnx: Union[str, os.P
     from tdqrt.engines.ort import create_session
 
     trt = tensorrt_status(engine)  # before any work: an engine that cannot run fails the validation
+    quiet_polygraphy_colors()
     fp_onnx, int8_onnx = Path(fp_onnx), Path(int8_onnx)
     calib = calib if isinstance(calib, CalibrationSet) else CalibrationSet(calib)
     fp_inputs, fp_out = _session_inputs(fp_onnx)
