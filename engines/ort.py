@@ -12,7 +12,10 @@ then the CPU provider. ``onnxruntime`` is imported when a denoiser is created, s
 """
 from __future__ import annotations
 
+import functools
 import os
+import platform
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -39,9 +42,51 @@ def default_providers() -> list[str]:
     return providers
 
 
+# ONNX Runtime's QDQS8ToU8Transformer rewrites int8 Q->DQ pairs (the TensorRT-flavour graph's activations) to uint8
+# so that its x86 U8S8 integer kernels can run them. Those kernels multiply-add pairs of u8*s8 products into int16
+# (VPMADDUBSW) and saturate on CPUs without VNNI (AVX2-only machines), which changes results by far more than
+# rounding: https://github.com/microsoft/onnxruntime/pull/12088 describes the overflow, and its session option
+# "session.x64quantprecision" fails to initialise tdqrt graphs in ONNX Runtime 1.32. Without the rewrite, ONNX Runtime
+# computes the int8 Q/DQ math as written in float (it never fuses int8 activations on x86), which is what the
+# TensorRT flavour is for on a CPU: a reference. Graphs of the ort-cpu flavour already hold uint8 Q/DQ pairs, which
+# this rewrite does not touch.
+DISABLED_OPTIMIZERS = ("QDQS8ToU8Transformer",)
+
+# The same saturation hits the ort-cpu flavour's QLinearConv/QLinearMatMul (uint8 activations x int8 weights) on such
+# CPUs unless every weight code lies in [-64, 63]: then two products sum to at most 2 * 255 * 64 < 2^15. Weights of
+# at most this many bits (``tdqrt calibrate --wbits 7``) are safe everywhere.
+U8S8_SAFE_WEIGHT_BITS = 7
+
+
+@functools.lru_cache(maxsize=1)
+def u8s8_saturates() -> bool:
+    """Whether ONNX Runtime's x86 U8S8 kernels can saturate here: an x86 CPU without VNNI (no ``avx512_vnni`` /
+    ``avx_vnni`` flag in /proc/cpuinfo; True when the flags cannot be read). Other architectures: False."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return True
+    return not ({"avx512_vnni", "avx_vnni"} & set(flags))
+
+
+def saturation_warning(bundle: Bundle) -> Optional[str]:
+    """The warning for an ort-cpu bundle whose weights need more than :data:`U8S8_SAFE_WEIGHT_BITS` bits on a CPU
+    where ONNX Runtime's U8S8 kernels saturate; None when it does not apply."""
+    export, quant = bundle.manifest.get("export") or {}, (bundle.manifest.get("quant") or {}).get("config") or {}
+    wbits = int(quant.get("wbits", 8))
+    if export.get("target") != "ort-cpu" or wbits <= U8S8_SAFE_WEIGHT_BITS or not u8s8_saturates():
+        return None
+    return (f"{bundle.path} is an ort-cpu bundle with {wbits}-bit weights and this CPU has no VNNI: ONNX Runtime's "
+            f"integer kernels saturate there and its results drift from the quantized model; calibrate with "
+            f"--wbits {U8S8_SAFE_WEIGHT_BITS} (or run on a CPU with VNNI, or export --target trt)")
+
+
 def create_session(path: Path, providers: Optional[Sequence[Any]] = None, *, threads: Optional[int] = None,
                    session_options: Any = None):
-    """An ``InferenceSession`` for ``path``; an unreadable file raises ``ArtifactError`` naming it."""
+    """An ``InferenceSession`` for ``path`` (without :data:`DISABLED_OPTIMIZERS`); an unreadable file raises
+    ``ArtifactError`` naming it."""
     import onnxruntime as ort
 
     path = Path(path)
@@ -52,7 +97,8 @@ def create_session(path: Path, providers: Optional[Sequence[Any]] = None, *, thr
         so.intra_op_num_threads = int(threads)
     so.log_severity_level = 3
     try:
-        return ort.InferenceSession(str(path), sess_options=so, providers=list(providers or default_providers()))
+        return ort.InferenceSession(str(path), sess_options=so, providers=list(providers or default_providers()),
+                                    disabled_optimizers=list(DISABLED_OPTIMIZERS))
     except Exception as exc:  # InvalidProtobuf, Fail, InvalidGraph, ... (pybind exceptions)
         raise ArtifactError(f"{path} cannot be loaded by ONNX Runtime ({type(exc).__name__}: {str(exc)[:400]}); the "
                             "file is truncated or corrupt — re-export it with `tdqrt export`") from exc
@@ -93,6 +139,8 @@ class OrtDenoiser:
         self.conditional = "class_labels" in inputs
         self.output_name = self.session.get_outputs()[0].name
         self._describe(inputs)
+        if self.bundle is not None and role == "unet" and (warning := saturation_warning(self.bundle)):
+            warnings.warn(warning, stacklevel=2)
 
     def _describe(self, inputs: dict) -> None:
         if self.bundle is not None:

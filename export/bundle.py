@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Optional, Union
 
@@ -23,8 +24,10 @@ from tdqrt.calibration.checkpoint import load_fp_checkpoint
 from tdqrt.calibration.quant.api import load_model_dir
 from tdqrt.calibration.quant.checkpoint import QUANT_FORMAT
 from tdqrt.engines.artifacts import atomic_dir, sha256_file, versions, write_json_atomic
-from tdqrt.engines.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST_FILE, UNET_FILE, UNET_FP_FILE, is_bundle_dir
+from tdqrt.engines.bundle import (BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST_FILE, UNET_FILE, UNET_FP_FILE, is_bundle_dir,
+                                  open_bundle)
 from tdqrt.engines.errors import ArtifactError, ConfigError
+from tdqrt.engines.ort import saturation_warning
 from tdqrt.export.exporter import ExportConfig, ExportedModel, export_fp, export_quantized, save_onnx
 from tdqrt.export.lint import LintReport, get_flavour, lint_model
 from tdqrt.runtime.d2 import JSON_FILE as D2_JSON
@@ -170,4 +173,6 @@ def export_bundle(quant_dir: Union[str, os.PathLike], out: Union[str, os.PathLik
         write_json_atomic(tmp / MANIFEST_FILE, manifest)
     if failed_report.exists():
         failed_report.unlink()
+    if warning := saturation_warning(open_bundle(out, verify=False)):
+        warnings.warn(warning, stacklevel=2)
     return out

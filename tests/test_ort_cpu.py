@@ -7,6 +7,10 @@ torch model's (uint8 = int8 + 128, ratio trick included), the graph computes wha
 the fused graph stays within the validate tolerance of the torch fake-quant model, planted violations are caught,
 and ``tdqrt export --target ort-cpu`` + ``tdqrt validate`` work end to end.
 
+Weights: 8-bit where ONNX Runtime's x86 U8S8 kernels are exact (a CPU with VNNI), else 7-bit
+(``U8S8_SAFE_WEIGHT_BITS``): without VNNI those kernels saturate int16 pair sums of 8-bit weights, which moves the
+fused graph's output by several times the quantization error (tdqrt.engines.ort, and the saturation test below).
+
 Tolerances (measured on the tiny 6-step digits model, see the tests):
 
 * input codes: 0 mismatches (``div`` ratio op: bit-exact, as for trt);
@@ -31,7 +35,7 @@ from tdqrt.calibration.quant.config import QuantConfig
 from tdqrt.calibration.quant.intmath import quantize_codes
 from tdqrt.engines.bundle import open_bundle
 from tdqrt.engines.errors import ConfigError
-from tdqrt.engines.ort import OrtDenoiser
+from tdqrt.engines.ort import U8S8_SAFE_WEIGHT_BITS, OrtDenoiser, saturation_warning, u8s8_saturates
 from tdqrt.export.exporter import ExportConfig, export_quantized, save_onnx, with_debug_outputs
 from tdqrt.export.lint import FLAVOURS, lint_model, lint_qdq_rules, optimized_op_counts
 from tdqrt.export.qdq import apply_output_grids, build_qdq_module
@@ -40,6 +44,7 @@ from tdqrt.tools.validate import ValidateConfig, error_ratio, validate_models
 
 ORT_CPU = ExportConfig(target="ort-cpu", polygraphy=False, calib_samples=40)
 METHODS = ("minmax", "tdq-ptq", "linear")  # "linear": minmax with the Linear layers (temb MLP) quantized too
+WBITS = U8S8_SAFE_WEIGHT_BITS if u8s8_saturates() else 8
 
 
 FAST_TDQ = {"iters_w": 0, "iters_a": 0, "batch": 8, "num_samples": 16, "hidden": 16, "layers": 1, "fit_steps": 5}
@@ -47,10 +52,10 @@ FAST_TDQ = {"iters_w": 0, "iters_a": 0, "batch": 8, "num_samples": 16, "hidden":
 
 @pytest.fixture(scope="module")
 def quant_dirs(tiny_digits_model, tiny_calib_set, tmp_path_factory):
-    configs = {"minmax": CalibrateConfig(quant=QuantConfig(method="minmax")),
-               "tdq-ptq": CalibrateConfig(quant=QuantConfig(method="tdq-ptq"), options=FAST_TDQ),
-               "linear": CalibrateConfig(quant=QuantConfig(method="minmax", keep_float=("*conv_in", "*conv_out",
-                                                                                        "*class_embed*")))}
+    configs = {"minmax": CalibrateConfig(quant=QuantConfig(method="minmax", wbits=WBITS)),
+               "tdq-ptq": CalibrateConfig(quant=QuantConfig(method="tdq-ptq", wbits=WBITS), options=FAST_TDQ),
+               "linear": CalibrateConfig(quant=QuantConfig(method="minmax", wbits=WBITS,
+                                                           keep_float=("*conv_in", "*conv_out", "*class_embed*")))}
     return {m: calibrate(tiny_digits_model, tmp_path_factory.mktemp(f"q_{m}"), configs[m],
                          calib_dir=tiny_calib_set.path, progress=False) for m in METHODS}
 
@@ -313,6 +318,26 @@ def test_validate_passes_good_bundle_and_fails_a_broken_one(bundle_dir, quant_di
                              ValidateConfig(timesteps=3, per_timestep=3), target="ort-cpu")
     assert not report.passed
     assert all(f.startswith("torch_quant vs ort_int8 at t=") and "error ratio" in f for f in report.failures)
+
+
+def test_eight_bit_weights_warn_where_u8s8_kernels_saturate(tiny_digits_model, tiny_calib_set, tmp_path):
+    """An ort-cpu bundle with 8-bit weights: on a CPU without VNNI, export and the ONNX Runtime engine say that its
+    integer kernels saturate and how to avoid it; elsewhere they say nothing."""
+    import warnings
+
+    q = calibrate(tiny_digits_model, tmp_path / "q8", CalibrateConfig(quant=QuantConfig(method="minmax")),
+                  calib_dir=tiny_calib_set.path, progress=False)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        assert main(["export", "--quant", str(q), "--out", str(tmp_path / "b8"), "--target", "ort-cpu",
+                     "--calib-samples", "40", "--no-polygraphy"]) == 0
+        OrtDenoiser(tmp_path / "b8")
+    said = [str(w.message) for w in record if "VNNI" in str(w.message)]
+    if u8s8_saturates():
+        assert len(said) == 2 and all("--wbits 7" in m for m in said), said
+        assert saturation_warning(open_bundle(tmp_path / "b8")) == said[0]
+    else:
+        assert said == [] and saturation_warning(open_bundle(tmp_path / "b8")) is None
 
 
 def test_ort_cpu_settings_are_checked(exports, tiny_calib_set):

@@ -79,6 +79,7 @@ from tdqrt.calibration.quant.calib_set import CalibrationSet
 from tdqrt.calibration.quant.checkpoint import QUANT_FORMAT
 from tdqrt.engines.artifacts import write_json_atomic
 from tdqrt.engines.bundle import open_bundle
+from tdqrt.engines.ort import saturation_warning
 from tdqrt.engines.errors import ArtifactError, ConfigError, DataError, DependencyError
 
 REPORT_FILE = "validate.json"
@@ -363,8 +364,10 @@ def validate_models(fp_onnx: Union[str, os.PathLike], int8_onnx: Union[str, os.P
     calibration inputs with ``Comparator.run`` and check the pairs against ``config``'s tolerances. The engine must
     pass its ``engine.json`` checks (this TensorRT, this GPU and, when ``bundle_sha256`` is given, this bundle).
     ``target`` is the export flavour of ``int8_onnx``: ``ort-cpu`` graphs are checked by their error ratio."""
-    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.backend.onnxrt import OnnxrtRunner
     from polygraphy.comparator import Comparator
+
+    from tdqrt.engines.ort import create_session
 
     fp_onnx, int8_onnx = Path(fp_onnx), Path(int8_onnx)
     calib = calib if isinstance(calib, CalibrationSet) else CalibrationSet(calib)
@@ -381,8 +384,8 @@ def validate_models(fp_onnx: Union[str, os.PathLike], int8_onnx: Union[str, os.P
 
     runners = [TorchRunner(fp_model, q_inputs, q_out, name="torch_fp"),
                TorchRunner(quant_model, q_inputs, q_out, name="torch_quant"),
-               OnnxrtRunner(SessionFromOnnx(str(fp_onnx), providers=["cpu"]), name="ort_fp"),
-               OnnxrtRunner(SessionFromOnnx(str(int8_onnx), providers=["cpu"]), name="ort_int8")]
+               OnnxrtRunner(lambda: create_session(fp_onnx, ["CPUExecutionProvider"]), name="ort_fp"),
+               OnnxrtRunner(lambda: create_session(int8_onnx, ["CPUExecutionProvider"]), name="ort_int8")]
     int8_kind = "ort-cpu" if target == "ort-cpu" else "int8"
     pairs = [("torch_fp", "ort_fp", "fp"), ("torch_quant", "ort_int8", int8_kind), ("ort_fp", "ort_int8", None)]
     trt = tensorrt_status(engine)
@@ -472,6 +475,8 @@ def validate_bundle(bundle_dir: Union[str, os.PathLike], config: ValidateConfig 
     report = validate_models(fp_onnx, int8_onnx, models["fp_model"].model, models["quant_model"].model, calib_dir,
                              config, engine=engine, null_label=bundle.null_label, bundle_sha256=bundle.sha256,
                              target=bundle.manifest.get("export", {}).get("target", "trt"))
+    if not report.passed and (warning := saturation_warning(bundle)):
+        report.failures.append(warning)
     report.sources |= {"bundle": str(bundle.path), "bundle_sha256": bundle.sha256,
                        "quant_model": str(models["quant_model"].path), "fp_model": str(models["fp_model"].path)}
     if save:
