@@ -631,6 +631,10 @@ _RERUN_DEFAULT = "rerun the same command to start again"
 
 def _output_folder(args: argparse.Namespace) -> Optional[Path]:
     """The folder (or file) the command writes, locked while it runs; None for commands that write none."""
+    if args.command == "extractor" and args.out is None:
+        from tdqrt.tools.extractor import default_extractor_dir
+
+        return default_extractor_dir(args.data)
     if args.command in ("train", "calibrate", "sample", "d2-stats", "export", "extractor", "demo"):
         return args.out
     if args.command in ("build", "validate"):  # they write into the bundle unless told otherwise
