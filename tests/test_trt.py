@@ -416,3 +416,25 @@ def test_cli_sample_with_engine(trt_engine, tmp_path):
                  "--steps", "3", "--guidance", "2"]) == 0
     meta = json.loads((tmp_path / "s" / "sample.json").read_text())
     assert meta["job"]["engine"] == str(plan) and meta["job"]["device"] == "cuda"
+
+
+def test_ort_build_warnings_say_what_happened_per_export_flavour(tmp_path):
+    """What ``tdqrt build --backend ort`` reports for a graph ONNX Runtime fused two convolutions of and left one
+    Q/DQ pair in: per export flavour, citing only the repository's own commands and README."""
+    import onnx
+    from onnx import helper
+
+    nodes = [helper.make_node("QLinearConv", ["x"], ["a"]), helper.make_node("QLinearConv", ["a"], ["b"]),
+             helper.make_node("QuantizeLinear", ["b"], ["c"]), helper.make_node("DequantizeLinear", ["c"], ["y"])]
+    path = tmp_path / "optimized.onnx"
+    onnx.save(helper.make_model(helper.make_graph(nodes, "g", [], [])), str(path))
+    cpu = ort_graph_report(path, "ort-cpu")
+    assert cpu["int8_ops"] == {"QLinearConv": 2}
+    assert cpu["warnings"] == ["ort-cpu bundle: ONNX Runtime fused 2 QLinearConv and left 1 QuantizeLinear / 1 "
+                               "DequantizeLinear nodes unfused, which run as float Q/DQ math"]
+    trt = ort_graph_report(path, "trt")
+    assert len(trt["warnings"]) == 1 and trt["warnings"][0].startswith("trt-flavour bundle: its convolutions stay "
+                                                                       "float in ONNX Runtime")
+    assert "tdqrt export --target ort-cpu" in trt["warnings"][0]
+    for warning in cpu["warnings"] + trt["warnings"]:
+        assert "notes" not in warning

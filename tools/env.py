@@ -9,7 +9,7 @@ from importlib import metadata
 def environment() -> dict[str, str]:
     info = {"tdqrt": metadata.version("tdqrt"), "python": platform.python_version(), "platform": platform.platform()}
     for dist in ("torch", "numpy", "onnx", "onnxruntime", "onnxruntime-gpu", "polygraphy", "onnx-graphsurgeon",
-                 "diffusers", "torch-fidelity", "tensorrt"):
+                 "diffusers", "torch-fidelity", "tensorrt", "tensorrt-rtx"):
         try:
             info[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
