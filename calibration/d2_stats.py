@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from tdqrt.engines.denoiser import Denoiser
-from tdqrt.engines.errors import ConfigError
+from tdqrt.engines.config import check_int, check_real, invalid, is_int
 from tdqrt.engines.progress import progress_bar
 from tdqrt.runtime.d2 import MOMENTS, ZERO_VAR_RTOL, D2Settings, D2Table
 from tdqrt.runtime.sampling import Sampler, SamplerConfig, StepInfo, guided_eps, sample
@@ -182,13 +182,10 @@ def _fp_trajectories(
 
 
 def _check_args(num: int, batch: int, shape: Sequence[int], num_classes: int, outlier_sigma: Optional[float]) -> None:
-    if not isinstance(num, int) or num < 2:
-        raise ConfigError(f"num={num!r} is invalid; the statistics need at least 2 trajectories (the papers use 1024).")
-    if not isinstance(batch, int) or batch < 1:
-        raise ConfigError(f"batch={batch!r} is invalid; it must be an integer >= 1.")
-    if len(shape) < 1 or any(not isinstance(s, int) or s < 1 for s in shape):
-        raise ConfigError(f"shape={tuple(shape)} is invalid; give one sample's (C, H, W).")
-    if not isinstance(num_classes, int) or num_classes < 0:
-        raise ConfigError(f"num_classes={num_classes!r} is invalid; 0 = unconditional, else the number of classes.")
-    if outlier_sigma is not None and not (isinstance(outlier_sigma, (int, float)) and outlier_sigma > 0):
-        raise ConfigError(f"outlier_sigma={outlier_sigma!r} is invalid; use a positive number (D² uses 4) or None.")
+    check_int("num", num, 2, fix="collect at least 2 trajectories (the papers use 1024)")
+    check_int("batch", batch, 1)
+    if len(shape) < 1 or not all(is_int(s) and s >= 1 for s in shape):
+        raise invalid("shape", tuple(shape), "one sample's (C, H, W) of positive integers", "pass the model's shape")
+    check_int("num_classes", num_classes, 0, fix="give 0 (unconditional) or the number of classes")
+    check_real("outlier_sigma", outlier_sigma, above=0.0, optional=True,
+               fix="use a positive number (D² uses 4) or None for no filter")

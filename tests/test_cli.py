@@ -79,6 +79,13 @@ def test_help_shows_every_default_and_what_out_writes():
     assert "--target {trt,ort-cpu}" in export_help
 
 
+def test_calibration_methods_match_the_registry():
+    from tdqrt.calibration.quant.methods import METHODS
+    from tdqrt.tools.cli import CALIBRATION_METHODS
+
+    assert CALIBRATION_METHODS == tuple(METHODS)
+
+
 def test_export_targets_match_the_flavours():
     from tdqrt.export.lint import FLAVOURS
     from tdqrt.tools.cli import EXPORT_TARGETS

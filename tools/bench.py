@@ -59,7 +59,7 @@ from tdqrt.calibration.quant.api import CalibrateConfig, calibrate, load_model_d
 from tdqrt.calibration.quant.calib_set import CalibSetConfig, collect_calibration_set
 from tdqrt.calibration.quant.checkpoint import QUANT_CARD
 from tdqrt.calibration.quant.config import QuantConfig
-from tdqrt.calibration.quant.methods import method_spec, options_from_dict
+from tdqrt.calibration.quant.methods import METHODS, method_spec, options_from_dict
 from tdqrt.engines.artifacts import versions, write_json_atomic
 from tdqrt.engines.bundle import Bundle, is_bundle_dir, open_bundle
 from tdqrt.engines.config import check_choice, check_int, check_real, config_from_dict, invalid, is_int
@@ -78,7 +78,7 @@ from tdqrt.tools.sample import SampleJob, bundle_d2_stats, correction_hook, load
 BENCH_FORMAT = "tdqrt-bench"
 BENCH_VERSION = 1
 UNET_BACKENDS = ("torch-fp32", "torch-fp16", "torch-fakequant", "ort-fp", "ort-int8")
-CALIBRATION_METHODS = ("minmax", "mse", "brecq", "tdq-ptq", "tdq-qat")
+CALIBRATION_METHODS = tuple(METHODS)
 CALIB_SET_JOB, D2_JOB = "calibration-set", "d2-stats"
 
 

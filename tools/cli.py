@@ -25,7 +25,7 @@ from tdqrt.engines.errors import TdqrtError
 # tdqrt.export.lint.FLAVOURS, listed in --help (not imported here, so --help stays fast; an unknown target is refused
 # by ExportConfig in the one-line error style, not by argparse's usage dump)
 EXPORT_TARGETS = ("trt", "ort-cpu")
-CALIBRATION_METHODS = ("minmax", "mse", "brecq", "tdq-ptq", "tdq-qat")  # tdqrt.calibration.quant.config.METHODS
+CALIBRATION_METHODS = ("minmax", "mse", "brecq", "tdq-ptq", "tdq-qat")  # = methods.METHODS (test_cli checks), no torch import
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

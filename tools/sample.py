@@ -22,6 +22,7 @@ import torch
 from tdqrt.calibration.data.images import to_uint8_nhwc
 from tdqrt.calibration.quant.api import load_model_dir
 from tdqrt.engines.artifacts import write_bytes_atomic, write_json_atomic
+from tdqrt.engines.config import check_bool, check_choice, check_int
 from tdqrt.engines.errors import ConfigError
 from tdqrt.engines.progress import note, progress_bar, saved_progress
 from tdqrt.runtime.corrections import CORRECTION_KINDS, GRANULARITIES, make_correction
@@ -49,11 +50,12 @@ class SampleJob:
     engine: Optional[str] = None  # TensorRT plan from `tdqrt build`; the model path is then its bundle (or the plan)
 
     def __post_init__(self) -> None:
-        if self.num < 1 or self.batch < 1:
-            raise ConfigError(f"num and batch must be >= 1, got num={self.num} batch={self.batch}")
-        if self.d2 not in CORRECTION_KINDS or self.d2_granularity not in GRANULARITIES:
-            raise ConfigError(f"d2={self.d2!r} / d2_granularity={self.d2_granularity!r}: use one of "
-                              f"{CORRECTION_KINDS} / {GRANULARITIES}")
+        check_int("SampleJob.num", self.num, 1, flag="--num")
+        check_int("SampleJob.batch", self.batch, 1, flag="--batch")
+        check_int("SampleJob.seed", self.seed, 0, flag="--seed")
+        check_choice("SampleJob.d2", self.d2, CORRECTION_KINDS, flag="--d2")
+        check_choice("SampleJob.d2_granularity", self.d2_granularity, GRANULARITIES, flag="--d2-granularity")
+        check_bool("SampleJob.d2_force", self.d2_force, flag="--d2-force")
         if isinstance(self.sampler, dict):
             object.__setattr__(self, "sampler", SamplerConfig.from_dict(self.sampler))
 
