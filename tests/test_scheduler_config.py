@@ -10,6 +10,7 @@ import torch
 
 from tdqrt.calibration.d2_stats import collect_d2_stats
 from tdqrt.engines.errors import ConfigError
+from tdqrt.runtime.d2 import D2Settings, D2Table, check_settings
 from tdqrt.runtime import (
     EpsPrediction,
     NoiseSchedule,
@@ -316,6 +317,11 @@ def _eps_toy(x, t, y=None):
     return eps if y is None else eps + 0.05 * y.to(x.dtype).view(-1, 1, 1, 1)
 
 
+def quant_eps(x, t, y=None):
+    """A "quantized" ε of ``_eps_toy``: scaled, biased, rounded."""
+    return torch.round(_eps_toy(x, t, y) * 1.1 * 64) / 64 + 0.02
+
+
 V_SCHEDULE = NoiseSchedule(ScheduleConfig(kind="scaled_linear", beta_start=0.00085, beta_end=0.012,
                                           prediction_type="v_prediction"))
 EPS_SCHEDULE = NoiseSchedule(ScheduleConfig(kind="scaled_linear", beta_start=0.00085, beta_end=0.012))
@@ -359,9 +365,6 @@ def test_v_model_samples_and_hooks_on_eps():
 def test_d2_statistics_of_v_model_are_on_eps():
     """D² moments collected on a v-predicting FP/quantized pair (denoisers given as ε-predictors) equal those of the
     ε pair they stand for."""
-    def quant_eps(x, t, y=None):  # a "quantized" ε: scaled, biased, rounded
-        return torch.round(_eps_toy(x, t, y) * 1.1 * 64) / 64 + 0.02
-
     kw = dict(num=6, batch=3, seed=0, shape=(3, 4, 4), progress=False, outlier_sigma=None)
     cfg = SamplerConfig(steps=4, eta=1.0)
     on_v = collect_d2_stats(as_eps_denoiser(_v_model(_eps_toy, V_SCHEDULE), V_SCHEDULE),
@@ -370,3 +373,23 @@ def test_d2_statistics_of_v_model_are_on_eps():
     np.testing.assert_allclose(on_v.moments_raw, on_eps.moments_raw, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(on_v.tensor.beta, on_eps.tensor.beta, rtol=1e-3, atol=1e-4)
     assert on_v.settings.schedule.prediction_type == "v_prediction"
+
+
+def test_d2_settings_carry_the_scheduler_fields(tmp_path):
+    """A table's settings hold the new schedule fields through save/load, a table saved before they existed reads
+    back with the old meaning, and a trained-betas mismatch is refused in one short line."""
+    schedule = NoiseSchedule(ScheduleConfig.from_diffusers({"trained_betas": TRAINED, "prediction_type": "sample"}))
+    cfg = SamplerConfig(steps=2, spacing="scheduler")
+    table = collect_d2_stats(as_eps_denoiser(_eps_toy, schedule), as_eps_denoiser(quant_eps, schedule), schedule, cfg,
+                             num=2, batch=2, seed=0, shape=(3, 4, 4), progress=False, outlier_sigma=None)
+    loaded = D2Table.load(table.save(tmp_path))
+    assert loaded.settings == table.settings and loaded.settings.schedule == schedule.config
+    check_settings(loaded, cfg, schedule.config)
+    other = ScheduleConfig.from_diffusers({"trained_betas": TRAINED[::-1], "prediction_type": "sample"})
+    with pytest.raises(ConfigError, match=r"schedule.trained_betas: saved \[.*, \.\.\., .*\] \(1000 values\)") as err:
+        check_settings(loaded, cfg, other)
+    assert "\n" not in str(err.value) and len(str(err.value)) < 400
+    old = {"sampler": {"kind": "ddim", "steps": 4, "eta": 0.0, "spacing": "uniform", "guidance_scale": 1.0},
+           "schedule": {"kind": "linear", "num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02},
+           "num_samples": 8, "seed": 0, "outlier_sigma": 4.0}
+    assert D2Settings.from_dict(old).schedule == ScheduleConfig()
