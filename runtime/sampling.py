@@ -18,9 +18,11 @@ the network output is converted to ε once per model call (:class:`EpsPrediction
 step hooks, corrections, D² statistics — sees ε), x0 is clipped with ``clip_sample`` ("ddim" keeps ε as
 ``use_clipped_model_output=False`` does; "ddpm" takes the posterior mean of the clipped x0, i.e. the ε it
 implies), "ddpm" with ``variance_type="fixed_large"`` injects σ = sqrt(β_t) (no noise at t = 0) around the same
-posterior mean, and "ddim" ends at ᾱ = 1 or ᾱ_0 (``set_alpha_to_one``). Noise is drawn per sample from its own counter-based stream (:class:`NoiseSource`), which
-makes a sample depend only on (seed, its global index, config), not on the batch or the device: sharding a run
-over processes or moving it to a GPU reproduces it.
+posterior mean, and "ddim" ends at ᾱ = 1 or ᾱ_0 (``set_alpha_to_one``).
+
+Noise is drawn per sample from its own counter-based stream (:class:`NoiseSource`), which makes a sample depend
+only on (seed, its global index, config), not on the batch or the device: sharding a run over processes or moving
+it to a GPU reproduces it.
 """
 from __future__ import annotations
 

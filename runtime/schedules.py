@@ -116,14 +116,14 @@ class ScheduleConfig:
     def _check_trained_betas(self, T: int) -> None:
         betas = self.trained_betas
         if (self.kind == "trained") != (betas is not None):
-            raise invalid("ScheduleConfig.trained_betas", "..." if betas is not None else None,
-                          "a list of betas exactly when kind='trained'",
+            raise invalid("ScheduleConfig.trained_betas", f"{'no' if betas is None else 'a'} list with "
+                          f"kind={self.kind!r}", "a list of betas exactly when kind='trained'",
                           "give kind='trained' together with trained_betas, or neither")
         if betas is None:
             return
-        if (isinstance(betas, (str, bytes, Mapping)) or not hasattr(betas, "__len__") or len(betas) != T
+        if (not isinstance(betas, (list, tuple)) or len(betas) != T
                 or not all(is_real(b) and 0.0 < b < 1.0 for b in betas)):
-            shown = f"{len(betas)} values" if hasattr(betas, "__len__") else betas
+            shown = f"{len(betas)} values" if isinstance(betas, (list, tuple)) else betas
             raise invalid("ScheduleConfig.trained_betas", shown,
                           f"num_train_timesteps={T} numbers in (0, 1)",
                           "give one beta per training timestep (diffusers' trained_betas)")

@@ -119,7 +119,8 @@ def _compare(config, sampler_kwargs, cls, steps=10, atol=1e-5):
         clipped += int(((res.pred_original_sample - unclipped).abs() > 1e-6).sum())
         step_in = EpsPrediction(lambda x, tt, y=None: out_ref.float(), schedule)(x_ref.float(), tb)
         got = ours.step(i, x_ref.float(), step_in, z.float())
-        torch.testing.assert_close(got.double(), res.prev_sample, atol=atol, rtol=0, msg=lambda m: f"step {i} t={t}: {m}")
+        torch.testing.assert_close(got.double(), res.prev_sample, atol=atol, rtol=0,
+                                   msg=lambda m: f"step {i} t={t}: {m}")
         x_ours = ours.step(i, x_ours, as_eps_denoiser(model, schedule)(x_ours, tb), z.float())
         torch.testing.assert_close(x_ours.double(), res.prev_sample, atol=atol, rtol=0,
                                    msg=lambda m: f"chain {i} t={t}: {m}")
@@ -222,8 +223,9 @@ def test_reader_ldm_celebahq():
 
 def test_reader_sd2_and_sd15_pndm():
     cfg = ScheduleConfig.from_diffusers(SD2)
-    assert cfg == ScheduleConfig(kind="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction",
-                                 clip_sample=False, steps_offset=1, timestep_spacing="leading", set_alpha_to_one=False)
+    assert cfg == ScheduleConfig(kind="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                 prediction_type="v_prediction", clip_sample=False, steps_offset=1,
+                                 timestep_spacing="leading", set_alpha_to_one=False)
     sampler = Sampler(NoiseSchedule(cfg), SamplerConfig(steps=50, spacing="scheduler"))
     assert sampler.timesteps[0] == 981 and sampler.timesteps[-1] == 1
     assert float(sampler.alpha_bar_prev[-1]) == float(NoiseSchedule(cfg).alphas_cumprod[0])  # set_alpha_to_one=False
@@ -239,7 +241,8 @@ def test_reader_sd2_and_sd15_pndm():
 @pytest.mark.parametrize("config, fragment", [
     ({"thresholding": True}, "scheduler config thresholding: expected False, got True; fix: dynamic thresholding"),
     ({"rescale_betas_zero_snr": True}, "scheduler config rescale_betas_zero_snr: expected False, got True; fix: zero"),
-    ({"variance_type": "learned"}, "scheduler config variance_type: expected fixed_small or fixed_large, got 'learned'"),
+    ({"variance_type": "learned"},
+     "scheduler config variance_type: expected fixed_small or fixed_large, got 'learned'"),
     ({"variance_type": "learned_range"}, "variance_type: expected fixed_small or fixed_large, got 'learned_range'"),
     ({"beta_schedule": "sigmoid"}, "scheduler config beta_schedule: expected one of linear, scaled_linear, "
                                    "squaredcos_cap_v2, got 'sigmoid'"),
@@ -269,7 +272,8 @@ def test_old_config_dicts_keep_their_meaning():
     sampler = Sampler(NoiseSchedule(schedule), sampler_cfg)
     assert sampler.timesteps.tolist() == list(range(900, -1, -100))  # the old "uniform" grid
     ab = NoiseSchedule(schedule).alphas_cumprod
-    assert torch.equal(sampler.alpha_bar_prev, torch.cat([ab[sampler.timesteps[1:]], torch.ones(1, dtype=torch.float64)]))
+    assert torch.equal(sampler.alpha_bar_prev,
+                       torch.cat([ab[sampler.timesteps[1:]], torch.ones(1, dtype=torch.float64)]))
     assert torch.equal(sampler.sigmas, 0.5 * torch.sqrt((1 - sampler.alpha_bar_prev) / (1 - sampler.alpha_bar)
                                                         * (1 - sampler.alpha_bar / sampler.alpha_bar_prev)))
 
