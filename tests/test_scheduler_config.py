@@ -397,3 +397,13 @@ def test_d2_settings_carry_the_scheduler_fields(tmp_path):
            "schedule": {"kind": "linear", "num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02},
            "num_samples": 8, "seed": 0, "outlier_sigma": 4.0}
     assert D2Settings.from_dict(old).schedule == ScheduleConfig()
+
+
+@pytest.mark.parametrize("kind, eta", [("ddim", 0.0), ("ddim", 0.6), ("ddpm", 1.0)])
+def test_scheduler_spacing_of_a_native_schedule_is_uniform(kind, eta):
+    """tdqrt's own schedules (leading, no offset, ᾱ → 1) walk the same steps with "scheduler" as with "uniform"."""
+    for steps in (1, 7, 50):
+        a, b = (Sampler(NoiseSchedule(), SamplerConfig(kind=kind, steps=steps, eta=eta, spacing=s))
+                for s in ("uniform", "scheduler"))
+        for name in ("timesteps", "alpha_bar", "alpha_bar_prev", "sigmas", "direction_scale"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), (name, steps)
