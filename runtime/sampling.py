@@ -54,7 +54,7 @@ class SamplerConfig:
     ``eta`` only matters for "ddim" ("ddpm" is the ancestral sampler, i.e. η = 1). ``guidance_scale`` 1.0
     means a single plain model call per step (no classifier-free guidance). ``spacing`` (:func:`make_timesteps`):
     "uniform" (tdqrt's own grid, diffusers' "leading" without offset), "quadratic", or "scheduler" — the grid of
-    the model's scheduler config (its timestep_spacing and steps_offset), which imported diffusers models use.
+    the model's scheduler config (its timestep_spacing and steps_offset), the spacing for imported diffusers models.
     """
 
     kind: str = "ddim"
@@ -265,6 +265,7 @@ class Sampler:
         self.timesteps = make_timesteps(T, config.steps, config.spacing, sc)
         ab = schedule.alphas_cumprod
         ddim = config.kind == "ddim"
+        fixed_large = not ddim and sc.variance_type == "fixed_large"
         if ddim and config.spacing == "scheduler":
             prev = self.timesteps - T // config.steps
         else:
@@ -276,12 +277,12 @@ class Sampler:
         posterior = torch.sqrt((1 - a_p) / (1 - a_t) * (1 - a_t / a_p))  # DDIM eq. 16 with η = 1
         if ddim:
             self.sigmas = config.eta * posterior
-        elif sc.variance_type == "fixed_large":
+        elif fixed_large:
             self.sigmas = torch.where(self.timesteps > 0, torch.sqrt(1 - a_t / a_p), 0.0)
         else:
-            self.sigmas = 1.0 * posterior
-        self.direction_scale = torch.where(self.sigmas > 0, posterior / self.sigmas, 1.0) if (
-            not ddim and sc.variance_type == "fixed_large") else torch.ones_like(self.sigmas)
+            self.sigmas = posterior
+        self.direction_scale = (torch.where(self.sigmas > 0, posterior / self.sigmas, 1.0) if fixed_large
+                                else torch.ones_like(self.sigmas))  # λ_t
         self._clip = sc.clip_sample_range if sc.clip_sample else None
         # Whether the update can inject noise; the loop then draws z every step to keep streams aligned.
         self.stochastic = config.kind == "ddpm" or config.eta > 0
@@ -387,6 +388,8 @@ def guided_eps(
     ``scale == 1`` is a single plain call ``denoiser(x, t, y)``. Otherwise one batched call evaluates the
     conditional and unconditional halves on ``cat([x, x])`` with labels ``cat([y, null_label])`` (one engine
     launch per step instead of two). The raw output is checked: wrong shape or NaN/Inf raises DataError.
+    The result is ε when ``denoiser`` predicts ε: pass v / x0 models through :func:`as_eps_denoiser` first
+    (:func:`sample` does).
     """
     if scale == 1.0:
         return _checked(denoiser(x, t, y), x.shape, t)
@@ -437,6 +440,9 @@ def sample(
     progress: bool = False,
 ) -> Tensor:
     """Run the sampler from pure noise to x0; returns float32 ``[B, *shape]`` (not clamped).
+
+    ``denoiser`` outputs what ``schedule.config.prediction_type`` says; it is converted to ε per call
+    (:func:`as_eps_denoiser`), so guidance and ``hook`` see ε.
 
     Noise draws, per sample stream: x_T first, then per step (after the denoiser and the hook) one ``z`` of
     ``shape`` — every step whenever the update can be stochastic (η > 0, "ddpm", or a hook is set, since a hook
