@@ -10,11 +10,13 @@ from tdqrt.runtime.corrections import (
 )
 from tdqrt.runtime.d2 import D2Settings, D2Table, check_settings
 from tdqrt.runtime.sampling import (
+    EpsPrediction,
     NoiseSource,
     Sampler,
     SamplerConfig,
     StepHook,
     StepInfo,
+    as_eps_denoiser,
     guided_eps,
     make_timesteps,
     sample,
@@ -31,6 +33,8 @@ __all__ = [
     "NoiseSource",
     "make_timesteps",
     "guided_eps",
+    "EpsPrediction",
+    "as_eps_denoiser",
     "sample",
     "D2Settings",
     "D2Table",

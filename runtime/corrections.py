@@ -16,7 +16,9 @@ where ε̂ − E[Δ | ε̂] = (1 − β)ε̂ − a (D² conditional mean) and (�
 correlated-noise correction. ``absorb`` takes the residual error variance that ε' still carries into x_p out of
 the sampler's own noise budget ("variance schedule calibration" / D-D² noise fusion):
 
-    c_t(σ) = sqrt(1 − ᾱ_p − σ²) − sqrt(ᾱ_p(1 − ᾱ_t)/ᾱ_t)      (the factor that carries an eps error into x_p)
+    c_t(σ) = sqrt(1 − ᾱ_p − (λ_t σ)²) − sqrt(ᾱ_p(1 − ᾱ_t)/ᾱ_t)  (the factor that carries an eps error into x_p;
+                                                                λ_t = Sampler.direction_scale, 1 but for DDPM
+                                                                "fixed_large")
     σ' = sqrt(max(0, σ_t² − c_t(σ_t)²·r²))                     (r = the residual std; σ' = 0 for η = 0)
 
 computed per channel from each channel's own r (the original code read channel 0 for every channel). A sampler
@@ -201,7 +203,8 @@ def _broadcast(per_step: Tensor, like: Tensor) -> Tensor:
 def _absorbed_sigma(sampler: Sampler, residual_std: Tensor) -> Tensor:
     """σ' = sqrt(max(0, σ_t² − c_t(σ_t)²·r²)) per step (and channel); exactly σ_t where r = 0."""
     a_t, a_p, sigma = sampler.alpha_bar, sampler.alpha_bar_prev, sampler.sigmas
-    c = torch.sqrt(torch.clamp(1.0 - a_p - sigma**2, min=0.0)) - torch.sqrt(a_p * (1.0 - a_t) / a_t)
+    direction_sigma = sampler.direction_scale * sigma  # the σ in the update's ε coefficient (Sampler.step)
+    c = torch.sqrt(torch.clamp(1.0 - a_p - direction_sigma**2, min=0.0)) - torch.sqrt(a_p * (1.0 - a_t) / a_t)
     c, sigma = _broadcast(c, residual_std), _broadcast(sigma, residual_std)
     removed = (c * residual_std) ** 2
     return torch.where(removed > 0, torch.sqrt(torch.clamp(sigma**2 - removed, min=0.0)), sigma.expand_as(removed))

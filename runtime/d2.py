@@ -203,7 +203,8 @@ def check_settings(
 ) -> None:
     """Refuse a table collected for other sampler settings (the statistics are per timestep and per CFG scale).
 
-    Compared: sampler kind, steps, spacing, eta, guidance_scale and every schedule field. A difference raises
+    Compared: sampler kind, steps, spacing, eta, guidance_scale and every schedule field (betas, prediction type,
+    clipping, the scheduler grid settings, ...). A difference raises
     ``ConfigError`` listing each setting as saved vs requested; with ``force=True`` it is a warning instead.
     """
     saved = table.settings
@@ -211,7 +212,7 @@ def check_settings(
              for name in ("kind", "steps", "spacing", "eta", "guidance_scale")
              if getattr(saved.sampler, name) != getattr(sampler_config, name)]
     want, have = schedule_config.to_dict(), saved.schedule.to_dict()
-    diffs += [f"schedule.{k}: saved {have[k]!r}, requested {want[k]!r}" for k in want if have[k] != want[k]]
+    diffs += [f"schedule.{k}: saved {_short(have[k])}, requested {_short(want[k])}" for k in want if have[k] != want[k]]
     if not diffs:
         return
     message = (f"the D² statistics were collected for other sampler settings ({'; '.join(diffs)}); "
@@ -219,6 +220,13 @@ def check_settings(
     if not force:
         raise ConfigError(message + ", or pass force=True (CLI: --d2-force) to apply them anyway.")
     warnings.warn(message + "; applying them anyway because force=True.", stacklevel=2)
+
+
+def _short(value: Any) -> str:
+    """A setting as the message shows it: a list of trained betas by its length and ends, anything else by repr."""
+    if isinstance(value, (tuple, list)) and len(value) > 4:
+        return f"[{value[0]!r}, ..., {value[-1]!r}] ({len(value)} values)"
+    return repr(value)
 
 
 # ----------------------------------------------------------------------------------------------- the table

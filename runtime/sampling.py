@@ -10,9 +10,19 @@ update, DDIM eq. 12 (Song et al. 2021, https://arxiv.org/abs/2010.02502):
 
 With η = 1, σ² is the DDPM posterior variance β̃ ("fixed_small", Ho et al. 2020 eq. 7) and the update is
 exactly ancestral sampling from q(x_p | x_t, x0) on the (possibly strided) timestep grid, so "ddpm" is this
-update with η = 1. Noise is drawn per sample from its own counter-based stream (:class:`NoiseSource`), which
-makes a sample depend only on (seed, its global index, config), not on the batch or the device: sharding a run
-over processes or moving it to a GPU reproduces it.
+update with η = 1.
+
+The schedule's scheduler settings (:class:`~tdqrt.runtime.schedules.ScheduleConfig`) are honoured as diffusers'
+``DDIMScheduler.step`` / ``DDPMScheduler.step`` do, so an imported model samples as its own pipeline would:
+the network output is converted to ε once per model call (:class:`EpsPrediction`; everything downstream — CFG,
+step hooks, corrections, D² statistics — sees ε), x0 is clipped with ``clip_sample`` ("ddim" keeps ε as
+``use_clipped_model_output=False`` does; "ddpm" takes the posterior mean of the clipped x0, i.e. the ε it
+implies), "ddpm" with ``variance_type="fixed_large"`` injects σ = sqrt(β_t) (no noise at t = 0) around the same
+posterior mean, and "ddim" ends at ᾱ = 1 or ᾱ_0 (``set_alpha_to_one``).
+
+Noise is drawn per sample from its own counter-based stream (:class:`NoiseSource`), which makes a sample depend
+only on (seed, its global index, config), not on the batch or the device: sharding a run over processes or moving
+it to a GPU reproduces it.
 """
 from __future__ import annotations
 
@@ -30,11 +40,11 @@ from tdqrt.engines.errors import ConfigError, DataError
 from tdqrt.engines.config import check_choice, check_int, check_real, config_from_dict
 from tdqrt.engines.progress import progress_bar
 from tdqrt.runtime.philox import normal_from_words, philox4x32_words
-from tdqrt.runtime.schedules import NoiseSchedule
+from tdqrt.runtime.schedules import NoiseSchedule, ScheduleConfig
 
 SAMPLER_KINDS = ("ddim", "ddpm")
 NOISE_CHUNK_BYTES = {"cpu": 1 << 20, "accelerator": 16 << 20}  # output per batched noise evaluation (NoiseSource.draws)
-SPACINGS = ("uniform", "quadratic")
+SPACINGS = ("uniform", "quadratic", "scheduler")
 
 
 @dataclass(frozen=True)
@@ -42,7 +52,9 @@ class SamplerConfig:
     """How to sample: sampler kind, number of steps, DDIM η, timestep spacing and CFG scale.
 
     ``eta`` only matters for "ddim" ("ddpm" is the ancestral sampler, i.e. η = 1). ``guidance_scale`` 1.0
-    means a single plain model call per step (no classifier-free guidance).
+    means a single plain model call per step (no classifier-free guidance). ``spacing`` (:func:`make_timesteps`):
+    "uniform" (tdqrt's own grid, diffusers' "leading" without offset), "quadratic", or "scheduler" — the grid of
+    the model's scheduler config (its timestep_spacing and steps_offset), the spacing for imported diffusers models.
     """
 
     kind: str = "ddim"
@@ -71,14 +83,20 @@ class SamplerConfig:
         return config_from_dict(cls, d)
 
 
-def make_timesteps(num_train_timesteps: int, steps: int, spacing: str) -> Tensor:
+def make_timesteps(num_train_timesteps: int, steps: int, spacing: str,
+                   schedule: Optional[ScheduleConfig] = None) -> Tensor:
     """The descending grid of training timesteps visited by a ``steps``-step sampler.
 
     "uniform" is diffusers' "leading" spacing with steps_offset 0: ``arange(steps)·(T//steps)`` reversed.
     "quadratic" is the DDIM paper's "quad" grid ``int(linspace(0, sqrt(0.8·T), steps)²)``, denser at small t.
+    "scheduler" is the grid of diffusers' ``DDIMScheduler``/``DDPMScheduler.set_timesteps`` for ``schedule``'s
+    ``timestep_spacing`` and ``steps_offset`` (required then): "leading" ``arange(K)·(T//K) + steps_offset``,
+    "trailing" ``round(arange(T, 0, −T/K)) − 1``, "linspace" ``round(linspace(0, T − 1, K))``, descending.
     """
     T = num_train_timesteps
     check_int("steps", steps, 1, T, flag="--steps", fix=f"use 1 <= steps <= {T} (the schedule's T)")
+    if spacing == "scheduler":
+        return _scheduler_timesteps(T, steps, schedule)
     if spacing == "uniform":
         grid = np.arange(steps, dtype=np.int64) * (T // steps)
     elif spacing == "quadratic":
@@ -93,6 +111,26 @@ def make_timesteps(num_train_timesteps: int, steps: int, spacing: str) -> Tensor
     return torch.from_numpy(grid[::-1].copy())
 
 
+def _scheduler_timesteps(T: int, steps: int, schedule: Optional[ScheduleConfig]) -> Tensor:
+    """The "scheduler" grid of :func:`make_timesteps` (diffusers' set_timesteps, literally)."""
+    if schedule is None or schedule.num_train_timesteps != T:
+        raise ConfigError("spacing 'scheduler' needs the model's ScheduleConfig (its timestep_spacing and "
+                          "steps_offset) with the same num_train_timesteps; pass schedule=, or use 'uniform'.")
+    if schedule.timestep_spacing == "linspace":
+        grid = np.linspace(0, T - 1, steps).round()[::-1].astype(np.int64)
+    elif schedule.timestep_spacing == "leading":
+        grid = (np.arange(0, steps) * (T // steps)).round()[::-1].astype(np.int64) + schedule.steps_offset
+    else:  # "trailing"
+        grid = np.round(np.arange(T, 0, -T / steps)).astype(np.int64) - 1
+    if len(grid) != steps or grid.max() >= T or len(np.unique(grid)) != steps:
+        raise ConfigError(
+            f"timestep_spacing={schedule.timestep_spacing!r} with steps_offset={schedule.steps_offset}, "
+            f"steps={steps} and T={T} gives the grid {grid[:8].tolist()}..., not {steps} distinct timesteps "
+            f"below {T}; use fewer steps or spacing='uniform'."
+        )
+    return torch.from_numpy(grid.copy())
+
+
 @dataclass(frozen=True)
 class StepInfo:
     """What a :class:`StepHook` knows about the step it is called for."""
@@ -101,7 +139,7 @@ class StepInfo:
     t: int  # training timestep of this step
     t_prev: int  # next (smaller) timestep, -1 after the last step
     alpha_bar: float
-    alpha_bar_prev: float
+    alpha_bar_prev: float  # the ᾱ the update steps to (Sampler.alpha_bar_prev)
     sigma: float  # the sampler's own noise std for this step (0 for DDIM eta=0)
 
 
@@ -203,23 +241,49 @@ class NoiseSource:
 
 
 class Sampler:
-    """DDIM (any η) or DDPM ancestral sampling over the grid of :func:`make_timesteps`.
+    """DDIM (any η) or DDPM ancestral sampling over the grid of :func:`make_timesteps`, on ε.
 
-    Per-step coefficients are precomputed once in float64: ``alpha_bar[i] = ᾱ_t``, ``alpha_bar_prev[i] = ᾱ_p``
-    (1.0 after the last step, like diffusers' ``set_alpha_to_one=True``, so the last step returns x0) and
-    ``sigmas[i] = σ_t`` (DDIM eq. 16; η = 1 for "ddpm").
+    Per-step coefficients are precomputed once in float64: ``alpha_bar[i] = ᾱ_t``, ``alpha_bar_prev[i] = ᾱ_p`` and
+    ``sigmas[i] = σ_t``, the std of the injected noise (:class:`StepInfo.sigma`).
+
+    ᾱ_p is ᾱ of the next grid timestep; after the last step it is 1.0 ("ddpm", and "ddim" with the schedule's
+    ``set_alpha_to_one``, so the last step returns x0) or ᾱ_0. With the "scheduler" spacing "ddim" steps to
+    ᾱ[t − T//K] instead, as ``DDIMScheduler.step`` does whatever its spacing (the same timesteps for "leading",
+    and for "trailing" when K divides T; "linspace" evaluates the model off that point, as in diffusers).
+
+    σ_t is DDIM eq. 16 (η; η = 1 for "ddpm" "fixed_small"), or sqrt(β_t) = sqrt(1 − ᾱ_t/ᾱ_p) for "ddpm"
+    "fixed_large" (0 at t = 0, where diffusers adds no noise). The direction coefficient of ε in the update is
+    sqrt(1 − ᾱ_p − (λ_t·σ)²) with λ_t = 1 except for "fixed_large", where λ_t = β̃_t^½/σ_t keeps the posterior
+    mean of DDPMScheduler (a step hook's σ' then scales the noise and the mean moves with it as in DDIM).
     """
 
     def __init__(self, schedule: NoiseSchedule, config: SamplerConfig) -> None:
         self.schedule = schedule
         self.config = config
-        self.timesteps = make_timesteps(schedule.num_train_timesteps, config.steps, config.spacing)
+        sc = schedule.config
+        T = schedule.num_train_timesteps
+        self.timesteps = make_timesteps(T, config.steps, config.spacing, sc)
         ab = schedule.alphas_cumprod
+        ddim = config.kind == "ddim"
+        fixed_large = not ddim and sc.variance_type == "fixed_large"
+        if ddim and config.spacing == "scheduler":
+            prev = self.timesteps - T // config.steps
+        else:
+            prev = torch.cat([self.timesteps[1:], torch.full((1,), -1, dtype=torch.long)])
+        final = torch.tensor(1.0 if (sc.set_alpha_to_one or not ddim) else float(ab[0]), dtype=torch.float64)
         self.alpha_bar = ab[self.timesteps]
-        self.alpha_bar_prev = torch.cat([ab[self.timesteps[1:]], torch.ones(1, dtype=torch.float64)])
-        eta = 1.0 if config.kind == "ddpm" else config.eta
+        self.alpha_bar_prev = torch.where(prev >= 0, ab[prev.clamp(min=0)], final)
         a_t, a_p = self.alpha_bar, self.alpha_bar_prev
-        self.sigmas = eta * torch.sqrt((1 - a_p) / (1 - a_t) * (1 - a_t / a_p))  # DDIM eq. 16
+        posterior = torch.sqrt((1 - a_p) / (1 - a_t) * (1 - a_t / a_p))  # DDIM eq. 16 with η = 1
+        if ddim:
+            self.sigmas = config.eta * posterior
+        elif fixed_large:
+            self.sigmas = torch.where(self.timesteps > 0, torch.sqrt(1 - a_t / a_p), 0.0)
+        else:
+            self.sigmas = posterior
+        self.direction_scale = (torch.where(self.sigmas > 0, posterior / self.sigmas, 1.0) if fixed_large
+                                else torch.ones_like(self.sigmas))  # λ_t
+        self._clip = sc.clip_sample_range if sc.clip_sample else None
         # Whether the update can inject noise; the loop then draws z every step to keep streams aligned.
         self.stochastic = config.kind == "ddpm" or config.eta > 0
 
@@ -246,29 +310,69 @@ class Sampler:
     ) -> Tensor:
         """One update x_t -> x_p with noise ``z = noise``; ``sigma`` overrides σ_t (float or broadcastable tensor).
 
-        The direction coefficient is ``sqrt(max(0, 1 − ᾱ_p − σ²))``, so an overridden σ larger than the step allows
-        degrades gracefully. ``noise`` may be None only when the effective σ is 0 everywhere.
+        The direction coefficient is ``sqrt(max(0, 1 − ᾱ_p − (λ_t·σ)²))``, so an overridden σ larger than the step
+        allows degrades gracefully. ``noise`` may be None only when the effective σ is 0 everywhere.
         """
         a_t, a_p = float(self.alpha_bar[i]), float(self.alpha_bar_prev[i])
         eps = eps.to(x.dtype)  # the update runs in x's dtype whatever a backend or hook returns
-        # DDIM eq. 12: predicted x0, then x_p = sqrt(ᾱ_p)·x0 + sqrt(1 − ᾱ_p − σ²)·ε + σ·z (no clipping of x0).
+        # DDIM eq. 12: predicted x0, then x_p = sqrt(ᾱ_p)·x0 + sqrt(1 − ᾱ_p − σ²)·ε + σ·z.
         x0 = (x - math.sqrt(1.0 - a_t) * eps) / math.sqrt(a_t)
+        if self._clip is not None:
+            x0 = x0.clamp(-self._clip, self._clip)
+            if self.config.kind == "ddpm":  # DDPMScheduler: the posterior mean of the clipped x0
+                eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1.0 - a_t)
+        scale = float(self.direction_scale[i])
         if sigma is None:  # the schedule's σ_t: host floats, so a device loop copies nothing per step
             s = float(self.sigmas[i])
-            x_prev = math.sqrt(a_p) * x0 + math.sqrt(max(0.0, 1.0 - a_p - s * s)) * eps
+            d = scale * s
+            x_prev = math.sqrt(a_p) * x0 + math.sqrt(max(0.0, 1.0 - a_p - d * d)) * eps
             if s == 0.0:
                 return x_prev
             if noise is None:
                 raise ValueError(f"step {i} has sigma > 0 but no noise tensor was given.")
             return x_prev + s * noise
         sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device)
-        direction = torch.sqrt(torch.clamp(1.0 - a_p - sigma**2, min=0.0)).to(x.dtype)
+        direction = torch.sqrt(torch.clamp(1.0 - a_p - (scale * sigma) ** 2, min=0.0)).to(x.dtype)
         x_prev = math.sqrt(a_p) * x0 + direction * eps
         if noise is not None:
             return x_prev + sigma.to(x.dtype) * noise
         if x.device.type == "cpu" and bool((sigma != 0).any()):  # on a device, reading σ would synchronise
             raise ValueError(f"step {i} has sigma > 0 but no noise tensor was given.")
         return x_prev
+
+
+class EpsPrediction:
+    """A denoiser whose output is turned into ε: ``eps = schedule.eps_from_output(denoiser(x, t, y), x, t)``.
+
+    Built by :func:`as_eps_denoiser` for models whose schedule predicts v or x0; every consumer of the ``Denoiser``
+    protocol (the sampling loop, D² statistics, quality and speed measurements) then works on ε unchanged. The
+    conversion runs once per model call, on the whole (CFG-doubled) batch, i.e. before the guidance combination;
+    since it is affine with weights that depend only on (x_t, t), combining first and converting after gives the
+    same ε. Attributes other than the call (``null_label``, ...) are the wrapped denoiser's.
+    """
+
+    def __init__(self, denoiser: Denoiser, schedule: NoiseSchedule) -> None:
+        self.denoiser = denoiser
+        self.schedule = schedule
+
+    def __call__(self, x: Tensor, t: Tensor, y: Optional[Tensor] = None) -> Tensor:
+        out = self.denoiser(x, t, y)
+        if not isinstance(out, Tensor) or out.shape != x.shape:
+            return out  # guided_eps refuses it with its one clear message
+        return self.schedule.eps_from_output(out, x, t)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("denoiser", "schedule"):  # not set yet (copy/unpickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.denoiser, name)
+
+
+def as_eps_denoiser(denoiser: Denoiser, schedule: NoiseSchedule) -> Denoiser:
+    """``denoiser`` as an ε-predictor for ``schedule``'s ``prediction_type``: itself for "epsilon" models and for
+    an :class:`EpsPrediction` already (so wrapping twice is harmless), else an :class:`EpsPrediction`."""
+    if schedule.config.prediction_type == "epsilon" or isinstance(denoiser, EpsPrediction):
+        return denoiser
+    return EpsPrediction(denoiser, schedule)
 
 
 def guided_eps(
@@ -284,6 +388,8 @@ def guided_eps(
     ``scale == 1`` is a single plain call ``denoiser(x, t, y)``. Otherwise one batched call evaluates the
     conditional and unconditional halves on ``cat([x, x])`` with labels ``cat([y, null_label])`` (one engine
     launch per step instead of two). The raw output is checked: wrong shape or NaN/Inf raises DataError.
+    The result is ε when ``denoiser`` predicts ε: pass v / x0 models through :func:`as_eps_denoiser` first
+    (:func:`sample` does).
     """
     if scale == 1.0:
         return _checked(denoiser(x, t, y), x.shape, t)
@@ -335,6 +441,9 @@ def sample(
 ) -> Tensor:
     """Run the sampler from pure noise to x0; returns float32 ``[B, *shape]`` (not clamped).
 
+    ``denoiser`` outputs what ``schedule.config.prediction_type`` says; it is converted to ε per call
+    (:func:`as_eps_denoiser`), so guidance and ``hook`` see ε.
+
     Noise draws, per sample stream: x_T first, then per step (after the denoiser and the hook) one ``z`` of
     ``shape`` — every step whenever the update can be stochastic (η > 0, "ddpm", or a hook is set, since a hook
     may make σ' > 0), never otherwise. Drawing unconditionally in those cases keeps the streams aligned.
@@ -343,6 +452,7 @@ def sample(
     accumulated on the device (first bad step) and read once after the last step.
     """
     sampler = Sampler(schedule, config)
+    denoiser = as_eps_denoiser(denoiser, schedule)
     g = config.guidance_scale
     if g != 1.0:
         _require_cfg_labels(y, null_label, g)
