@@ -41,7 +41,7 @@ from tdqrt.engines.denoiser import Denoiser
 from tdqrt.engines.config import check_int, check_real, invalid, is_int
 from tdqrt.engines.progress import progress_bar
 from tdqrt.runtime.d2 import MOMENTS, ZERO_VAR_RTOL, D2Settings, D2Table
-from tdqrt.runtime.sampling import Sampler, SamplerConfig, StepInfo, guided_eps, sample
+from tdqrt.runtime.sampling import Sampler, SamplerConfig, StepInfo, as_eps_denoiser, guided_eps, sample
 from tdqrt.runtime.schedules import NoiseSchedule
 
 
@@ -114,6 +114,7 @@ def collect_d2_stats(
         fp_model_sha256, quant_model_sha256: free-form identifiers recorded in the table's settings.
     """
     _check_args(num, batch, shape, num_classes, outlier_sigma)
+    quant = as_eps_denoiser(quant, schedule)  # sample() converts the FP model's output to ε itself
     stepper = Sampler(schedule, sampler)
     K, C = len(stepper), int(shape[0])
 

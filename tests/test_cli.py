@@ -86,6 +86,13 @@ def test_calibration_methods_match_the_registry():
     assert CALIBRATION_METHODS == tuple(METHODS)
 
 
+def test_spacings_match_the_sampler():
+    from tdqrt.runtime import sampling
+    from tdqrt.tools import cli
+
+    assert cli.SPACINGS == tuple(sampling.SPACINGS)
+
+
 def test_export_targets_match_the_flavours():
     from tdqrt.export.lint import FLAVOURS
     from tdqrt.tools.cli import EXPORT_TARGETS

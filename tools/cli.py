@@ -25,6 +25,7 @@ from tdqrt.engines.errors import TdqrtError
 # tdqrt.export.lint.FLAVOURS, listed in --help (not imported here, so --help stays fast; an unknown target is refused
 # by ExportConfig in the one-line error style, not by argparse's usage dump)
 EXPORT_TARGETS = ("trt", "ort-cpu")
+SPACINGS = ("uniform", "quadratic", "scheduler")  # = runtime.sampling.SPACINGS (test_cli checks), no torch import
 CALIBRATION_METHODS = ("minmax", "mse", "brecq", "tdq-ptq", "tdq-qat")  # = methods.METHODS (test_cli checks), no torch import
 
 
@@ -52,7 +53,8 @@ def _add_sampler_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim", help="sampler kind")
     g.add_argument("--steps", type=int, default=50, help="sampling steps")
     g.add_argument("--eta", type=float, default=0.0, help="DDIM eta in [0, 1] (0 = deterministic)")
-    g.add_argument("--spacing", choices=("uniform", "quadratic"), default="uniform", help="timestep spacing")
+    g.add_argument("--spacing", choices=SPACINGS, default="uniform",
+                   help="timestep spacing (scheduler: the model's own scheduler config, e.g. an imported pipeline's)")
     g.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
 
 
