@@ -8,7 +8,8 @@ Each JSON file is one section. Its ``kind`` picks the table layout:
 * ``d2`` — rows ``{name: {metrics, traj_mse_mean, x0_mse}}`` and ``cost`` from ``scripts/d2_table.py``;
 * ``bench`` — the JSON ``tdqrt bench`` writes (``results``: one entry per measured variant);
 * ``validate-margins`` — good and deliberately broken bundles through ``tdqrt validate``'s INT8 rule, from
-  ``scripts/validate_margins.py``.
+  ``scripts/validate_margins.py``;
+* ``trt-build`` — TensorRT-RTX build time and plan size per bundle, from ``scripts/trt_rtx_builds.py``.
 
 ``title`` and ``notes`` (Markdown) say what the section shows; ``meta`` (or ``runs``, a list of metas when rows come
 from several runs) holds the command, machine and versions, printed under every table.
@@ -109,8 +110,16 @@ def validate_margins_table(doc: dict) -> str:
                            "validate"], rows)
 
 
+def trt_build_table(doc: dict) -> str:
+    """One row per bundle built by ``scripts/trt_rtx_builds.py``: build time, plan size, the parsed network."""
+    rows = [[name, r["build_s"], r["plan_mib"], r["max_batch"], r["layers"], f"{r['quantize']} / {r['dequantize']}",
+             f"{r['quantized_conv']} + {r['quantized_matmul']}"] for name, r in doc["rows"].items()]
+    return markdown_table(["bundle", "build s", "plan MiB", "max batch", "network layers", "Q / DQ layers",
+                           "quantized Conv + MatMul"], rows)
+
+
 RENDERERS = {"calibration": calibration_table, "d2": d2_table, "bench": bench_table,
-             "validate-margins": validate_margins_table}
+             "validate-margins": validate_margins_table, "trt-build": trt_build_table}
 
 
 def provenance(doc: dict) -> list[str]:
