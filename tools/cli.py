@@ -262,8 +262,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--inception-weights", type=Path, default=None,
                    help="local pt_inception-2015-12-05-6726825d.pth: standard Inception FID (never downloaded)")
     p.add_argument("--out", type=Path, default=None, help="result JSON (default: eval.json beside the samples)")
-    p.add_argument("--kid-subset-size", type=int, default=None, help="default min(1000, #samples, #ref)")
-    p.add_argument("--kid-subsets", type=int, default=100)
+    p.add_argument("--bootstrap", type=int, default=200,
+                   help="resamples behind the 95%% intervals of FID and KID (default 200; 0: no intervals)")
     p.add_argument("--ref-num", type=int, default=None, help="cap on the number of reference images")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
@@ -459,8 +459,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     from tdqrt.tools.metrics import EvalConfig, evaluate, format_metrics
 
     cfg = EvalConfig(metrics=args.metrics, feature_extractor=args.feature_extractor,
-                     inception_weights=args.inception_weights, kid_subset_size=args.kid_subset_size,
-                     kid_subsets=args.kid_subsets, ref_num=args.ref_num, batch=args.batch, seed=args.seed,
+                     inception_weights=args.inception_weights, bootstrap=args.bootstrap, ref_num=args.ref_num,
+                     batch=args.batch, seed=args.seed,
                      cache_dir=args.cache_dir, cache=not args.no_cache, out=args.out, device=args.device,
                      threads=args.threads)
     result = evaluate(args.samples, args.ref, cfg)
