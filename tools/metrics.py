@@ -25,9 +25,10 @@ changed reference or extractor can never hit a stale entry. Samples are never ca
 
 FID and KID come with a bootstrap interval (``tools/bootstrap.py``: features extracted once, the images resampled
 ``EvalConfig.bootstrap`` times): keys ``FID``, ``FID_se`` (standard error), ``FID_lo`` / ``FID_hi`` (the 95%
-interval), the same for KID. KID is the unbiased MMD² over all images, class-stratified for a set with labels
-(``samples.npz``'s ``labels``, the built-in data sets, class subfolders): ``tdqrt sample`` draws class-balanced
-samples, and the plain i.i.d. estimator - torch-fidelity's - is then biased far below 0 (why: ``tools/bootstrap.py``).
+interval), the same for KID. KID is the unbiased MMD² over all images, class-stratified for a set whose labels
+(``samples.npz``'s ``labels``, the built-in data sets, class subfolders) are balanced by design: ``tdqrt sample``
+draws class-balanced samples, and the plain i.i.d. estimator - torch-fidelity's - is then biased far below 0 (why:
+``tools/bootstrap.py``).
 IS and precision/recall are torch-fidelity's, on the same features.
 
 Results are a JSON-able dict (``format: tdqrt-eval``); when ``samples`` is a path they are also written to
@@ -171,7 +172,7 @@ class ImageSet:
     images: np.ndarray
     source: str
     info: dict = field(default_factory=dict)
-    labels: np.ndarray | None = None  # class per image, when the source says (KID is then class-stratified)
+    labels: np.ndarray | None = None  # class per image, when the source says (see tools/bootstrap.py strata)
 
     @property
     def channels(self) -> int:
