@@ -5,6 +5,7 @@ every test that loads weights first makes network downloads raise.
 """
 import json
 import time
+from dataclasses import replace
 import urllib.request
 import warnings
 
@@ -20,7 +21,7 @@ from tdqrt.tools.extractor import ExtractorConfig, load_extractor, train_extract
 from tdqrt.tools.metrics import EvalConfig, evaluate, read_npz_images, write_openai_npz
 
 NAME = "tdqrt-digits-cnn"
-FAST = dict(threads=1, kid_subsets=10, verbose=False)  # few KID subsets: the kernels dominate the run time
+FAST = dict(threads=1, bootstrap=0, verbose=False)  # intervals only where a test checks them
 
 
 @pytest.fixture(autouse=True)
@@ -110,7 +111,7 @@ def test_extractor_refuses_tampered_or_missing_weights(digits_extractor, tmp_pat
 # -------------------------------------------------------------------------------------------- FID / KID / IS
 
 def test_fid_zero_on_itself_and_monotone_in_corruption(digits_extractor, cache_dir, digits_u8):
-    cfg = _cfg(digits_extractor, cache_dir, metrics=("fid", "kid"), kid_subset_size=500)
+    cfg = _cfg(digits_extractor, cache_dir, metrics=("fid", "kid"))
     same = evaluate(digits_u8, "digits", cfg)["metrics"]
     light = evaluate(_noisy(digits_u8, 30), "digits", cfg)["metrics"]
     heavy = evaluate(_noisy(digits_u8, 60), "digits", cfg)["metrics"]
@@ -135,14 +136,14 @@ def test_kid_is_unbiased_on_two_halves(digits_extractor, cache_dir, digits_u8):
     for seed in range(4):
         perm = np.random.default_rng(seed).permutation(len(digits_u8))
         a, b = digits_u8[perm[:898]], digits_u8[perm[898:1796]]
-        cfg = _cfg(digits_extractor, cache_dir, metrics=("kid",), kid_subset_size=898, kid_subsets=1, seed=seed)
+        cfg = _cfg(digits_extractor, cache_dir, metrics=("kid",), seed=seed)
         kids.append(evaluate(a, b, cfg)["metrics"][f"KID[{NAME}]"])
         fa, fb = (ext.features(torch.from_numpy(h).permute(0, 3, 1, 2))["embedding"].double().numpy() for h in (a, b))
         kw = dict(kid_kernel_poly_degree=3, kid_kernel_poly_gamma=None, kid_kernel_poly_coef0=1)
         biased.append(mmd2(kernel_poly(fa, fa, **kw), kernel_poly(fa, fb, **kw), kernel_poly(fb, fb, **kw),
                            mmd_est="biased"))
     corrupt = evaluate(_noisy(digits_u8[:898], 60), digits_u8[898:1796],
-                       _cfg(digits_extractor, cache_dir, metrics=("kid",), kid_subset_size=898, kid_subsets=1))
+                       _cfg(digits_extractor, cache_dir, metrics=("kid",)))
     kid_corrupt = corrupt["metrics"][f"KID[{NAME}]"]
     kids = np.array(kids)
     print(f"KID halves over seeds: {np.round(kids, 4).tolist()} (biased V-statistic {np.round(biased, 4).tolist()}), "
@@ -151,6 +152,47 @@ def test_kid_is_unbiased_on_two_halves(digits_extractor, cache_dir, digits_u8):
     assert np.abs(kids).max() < 0.05 * kid_corrupt  # near 0 on the scale of a real difference
     assert abs(kids.mean()) < 0.25 * np.mean(biased)  # the bias the V-statistic has is gone
     assert kids.min() < 0.5 * np.mean(biased)  # not systematically positive: some split lands near/below 0
+
+
+def test_kid_interval_contains_0_for_one_distribution_and_excludes_it_for_another(digits_extractor, cache_dir,
+                                                                                 digits_u8):
+    """Bootstrap intervals on real features: two disjoint random halves of the digits (one distribution) give a
+    KID interval around 0; noisy digits vs clean ones give one far above 0; the same seed gives the same
+    intervals. And the cause of the demo's negative KID: class-balanced samples (20 per class, as `tdqrt sample`
+    draws) read as i.i.d. draws land far below 0; with their labels the interval contains 0 again."""
+    labels = load_dataset("digits").labels.numpy()
+    perm = np.random.default_rng(3).permutation(len(digits_u8))
+    a, b = perm[:898], perm[898:1796]
+    cfg = _cfg(digits_extractor, cache_dir, metrics=("fid", "kid"), bootstrap=50)
+    kid = f"KID[{NAME}]"
+
+    def interval(samples, ref, **kw):
+        m = evaluate(samples, ref, replace(cfg, **kw) if kw else cfg)["metrics"]
+        return m[f"KID_lo[{NAME}]"], m[kid], m[f"KID_hi[{NAME}]"]
+
+    same = interval(digits_u8[a], digits_u8[b])
+    noisy = interval(_noisy(digits_u8[a], 40), digits_u8[b])
+    print(f"KID halves {np.round(same, 4).tolist()}, noisy {np.round(noisy, 4).tolist()}")
+    assert same[0] < 0 < same[2]
+    assert noisy[0] > 0 and noisy[0] > same[2]
+    assert interval(digits_u8[a], digits_u8[b]) == same  # deterministic for a seed
+    assert interval(digits_u8[a], digits_u8[b], seed=1) != same
+
+    # 20 per class from one half, the other half as reference (with labels through the .npz, as tdqrt writes)
+    rng = np.random.default_rng(0)
+    balanced = np.concatenate([rng.choice(a[labels[a] == c], 20, replace=False) for c in range(10)])
+    iid = interval(digits_u8[balanced], digits_u8[b])
+    from tdqrt.tools.sample import write_samples
+
+    out = cache_dir.parent / "balanced"
+    write_samples(out, digits_u8[balanced], labels[balanced], {"format": "tdqrt-samples"})
+    ref = cache_dir.parent / "ref_half.npz"
+    write_openai_npz(ref, digits_u8[b], labels=labels[b], rgb=False)
+    stratified = interval(out, ref)
+    print(f"KID of 20 per class vs the other half: read as i.i.d. {np.round(iid, 4).tolist()}, "
+          f"class-stratified {np.round(stratified, 4).tolist()}")
+    assert stratified[0] < 0 < stratified[2]
+    assert iid[1] < stratified[0]  # the bias the demo showed: larger than the stratified estimate's uncertainty
 
 
 def test_inception_score_real_digits_beat_noise(digits_extractor, cache_dir, digits_u8):
@@ -192,7 +234,7 @@ def test_inception_weights_file_is_used_locally(digits_u8, tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         res = evaluate(digits_u8[:3], digits_u8[3:6], EvalConfig(metrics=("fid",), inception_weights=path,
-                                                                 cache=False, threads=1))
+                                                                 cache=False, threads=1, bootstrap=0))
     assert list(res["metrics"]) == ["FID[inception-v3-compat]"]
     assert any("not comparable to published" in str(w.message) for w in caught)  # not the standard file's hash
 
@@ -207,7 +249,7 @@ def test_cli_eval_on_sample_npz(digits_extractor, digits_u8, tmp_path, monkeypat
     images = _noisy(digits_u8[:200], 20)
     write_samples(out, images, np.arange(200) % 10, {"format": "tdqrt-samples"})
     args = ["eval", "--samples", str(out / "samples.npz"), "--ref", "digits", "--metrics", "fid,kid,isc,prc",
-            "--threads", "1", "--kid-subsets", "5"]
+            "--threads", "1", "--bootstrap", "20"]
 
     # No extractor given and none at the default location: refused, saying how to make one.
     assert main(args) == 2
@@ -220,10 +262,14 @@ def test_cli_eval_on_sample_npz(digits_extractor, digits_u8, tmp_path, monkeypat
     result = json.loads((out / "eval.json").read_text())
     assert result["format"] == "tdqrt-eval" and result["extractor"]["name"] == NAME
     assert set(result["metrics"]) == {f"{m}[{NAME}]" for m in
-                                      ("FID", "KID", "KID_std", "IS", "IS_std", "precision", "recall", "f_score")}
+                                      ("FID", "FID_se", "FID_lo", "FID_hi", "KID", "KID_se", "KID_lo", "KID_hi", "IS",
+                                       "IS_std", "precision", "recall", "f_score")}
     assert all(NAME in key for key in result["metrics"])
     assert result["samples"]["count"] == 200 and result["ref"]["count"] == 1797
-    assert result["settings"]["kid_subset_size"] == 200
+    assert result["uncertainty"]["resamples"] == 20  # labelled samples and reference: resampled per class
+    assert result["uncertainty"]["samples"] == result["uncertainty"]["reference"] == ("within each class label "
+                                                                                      "(balanced by design)")
+    assert f"FID[{NAME}] = " in printed and "95% interval" in printed
 
     # The default location (tdqrt extractor's default --out) is found without --feature-extractor, and an
     # RGB evaluator npz written with write_openai_npz is accepted against the grey reference.
@@ -307,5 +353,5 @@ def test_bad_inputs_are_refused_with_the_reason(digits_extractor, cache_dir, dig
         evaluate(tmp_path / "nokey.npz", "digits", cfg)
     with pytest.raises(ConfigError, match="metrics"):
         EvalConfig(metrics=("fid", "ppl"))
-    with pytest.raises(ConfigError, match="kid_subset_size"):
-        evaluate(digits_u8[:20], "digits", _cfg(digits_extractor, cache_dir, metrics=("kid",), kid_subset_size=50))
+    with pytest.raises(ConfigError, match="bootstrap"):
+        EvalConfig(bootstrap=1)

@@ -353,11 +353,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None,
                    help="result JSON to write, the metrics with their settings (default: eval.json beside the "
                         "samples)")
-    p.add_argument("--kid-subset-size", type=int, default=None, help="default min(1000, #samples, #ref)")
-    p.add_argument("--kid-subsets", type=int, default=100, help="KID subsets")
+    p.add_argument("--bootstrap", type=int, default=200,
+                   help="resamples behind the 95%% intervals of FID and KID (0: no intervals)")
     p.add_argument("--ref-num", type=int, default=None, help="cap on the number of reference images")
     p.add_argument("--batch", type=int, default=64, help="images per feature-extractor call")
-    p.add_argument("--seed", type=int, default=0, help="seed of the reference subset and KID subsets")
+    p.add_argument("--seed", type=int, default=0, help="seed of the reference subset and the bootstrap resamples")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="reference feature cache (default $TDQRT_CACHE_DIR/fidelity, ~/.cache/tdqrt/fidelity)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the reference feature cache")
@@ -555,8 +555,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     from tdqrt.tools.metrics import EvalConfig, evaluate, format_metrics
 
     cfg = EvalConfig(metrics=args.metrics, feature_extractor=args.feature_extractor,
-                     inception_weights=args.inception_weights, kid_subset_size=args.kid_subset_size,
-                     kid_subsets=args.kid_subsets, ref_num=args.ref_num, batch=args.batch, seed=args.seed,
+                     inception_weights=args.inception_weights, bootstrap=args.bootstrap, ref_num=args.ref_num,
+                     batch=args.batch, seed=args.seed,
                      cache_dir=args.cache_dir, cache=not args.no_cache, out=args.out, device=args.device,
                      threads=args.threads)
     result = evaluate(args.samples, args.ref, cfg)

@@ -61,7 +61,8 @@ from tdqrt.runtime.schedules import NoiseSchedule
 from tdqrt.tools.d2 import D2StatsJob, collect_to_dir
 from tdqrt.tools.extractor import (WEIGHTS_FILE, ExtractorConfig, default_extractor_dir, load_extractor,
                                    train_extractor)
-from tdqrt.tools.metrics import EvalConfig, evaluate
+from tdqrt.tools.bootstrap import Estimate, distinguishable
+from tdqrt.tools.metrics import EVAL_VERSION, EvalConfig, evaluate
 from tdqrt.tools.plots import save_curve, save_image_panels, save_scale_comparison
 from tdqrt.tools.quality import eps_error_per_step, markdown_table
 from tdqrt.tools.sample import SampleJob, load_model_or_bundle, sample_model
@@ -87,6 +88,9 @@ QUICK = {"train_steps": 10, "num": 20, "batch": 20, "steps": 5, "calib_num": 8, 
          "err_num": 4, "validate_timesteps": 3, "validate_per_timestep": 3, "speed_steps": 2, "speed_repeats": 1,
          "extractor_steps": 30, "polygraphy_lint": False,
          "w4a8_options": {"iters_w": 4, "iters_a": 4, "num_samples": 16, "batch": 8, "fit_steps": 2}}
+
+
+QUICK_BOOTSTRAP = 20  # resamples behind the quick demo's FID/KID intervals (the full demo: EvalConfig's default)
 
 
 def shipped_model_dir() -> Path:
@@ -419,14 +423,15 @@ def _eval_stage(runner: StageRunner, cfg: DemoConfig, extractor: Stage, samples:
         out = {}
         for name, stage in samples.items():
             ecfg = EvalConfig(metrics=("fid", "kid"), feature_extractor=extractor.summary["dir"], seed=cfg.seed,
-                              out=tmp / f"{name}.json")
+                              out=tmp / f"{name}.json", bootstrap=QUICK_BOOTSTRAP if cfg.quick else
+                              EvalConfig.bootstrap)
             res = evaluate(stage.path / "samples.npz", "digits", ecfg)
             out[name] = res["metrics"]
         return {"extractor": extractor.summary["name"], "metrics": out}
 
     return runner.run("eval", f"FID/KID with {extractor.summary['name']}",
                       {"extractor": extractor.digest, "samples": {k: v.digest for k, v in samples.items()},
-                       "seed": cfg.seed}, body)
+                       "seed": cfg.seed, "eval_version": EVAL_VERSION}, body)
 
 
 def _eps_error_stage(runner: StageRunner, cfg: DemoConfig, model: Stage, w8a8: Stage, export: Stage) -> Stage:
@@ -609,14 +614,23 @@ def _write_report(tmp: Path, cfg: DemoConfig, st: dict[str, Stage], runner: Stag
     val_png = _png(st["validate"].path / "validate.png", tmp, "validate.png")
     err_png = _png(st["eps-error"].path / "eps_error.png", tmp, "eps_error.png")
 
+    def cell(name: str, label: str) -> str:
+        """``value ± half-width`` of the 95% bootstrap interval; "≈ FP" where the row is not distinguishable
+        from the FP row at this sample count (difference within 1.96 standard errors of the difference)."""
+        est = Estimate(_metric(evals[name], label), _metric(evals[name], label + "_se"), 0)
+        fp = Estimate(_metric(evals["samples-fp"], label), _metric(evals["samples-fp"], label + "_se"), 0)
+        same = "" if name == "samples-fp" or distinguishable(est, fp) else " (≈ FP)"
+        return f"{est.value:.3g} ± {est.hi - est.value:.2g}{same}"
+
     rows = [
-        ["FP", "torch", _metric(evals["samples-fp"], "FID"), _metric(evals["samples-fp"], "KID"), 0.0],
-        [f"INT8 ({cfg.label('w4a8')})", "ONNX Runtime bundle", _metric(evals["samples-int8"], "FID"),
-         _metric(evals["samples-int8"], "KID"), err["mean"][err_labels[1]]],
+        ["FP", "torch", cell("samples-fp", "FID"), cell("samples-fp", "KID"), 0.0],
+        [f"INT8 ({cfg.label('w4a8')})", "ONNX Runtime bundle", cell("samples-int8", "FID"),
+         cell("samples-int8", "KID"), err["mean"][err_labels[1]]],
         [f"INT8 + {cfg.d2.upper()}-D²" if cfg.d2 != "ptqd" else "INT8 + PTQD", "ONNX Runtime bundle",
-         _metric(evals["samples-int8-d2"], "FID"), _metric(evals["samples-int8-d2"], "KID"), "(as INT8)"],
+         cell("samples-int8-d2", "FID"), cell("samples-int8-d2", "KID"), "(as INT8)"],
         [cfg.label("w8a8"), "torch fake-quant", "-", "-", err["mean"][err_labels[0]]],
     ]
+    uncertainty = read_json(st["eval"].path / "samples-fp.json")["uncertainty"]
     metrics = {"extractor": ext, "sampler": cfg.sampler.to_dict(), "num": cfg.num,
                "fid_kid": evals, "eps_error": err,
                "validation": {"passed": val["passed"], "timesteps": val["timesteps"],
@@ -668,8 +682,13 @@ def _write_report(tmp: Path, cfg: DemoConfig, st: dict[str, Stage], runner: Stag
         "## Metrics",
         f"FID/KID with the feature extractor `{fe}` (tdqrt's own digits CNN, held-out accuracy "
         f"{ext.get('accuracy')}, sha256 `{ext['sha256'][:12]}`): comparable only with the same extractor, never with "
-        f"Inception FID. {cfg.num} samples vs the 1797 digits. The ε error is E‖ε̂ − ε‖² per element, averaged "
-        f"over the {cfg.steps} steps of {cfg.err_num} FP trajectories.",
+        f"Inception FID. {cfg.num} samples vs the 1797 digits, value ± the half-width of its 95% interval from "
+        f"{uncertainty['resamples']} bootstrap resamples of the images (samples resampled "
+        f"{uncertainty['samples']}, the digits {uncertainty['reference']}); \"≈ FP\": not distinguishable from the "
+        f"FP row at {cfg.num} samples (the difference is within 1.96 standard errors; conservative, as the rows "
+        f"share noise seeds and labels). KID is the unbiased MMD², class-stratified for class-balanced sets, so "
+        f"it scatters around 0 when the sets match. The ε error is E‖ε̂ − ε‖² per element, averaged over the "
+        f"{cfg.steps} steps of {cfg.err_num} FP trajectories.",
         "",
         markdown_table(["model", "backend", f"FID [{fe}]", f"KID [{fe}]", "mean per-step ε MSE vs FP"], rows),
         "",

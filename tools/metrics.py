@@ -23,6 +23,14 @@ torch-fidelity under ``cache_dir`` (default ``$TDQRT_CACHE_DIR/fidelity`` = ``~/
 the cache name ``tdqrt-ref-<sha256 of the reference pixels>-fe-<sha256 of the extractor weights>``, so a
 changed reference or extractor can never hit a stale entry. Samples are never cached.
 
+FID and KID come with a bootstrap interval (``tools/bootstrap.py``: features extracted once, the images resampled
+``EvalConfig.bootstrap`` times): keys ``FID``, ``FID_se`` (standard error), ``FID_lo`` / ``FID_hi`` (the 95%
+interval), the same for KID. KID is the unbiased MMD² over all images, class-stratified for a set whose labels
+(``samples.npz``'s ``labels``, the built-in data sets, class subfolders) are balanced by design: ``tdqrt sample``
+draws class-balanced samples, and the plain i.i.d. estimator - torch-fidelity's - is then biased far below 0 (why:
+``tools/bootstrap.py``).
+IS and precision/recall are torch-fidelity's, on the same features.
+
 Results are a JSON-able dict (``format: tdqrt-eval``); when ``samples`` is a path they are also written to
 ``eval.json`` beside it (the ``.npz``'s folder, or inside the image folder), or to ``EvalConfig.out``.
 """
@@ -34,19 +42,25 @@ import math
 import time
 import warnings
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch_fidelity
 from PIL import Image
+from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_isc import isc_featuresdict_to_metric
+from torch_fidelity.metric_prc import prc_featuresdict_to_metric
+from torch_fidelity.utils import (create_feature_extractor, extract_featuresdict_from_input_id_cached,
+                                  resolve_feature_layer_for_metric)
 
 from tdqrt.calibration.data import BUILTIN_DATASETS, IMAGE_EXTENSIONS, load_dataset, load_folder, to_uint8_nhwc
 from tdqrt.engines.artifacts import atomic_path, sha256_file, versions, write_json_atomic
 from tdqrt.engines.config import check_choice, check_int, invalid
 from tdqrt.engines.errors import ArtifactError, ConfigError, DataError, TdqrtError
 from tdqrt.engines.threads import torch_threads
+from tdqrt.tools.bootstrap import CI_LEVEL, bootstrap
 from tdqrt.tools.extractor import (
     cache_root,
     default_extractor_dir,
@@ -56,7 +70,7 @@ from tdqrt.tools.extractor import (
 )
 
 EVAL_FORMAT = "tdqrt-eval"
-EVAL_VERSION = 1
+EVAL_VERSION = 2  # 2: FID/KID intervals, class-stratified KID (no KID_std)
 EVAL_FILE = "eval.json"
 SAMPLES_FILE = "samples.npz"  # what `tdqrt sample` writes (tools/sample.py), beside grid.png and sample.json
 SAMPLE_CARD = "sample.json"
@@ -69,9 +83,6 @@ INCEPTION_SHA256_PREFIX = "6726825d"
 _INCEPTION_PROBE_KEYS = {"Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3), "Mixed_7c.branch_pool.conv.weight": (192, 2048, 1, 1),
                          "fc.weight": (1008, 2048)}
 _KEYS = {  # torch-fidelity result key -> tdqrt metric label
-    "frechet_inception_distance": "FID",
-    "kernel_inception_distance_mean": "KID",
-    "kernel_inception_distance_std": "KID_std",
     "inception_score_mean": "IS",
     "inception_score_std": "IS_std",
     "precision": "precision",
@@ -88,8 +99,8 @@ class EvalConfig:
 
     ``metrics``: subset of fid, kid, isc (Inception Score, on the samples alone), prc (precision/recall).
     ``feature_extractor``: a tdqrt extractor folder / ``.safetensors`` / name ``tdqrt-<dataset>-cnn``, or
-    ``inception-v3-compat`` (then ``inception_weights`` is required). ``kid_subset_size``: None = the largest
-    that fits, ``min(1000, #samples, #ref)``. ``isc_splits`` is lowered to the number of samples when larger.
+    ``inception-v3-compat`` (then ``inception_weights`` is required). ``bootstrap``: resamples behind the FID/KID
+    intervals (0: none; tools/bootstrap.py). ``isc_splits`` is lowered to the number of samples when larger.
     ``ref_num``: cap on reference images (chosen with ``seed``). ``image_size``: side folders are resized to
     (default: the first sample image's shorter side). ``cache_dir``: torch-fidelity cache root for reference
     features/statistics. ``out``: where to write eval.json (default beside path ``samples``; arrays: nowhere).
@@ -99,8 +110,7 @@ class EvalConfig:
     metrics: tuple[str, ...] = METRICS
     feature_extractor: str | Path | None = None
     inception_weights: Path | None = None
-    kid_subset_size: int | None = None
-    kid_subsets: int = 100
+    bootstrap: int = 200
     isc_splits: int = 10
     prc_neighborhood: int = 3
     batch: int = 64
@@ -124,13 +134,8 @@ class EvalConfig:
             raise invalid("EvalConfig.metrics", self.metrics, f"a non-empty subset of {','.join(METRICS)} without "
                           "repeats", "give a comma-separated list such as fid,kid", flag="--metrics")
         object.__setattr__(self, "metrics", tuple(m for m in METRICS if m in metrics))
-        for name, minimum, flag in (("kid_subsets", 1, "--kid-subsets"), ("isc_splits", 1, None),
-                                    ("prc_neighborhood", 1, None), ("batch", 1, "--batch"), ("seed", 0, "--seed")):
-            check_int(f"EvalConfig.{name}", getattr(self, name), minimum, flag=flag)
-        for name, minimum, flag in (("kid_subset_size", 2, "--kid-subset-size"), ("ref_num", 2, "--ref-num"),
-                                    ("image_size", 1, None), ("threads", 1, "--threads")):
-            check_int(f"EvalConfig.{name}", getattr(self, name), minimum, optional=True, flag=flag)
-        check_choice("EvalConfig.device", self.device, ("auto", "cpu", "cuda"), flag="--device")
+from tdqrt.engines.threads import torch_threads
+from tdqrt.tools.bootstrap import CI_LEVEL, bootstrap
         for name in ("inception_weights", "cache_dir", "out"):
             value = getattr(self, name)
             if value is not None:
@@ -150,6 +155,7 @@ class ImageSet:
     images: np.ndarray
     source: str
     info: dict = field(default_factory=dict)
+    labels: np.ndarray | None = None  # class per image, when the source says (see tools/bootstrap.py strata)
 
     @property
     def channels(self) -> int:
@@ -173,7 +179,7 @@ class ImageSet:
 
     def describe(self) -> dict:
         return {"source": self.source, "count": len(self.images), "image_size": self.image_size,
-                "channels": self.channels, "sha256": self.sha256, **self.info}
+                "channels": self.channels, "sha256": self.sha256, "labelled": self.labels is not None, **self.info}
 
 
 def check_uint8_nhwc(arr: np.ndarray, what: str) -> np.ndarray:
@@ -269,7 +275,8 @@ def load_images(spec, what: str, *, image_size: int | None = None, num: int | No
         return ImageSet(check_uint8_nhwc(spec, what), source="array")
     if isinstance(spec, str) and spec in BUILTIN_DATASETS:
         data = load_dataset(spec, image_size=image_size, num=num, seed=seed)
-        return ImageSet(to_uint8_nhwc(data.images), source=spec, info={"num": num, "seed": seed})
+        return ImageSet(to_uint8_nhwc(data.images), source=spec, info={"num": num, "seed": seed},
+                        labels=_labels(data.labels))
     if not isinstance(spec, (str, Path)):
         raise ConfigError(f"{what} must be a path (.npz or folder), a uint8 NHWC array"
                           f"{' or digits/shapes' if what == 'reference' else ''}; got {type(spec).__name__}")
@@ -282,17 +289,33 @@ def load_images(spec, what: str, *, image_size: int | None = None, num: int | No
     if path.is_dir():
         first_side = _first_image_side(path)  # also gives a clear "empty folder" error
         data = load_folder(path, image_size=image_size or first_side, num=num, seed=seed)
-        return ImageSet(to_uint8_nhwc(data.images), source=str(path.resolve()), info={"layout": data.info["layout"]})
+        return ImageSet(to_uint8_nhwc(data.images), source=str(path.resolve()), info={"layout": data.info["layout"]},
+                        labels=_labels(data.labels))
     if path.is_file():
         if path.suffix.lower() != ".npz":
             raise DataError(f"{what} {path} is a {path.suffix or 'extension-less'} file; expected a .npz (arr_0 = "
                             "uint8 [N, H, W, C]) or a folder of images")
         arr = read_npz_images(path, what)
+        with np.load(path, allow_pickle=False) as npz:
+            labels = _labels(npz["labels"]) if "labels" in npz.files else None
+        if labels is not None and labels.shape != (len(arr),):
+            labels = None
         if num is not None and num < len(arr):
-            arr = arr[np.sort(np.random.default_rng(seed).choice(len(arr), num, replace=False))]
-        return ImageSet(arr, source=str(path.resolve()))
+            keep = np.sort(np.random.default_rng(seed).choice(len(arr), num, replace=False))
+            arr, labels = arr[keep], None if labels is None else labels[keep]
+        return ImageSet(arr, source=str(path.resolve()), labels=labels)
     builtin = f", {', '.join(BUILTIN_DATASETS)}" if what == "reference" else ""
     raise DataError(f"{what} {path} does not exist; expected a .npz, a folder of images{builtin}")
+
+
+def _labels(labels) -> np.ndarray | None:
+    """Class labels as int64, or None when there are none (unconditional samples carry -1)."""
+    if labels is None:
+        return None
+    labels = np.asarray(labels.numpy() if isinstance(labels, torch.Tensor) else labels)
+    if labels.ndim != 1 or labels.dtype.kind not in "iu" or (labels < 0).any():
+        return None
+    return labels.astype(np.int64)
 
 
 class UInt8Images(torch.utils.data.Dataset):
@@ -414,14 +437,45 @@ def _check_pair(samples: ImageSet, ref: ImageSet, fe: ResolvedExtractor, cfg: Ev
     n1, n2 = len(samples.images), len(ref.images)
     if "fid" in cfg.metrics and min(n1, n2) < 2:
         raise DataError(f"FID needs at least 2 images per set (samples {n1}, reference {n2})")
-    if "kid" in cfg.metrics and cfg.kid_subset_size is not None and cfg.kid_subset_size > min(n1, n2):
-        raise ConfigError(f"kid_subset_size {cfg.kid_subset_size} exceeds the smaller set (samples {n1}, reference "
-                          f"{n2}); lower it or leave it unset (then min(1000, {n1}, {n2}) is used)")
     if "kid" in cfg.metrics and min(n1, n2) < 2:
         raise DataError(f"KID needs at least 2 images per set (samples {n1}, reference {n2})")
     if "prc" in cfg.metrics and min(n1, n2) <= cfg.prc_neighborhood:
         raise DataError(f"precision/recall with {cfg.prc_neighborhood} neighbours needs more than that many images "
                         f"per set (samples {n1}, reference {n2})")
+
+
+def _compute(kwargs: dict, cfg: EvalConfig, samples: ImageSet, ref: ImageSet | None) -> tuple[dict, dict | None]:
+    """Features of both sets once (torch-fidelity's extractor and reference cache), then every metric from them:
+    IS and precision/recall by torch-fidelity, FID (torch-fidelity's formula) and KID with bootstrap intervals."""
+    layers = {m: resolve_feature_layer_for_metric(m, **kwargs) for m in cfg.metrics}
+    extractor = create_feature_extractor(kwargs["feature_extractor"], sorted(set(layers.values())), **kwargs)
+    f1 = extract_featuresdict_from_input_id_cached(1, extractor, **kwargs)
+    f2 = extract_featuresdict_from_input_id_cached(2, extractor, **kwargs) if ref is not None else None
+    raw: dict[str, float] = {}
+    if "isc" in cfg.metrics:
+        raw.update({_KEYS[k]: v for k, v in isc_featuresdict_to_metric(f1, layers["isc"], **kwargs).items()})
+    uncertainty = None
+    if "fid" in cfg.metrics or "kid" in cfg.metrics:
+        layer = layers.get("fid", layers.get("kid"))
+        if "fid" in layers and "kid" in layers and layers["fid"] != layers["kid"]:
+            raise ConfigError(f"FID and KID use different feature layers ({layers['fid']}, {layers['kid']}); "
+                              "evaluate them in separate calls")
+        estimates, how = bootstrap(f1[layer].numpy(), f2[layer].numpy(), labels_x=samples.labels,
+                                   labels_y=ref.labels, fid="fid" in cfg.metrics, kid="kid" in cfg.metrics,
+                                   resamples=cfg.bootstrap, seed=cfg.seed)
+        if "fid" in estimates:  # the headline FID exactly as torch-fidelity computes it
+            point = fid_statistics_to_metric(fid_features_to_statistics(f1[layer]),
+                                             fid_features_to_statistics(f2[layer]), False)
+            estimates["FID"] = replace(estimates["FID"], value=point["frechet_inception_distance"])
+        for label, est in estimates.items():
+            raw[label] = est.value
+            if cfg.bootstrap:
+                raw.update({f"{label}_se": est.se, f"{label}_lo": est.lo, f"{label}_hi": est.hi})
+        uncertainty = how if cfg.bootstrap else {"kid_estimator": how["kid_estimator"], "samples": how["samples"],
+                                                  "reference": how["reference"]}
+    if "prc" in cfg.metrics:
+        raw.update({_KEYS[k]: v for k, v in prc_featuresdict_to_metric(f1, f2, layers["prc"], **kwargs).items()})
+    return raw, uncertainty
 
 
 def evaluate(samples, ref, cfg: EvalConfig = EvalConfig()) -> dict:
@@ -439,8 +493,6 @@ def evaluate(samples, ref, cfg: EvalConfig = EvalConfig()) -> dict:
         raise ConfigError(f"feature extractor {fe.name} was trained on grey images but the samples are colour")
 
     n1 = len(sample_set.images)
-    n2 = len(ref_set.images) if ref_set is not None else n1
-    kid_subset_size = cfg.kid_subset_size or min(1000, n1, n2)
     isc_splits = min(cfg.isc_splits, n1)
     cuda = torch.cuda.is_available() if cfg.device == "auto" else cfg.device == "cuda"
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -457,7 +509,6 @@ def evaluate(samples, ref, cfg: EvalConfig = EvalConfig()) -> dict:
         fid="fid" in cfg.metrics, kid="kid" in cfg.metrics, isc="isc" in cfg.metrics, prc="prc" in cfg.metrics,
         feature_extractor=fe.name,
         feature_extractor_weights_path=str(fe.weights),
-        kid_subset_size=kid_subset_size, kid_subsets=cfg.kid_subsets,
         isc_splits=isc_splits, prc_neighborhood=cfg.prc_neighborhood,
         rng_seed=cfg.seed,
         cache=cfg.cache, cache_root=str(cache_dir),
@@ -469,15 +520,14 @@ def evaluate(samples, ref, cfg: EvalConfig = EvalConfig()) -> dict:
     try:
         with torch_threads(cfg.threads), warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=DeprecationWarning)
-            raw = torch_fidelity.calculate_metrics(**kwargs)
+            raw, uncertainty = _compute(kwargs, cfg, sample_set, ref_set)
     except TdqrtError:
         raise
     except (ValueError, RuntimeError) as exc:
         raise ConfigError(f"torch-fidelity refused the evaluation with {fe.name}: {exc}") from exc
 
     metrics = {}
-    for key, value in raw.items():
-        label = _KEYS.get(key, key)
+    for label, value in raw.items():
         value = float(value)
         if not math.isfinite(value):
             raise DataError(f"{metric_key(label, fe.name)} came out {value}; the sets are degenerate (e.g. all "
@@ -496,8 +546,8 @@ def evaluate(samples, ref, cfg: EvalConfig = EvalConfig()) -> dict:
         "metrics": metrics,
         "samples": sample_set.describe(),
         "ref": ref_set.describe() if ref_set is not None else None,
-        "settings": cfg.to_dict() | {"kid_subset_size": kid_subset_size if "kid" in cfg.metrics else None,
-                                     "isc_splits": isc_splits, "cuda": cuda, "cache_root": str(cache_dir),
+        "uncertainty": uncertainty,
+        "settings": cfg.to_dict() | {"isc_splits": isc_splits, "cuda": cuda, "cache_root": str(cache_dir),
                                      "ref_cache_name": ref_cache_name},
         "seconds": round(time.perf_counter() - t0, 3),
         "versions": versions() | {"torch_fidelity": torch_fidelity.__version__},
@@ -513,8 +563,19 @@ def evaluate(samples, ref, cfg: EvalConfig = EvalConfig()) -> dict:
 
 
 def format_metrics(result: dict) -> list[str]:
-    """One ``KEY = value`` line per metric, for printing."""
-    return [f"{k} = {v:.6g}" for k, v in result["metrics"].items()]
+    """One ``KEY = value`` line per metric, for printing; FID and KID with their bootstrap interval."""
+    m = result["metrics"]
+    lines = []
+    for key, value in m.items():
+        label, _, rest = key.partition("[")
+        if label.endswith(("_se", "_lo", "_hi")):
+            continue
+        se = m.get(f"{label}_se[{rest}")
+        lines.append(f"{key} = {value:.6g}" if se is None else
+                     f"{key} = {value:.6g} ± {value - m[f'{label}_lo[{rest}']:.3g} ({CI_LEVEL:.0%} interval "
+                     f"[{m[f'{label}_lo[{rest}']:.6g}, {m[f'{label}_hi[{rest}']:.6g}], standard error {se:.3g}, "
+                     f"{result['uncertainty']['resamples']} bootstrap resamples)")
+    return lines
 
 
 __all__ = [
