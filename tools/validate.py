@@ -74,6 +74,7 @@ from tdqrt.engines.config import check_int, check_real
 from tdqrt.engines.errors import ArtifactError, ConfigError, DataError
 from tdqrt.engines.ort import saturation_warning
 from tdqrt.engines.polygraphy_log import quiet_polygraphy_colors
+from tdqrt.tools.layer_check import LayerCheck, sensitivity
 
 REPORT_FILE = "validate.json"
 PLOT_FILE = "validate.png"
@@ -93,12 +94,18 @@ class ValidateConfig:
     int8_max_error_ratio: float = 0.5  # trt bundles: torch fake-quant vs ORT INT8 (and TensorRT) ...
     int8_negligible_rel_l2: float = 0.005  # ... unless the deviation is this small anyway
     ort_cpu_max_error_ratio: float = 2.0  # ort-cpu bundles: torch fake-quant vs ORT INT8, relative to quant error
+    code_tie: float = 1e-4  # per-layer check: a code may flip only this close (in code units) to a rounding tie
+    output_tie: float = 1e-2  # ... an ort-cpu output code only this close to a tie of its output grid
+    layer_rel_l2: float = 1e-4  # ... a trt layer output vs op(codes·s_t, W) + b in float64
+    forced_rel_l2: float = 1e-4  # ... layer inputs and eps with every layer output forced to ORT's
+    sensitivity_perturbation: float = 1e-6  # relative input perturbation for the reported sensitivity
     seed: int = 0  # which samples of a timestep are picked
 
     def __post_init__(self) -> None:
         check_int("ValidateConfig.timesteps", self.timesteps, 1, flag="--timesteps")
         check_int("ValidateConfig.per_timestep", self.per_timestep, 1, flag="--per-timestep")
-        for name in ("fp_max_abs", "int8_max_error_ratio", "int8_negligible_rel_l2", "ort_cpu_max_error_ratio"):
+        for name in ("fp_max_abs", "int8_max_error_ratio", "int8_negligible_rel_l2", "ort_cpu_max_error_ratio",
+                     "code_tie", "output_tie", "layer_rel_l2", "forced_rel_l2", "sensitivity_perturbation"):
             check_real(f"ValidateConfig.{name}", getattr(self, name), above=0.0)
 
     def to_dict(self) -> dict:
@@ -236,7 +243,9 @@ class ValidationReport:
     config: dict
     tensorrt: dict
     sources: dict = field(default_factory=dict)
-    target: str = "trt"  # the bundle's export flavour (decides the torch_quant vs ort_int8 check)
+    target: str = "trt"  # the bundle's export flavour (decides the per-layer check and the error-ratio note)
+    layers: dict = field(default_factory=dict)  # the teacher-forced per-layer check (the INT8 verdict)
+    sensitivity: list = field(default_factory=list)  # per timestep: how far 1e-6 of input noise moves ε
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -262,6 +271,17 @@ class ValidationReport:
             ratio = f"  error ratio {o['error_ratio']:.3g}" if "error_ratio" in o else ""
             lines.append(f"{name:<28} max-abs {o['max_abs']:.3g}  rel-L2 {o['rel_l2']:.3g}  SQNR {o['sqnr_db']:.1f} dB"
                          f"  cosine {o['cosine']:.6f}{ratio}  [{verdict}]")
+        if self.layers:
+            lc = self.layers
+            lines.append(f"{'per-layer (teacher-forced)':<28} {lc['layers_checked']} layers: {lc['code_errors']} wrong "
+                         f"of {lc['codes']} codes ({lc['code_ties']} tie flips), output rel-L2 ≤ "
+                         f"{lc['max_output_rel_l2']:.2g}, forced input rel-L2 ≤ {lc['max_input_rel_l2']:.2g}  "
+                         f"[{'ok' if lc['passed'] else 'FAIL'}]")
+        if self.sensitivity:
+            worst = max(self.sensitivity, key=lambda r: r["median_of_quant_error"])
+            lines.append(f"{'sensitivity (info)':<28} input x(1±{self.config['sensitivity_perturbation']:g}) moves "
+                         f"fake-quant ε by rel-L2 ≤ {max(r['median_rel_l2'] for r in self.sensitivity):.3g} "
+                         f"(≤ {worst['median_of_quant_error']:.3g} of its quantization error, at t={worst['timestep']})")
         lines.append(f"TensorRT: {'ran' if self.tensorrt['ran'] else self.tensorrt['reason']}")
         lines += [f"FAIL: {f}" for f in self.failures]
         return lines
@@ -309,11 +329,13 @@ def validate_models(fp_onnx: Union[str, os.PathLike], int8_onnx: Union[str, os.P
                     fp_model: torch.nn.Module, quant_model: torch.nn.Module, calib: Union[CalibrationSet, str, os.PathLike],
                     config: ValidateConfig = ValidateConfig(), *, engine: Optional[Union[str, os.PathLike]] = None,
                     null_label: Optional[int] = None, bundle_sha256: Optional[str] = None,
-                    target: str = "trt") -> ValidationReport:
+                    target: str = "trt", output_grids: Optional[dict] = None) -> ValidationReport:
     """Run the torch FP / fake-quant models and the two ONNX graphs (and a TensorRT engine when possible) on the
     calibration inputs with ``Comparator.run`` and check the pairs against ``config``'s tolerances. The engine must
     pass its ``engine.json`` checks (this TensorRT, this GPU and, when ``bundle_sha256`` is given, this bundle).
-    ``target`` is the export flavour of ``int8_onnx``: ``ort-cpu`` graphs are checked by their error ratio."""
+    ``target`` is the export flavour of ``int8_onnx``; ``output_grids`` (``ort-cpu``: ``{layer: {"scale",
+    "zero_point"}}``, the grids the bundle records) what its output Q/DQ must follow. The INT8 graph is judged by
+    the teacher-forced per-layer check (:mod:`tdqrt.tools.layer_check`); its end-to-end error is reported."""
     from polygraphy.backend.onnxrt import OnnxrtRunner
     from polygraphy.comparator import Comparator
 
@@ -338,8 +360,9 @@ def validate_models(fp_onnx: Union[str, os.PathLike], int8_onnx: Union[str, os.P
                TorchRunner(quant_model, q_inputs, q_out, name="torch_quant"),
                OnnxrtRunner(lambda: create_session(fp_onnx, ["CPUExecutionProvider"]), name="ort_fp"),
                OnnxrtRunner(lambda: create_session(int8_onnx, ["CPUExecutionProvider"]), name="ort_int8")]
-    int8_kind = "ort-cpu" if target == "ort-cpu" else "int8"
-    pairs = [("torch_fp", "ort_fp", "fp"), ("torch_quant", "ort_int8", int8_kind), ("ort_fp", "ort_int8", None)]
+    layer_check = LayerCheck(int8_onnx, quant_model, target=target, config=config, output_grids=output_grids)
+    int8_kind = "ort-cpu" if target == "ort-cpu" else "int8"  # the end-to-end error-ratio rule, reported only
+    pairs = [("torch_fp", "ort_fp", "fp"), ("torch_quant", "ort_int8", None), ("ort_fp", "ort_int8", None)]
     if trt["ran"]:
         from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
@@ -366,6 +389,8 @@ def validate_models(fp_onnx: Union[str, os.PathLike], int8_onnx: Union[str, os.P
             if ref == "torch_quant":
                 m["median_sample_error_ratio"] = error_ratio(outputs["torch_fp"][k], outputs[ref][k],
                                                              outputs[other][k])
+                if kind is None:  # the pre-per-layer rule, for information
+                    m["beyond_error_ratio_rule"] = bool(check_metrics(int8_kind, m, config))
             bad = check_metrics(kind, m, config)
             m |= {"timestep": ts, "passed": None if kind is None else not bad}
             per_t.append(m)
@@ -379,10 +404,26 @@ def validate_models(fp_onnx: Union[str, os.PathLike], int8_onnx: Union[str, os.P
         report_pairs[label] = {"reference": ref, "candidate": other, "checked": kind,
                                "passed": None if kind is None else not pair_bad, "limits": _limits(kind, config),
                                "overall": overall, "per_timestep": per_t}
+    sens = []
+    for k, (ts, feed) in enumerate(feeds):
+        layer_check.run(feed, ts)
+        sens.append({"timestep": ts} | sensitivity(quant_model, outputs["torch_fp"][k], feed, outputs["torch_quant"][k],
+                                                    config.sensitivity_perturbation, seed=config.seed))
+    layer_failures = layer_check.failures()
+    failures += [f"per-layer check of {int8_onnx.name}: {f}" for f in layer_failures]
     return ValidationReport(passed=not failures, failures=failures, timesteps=timesteps,
                             samples_per_timestep=[len(f["timestep"]) for _, f in feeds], pairs=report_pairs,
-                            config=config.to_dict(), tensorrt=trt, target=target,
+                            config=config.to_dict(), tensorrt=trt, target=target, layers=layer_check.summary(),
+                            sensitivity=sens,
                             sources={"fp_onnx": str(fp_onnx), "int8_onnx": str(int8_onnx), "calibration": str(calib.path)})
+
+
+def recorded_output_grids(manifest: dict) -> Optional[dict]:
+    """``{layer: grid}`` from a bundle manifest's ``quant.qdq`` (``ort-cpu``), or None."""
+    qdq = (manifest.get("quant") or {}).get("qdq") or {}
+    if not qdq.get("output_grid"):
+        return None
+    return dict(zip(qdq["layers"], qdq["output_grid"]))
 
 
 def validate_bundle(bundle_dir: Union[str, os.PathLike], config: ValidateConfig = ValidateConfig(), *,
@@ -425,7 +466,8 @@ def validate_bundle(bundle_dir: Union[str, os.PathLike], config: ValidateConfig 
         raise ArtifactError(f"calibration set {calib_dir} does not exist; pass one with --calib")
     report = validate_models(fp_onnx, int8_onnx, models["fp_model"].model, models["quant_model"].model, calib_dir,
                              config, engine=engine, null_label=bundle.null_label, bundle_sha256=bundle.sha256,
-                             target=bundle.manifest.get("export", {}).get("target", "trt"))
+                             target=bundle.manifest.get("export", {}).get("target", "trt"),
+                             output_grids=recorded_output_grids(bundle.manifest))
     if not report.passed and (warning := saturation_warning(bundle)):
         report.failures.append(warning)
     report.sources |= {"bundle": str(bundle.path), "bundle_sha256": bundle.sha256,
