@@ -236,10 +236,12 @@ def test_random_weight_cifar_architecture_passes_and_a_planted_error_fails(cifar
     assert good.layers["max_input_rel_l2"] <= 1e-5
     pair = good.pairs["torch_quant vs ort_int8"]
     assert pair["checked"] is None and all("beyond_error_ratio_rule" in r for r in pair["per_timestep"])
-    print("cifar:", good.format())
+    # chaotic: a 1e-6 relative input perturbation moves the fake-quant ε by far more (measured 5.7 % at t=500)
+    assert max(r["median_rel_l2"] for r in good.sensitivity) > 1e-4, good.sensitivity
     bad = tmp_path / "unet_bad.onnx"
     layer = _planted(cifar_validation_bundle / "unet.onnx", bad, "middle", 4.0)
-    _assert_fails_at(_validate_file(cifar_validation_bundle, bad), layer, "activation codes are not Q(input; s_t)")
+    report = _validate_file(cifar_validation_bundle, bad, ValidateConfig(timesteps=1, per_timestep=1))
+    _assert_fails_at(report, layer, "activation codes are not Q(input; s_t)")
 
 
 def test_cli_exit_1_on_failure(bundle_dir, tmp_path, capsys, monkeypatch):
