@@ -24,8 +24,8 @@ plan; for ONNX Runtime it reports the rule and decides with its teacher-forced p
 CLI cannot express: a network that amplifies float rounding can miss ``S`` with a right graph). The rule passes an
 INT8 graph whose deviation from the fake-quant model is at most ``int8_max_error_ratio`` (0.5) times that model's
 own quantization error ``e = ‖quant − fp‖``, or whose relative L2 deviation is at most ``int8_negligible_rel_l2``
-(0.005). Polygraphy's SNR is ``10·log10(mean(ref²) / mean((ref − out)²))`` per output and iteration (the whole batch of one timestep, where
-validate takes the median sample), so the first condition reads ``SNR ≥ SQNR(quant; fp) + 20·log10(1/0.5)`` and the
+(0.005). Polygraphy's SNR is ``10·log10(mean(ref²) / mean((ref − out)²))`` per output and iteration (the whole
+batch of one timestep, where validate takes the median sample), so the first condition reads ``SNR ≥ SQNR(quant; fp) + 20·log10(1/0.5)`` and the
 second ``SNR ≥ −20·log10(0.005)`` = 46.0 dB; one threshold holds for all iterations, so ``S`` is the lowest of those
 bounds over the feeds.
 
