@@ -91,7 +91,7 @@ class LayerCheck:
         graph_layers = layers_from_node_names(model)
         self.problems: list[str] = []  # structural: layers missing from / unknown to the graph
         missing = [n for n in self.plan.layer_names if n not in graph_layers]
-        unknown = [n for n in graph_layers if n not in self.torch_layers]
+        unknown = [n for n in graph_layers if n.split("#")[0] not in self.torch_layers]  # "#k": a repeated call
         if missing:
             self.problems.append(f"layers {missing[:3]}{' …' if len(missing) > 3 else ''} of the torch model have no "
                                  "quantized layer (<layer>/act_quantize) in the graph (a dropped layer or a wrong "
