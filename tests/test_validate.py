@@ -5,7 +5,7 @@ Good bundles pass: the tiny minmax W8A8 model, and the ``ddpm-cifar10-32`` archi
 chaotic network fails the end-to-end error-ratio rule (reported only) although every layer is right. Planted
 graph errors fail naming the layer: one activation QuantizeLinear scale x4 or x1/4 (quantized on a coarser / finer
 grid than its DequantizeLinear reads: a miscalibrated layer) in the first, a middle and the last layer; a wrong
-weight scale. The tampered graph is passed to the library function ``validate_models`` as a bare file, so the
+weight scale; an extra op before a layer. The tampered graph is passed to the library function ``validate_models`` as a bare file, so the
 bundle's own integrity check stays meaningful: the same file dropped into the bundle makes ``tdqrt validate``
 refuse it (exit 2) before comparing anything.
 """
@@ -205,6 +205,25 @@ def test_wrong_weight_scale_fails_naming_the_layer(bundle_dir, tmp_path):
     _scale_weights(bundle_dir / "unet.onnx", bad, layer, 1.02)  # 2 %: far below what ε shows end to end
     report = _validate_file(bundle_dir, bad)
     _assert_fails_at(report, layer, "the output differs from op(codes·s_t, W) + b")
+
+
+def test_wrong_op_before_a_layer_fails_naming_it(bundle_dir, tmp_path):
+    """An extra Mul(1.5) on a middle layer's input (a wrong op between layers): the layer's own codes and output
+    follow its (wrong) input, but that input is not the torch model's — the forced check names the layer."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(bundle_dir / "unet.onnx"))
+    layer = _input_quantizers(bundle_dir / "unet.onnx")[len(_input_quantizers(bundle_dir / "unet.onnx")) // 2][1]
+    first = next(n for n in model.graph.node if n.name in (f"{layer}/ratio_div", f"{layer}/act_quantize"))
+    k = list(model.graph.node).index(first)
+    model.graph.initializer.append(numpy_helper.from_array(np.array(1.5, np.float32), "planted_factor"))
+    model.graph.node.insert(k, helper.make_node("Mul", [first.input[0], "planted_factor"], ["planted_input"],
+                                                name="planted_mul"))
+    first.input[0] = "planted_input"
+    bad = tmp_path / "unet_op.onnx"
+    onnx.save(model, str(bad))
+    _assert_fails_at(_validate_file(bundle_dir, bad), layer, "its input differs from the torch model's")
 
 
 def test_tampered_bundle_is_refused(bundle_dir, tmp_path):
