@@ -5,9 +5,10 @@ Good bundles pass: the tiny minmax W8A8 model, and the ``ddpm-cifar10-32`` archi
 chaotic network fails the end-to-end error-ratio rule (reported only) although every layer is right. Planted
 graph errors fail naming the layer: one activation QuantizeLinear scale x4 or x1/4 (quantized on a coarser / finer
 grid than its DequantizeLinear reads: a miscalibrated layer) in the first, a middle and the last layer; a wrong
-weight scale; an extra op before a layer. The tampered graph is passed to the library function ``validate_models`` as a bare file, so the
-bundle's own integrity check stays meaningful: the same file dropped into the bundle makes ``tdqrt validate``
-refuse it (exit 2) before comparing anything.
+weight scale; an extra op before a layer; and for ort-cpu (tests/test_ort_cpu.py) a wrong or dropped output Q/DQ.
+The tampered graph is passed to the library function ``validate_models`` as a bare file, so the bundle's own
+integrity check stays meaningful: the same file dropped into the bundle makes ``tdqrt validate`` refuse it (exit 2)
+before comparing anything.
 """
 from __future__ import annotations
 

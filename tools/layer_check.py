@@ -115,7 +115,8 @@ class LayerCheck:
             self.session = create_session(path, ["CPUExecutionProvider"], session_options=so)
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.stats = {n: {"codes": 0, "code_ties": 0, "code_errors": 0, "output_rel_l2": 0.0, "output_ties": 0,
-                          "max_tie_distance": 0.0, "output_errors": 0, "input_rel_l2": 0.0, "failed_at": {}} for n in self.layers}
+                          "max_tie_distance": 0.0, "output_errors": 0, "input_rel_l2": 0.0, "failed_at": {}}
+                      for n in self.layers}
         self.eps_rel_l2 = 0.0
         self.eps_failed_at: list[int] = []
 
