@@ -691,7 +691,10 @@ def _write_report(tmp: Path, cfg: DemoConfig, st: dict[str, Stage], runner: Stag
         "",
         "## Validation",
         f"Polygraphy Comparator on calibration inputs: {'PASSED' if val['passed'] else 'FAILED'}"
-        + ("" if val["passed"] else " — " + "; ".join(val["failures"][:3])) + ". Relative L2 error of ε per timestep:",
+        + ("" if val["passed"] else " — " + "; ".join(val["failures"][:3]))
+        + (f". Teacher-forced per-layer check (the INT8 verdict): {val['layers']['layers_checked']} layers, "
+           f"{val['layers']['code_errors']} wrong of {val['layers']['codes']} activation codes"
+           if val.get("layers") else "") + ". Relative L2 error of ε per timestep:",
         "",
         markdown_table(["timestep", *val["pairs"].keys()], val_rows),
         "",
