@@ -621,7 +621,8 @@ def _write_report(tmp: Path, cfg: DemoConfig, st: dict[str, Stage], runner: Stag
                "fid_kid": evals, "eps_error": err,
                "validation": {"passed": val["passed"], "timesteps": val["timesteps"],
                               "pairs": {k: {"overall": p["overall"], "passed": p["passed"]}
-                                        for k, p in val["pairs"].items()}},
+                                        for k, p in val["pairs"].items()},
+                              "layers": {k: v for k, v in val.get("layers", {}).items() if k != "per_layer"}},
                "speed": speed, "tensorrt_build": st["build"].summary,
                "sampling": {name: {"s_per_step": st[name].summary["s_per_step"], "seconds": st[name].summary["seconds"]}
                             for name in SAMPLE_SETS}}
