@@ -19,11 +19,13 @@
 
   (``--trt`` instead of ``--onnxrt`` runs the same comparisons in TensorRT on a GPU.)
 
-``S`` is ``tdqrt validate``'s INT8 rule in Polygraphy's terms. The rule passes an INT8 graph whose deviation from
-the fake-quant model is at most ``int8_max_error_ratio`` (0.5) times that model's own quantization error
-``e = ‖quant − fp‖``, or whose relative L2 deviation is at most ``int8_negligible_rel_l2`` (0.005). Polygraphy's SNR
-is ``10·log10(mean(ref²) / mean((ref − out)²))`` per output and iteration (the whole batch of one timestep, where
-validate takes the median sample), so the first condition reads ``SNR ≥ SQNR(quant; fp) + 20·log10(1/0.5)`` and the
+``S`` is ``tdqrt validate``'s end-to-end INT8 rule in Polygraphy's terms (the verdict validate gives a TensorRT
+plan; for ONNX Runtime it reports the rule and decides with its teacher-forced per-layer check, which Polygraphy's
+CLI cannot express: a network that amplifies float rounding can miss ``S`` with a right graph). The rule passes an
+INT8 graph whose deviation from the fake-quant model is at most ``int8_max_error_ratio`` (0.5) times that model's
+own quantization error ``e = ‖quant − fp‖``, or whose relative L2 deviation is at most ``int8_negligible_rel_l2``
+(0.005). Polygraphy's SNR is ``10·log10(mean(ref²) / mean((ref − out)²))`` per output and iteration (the whole
+batch of one timestep, where validate takes the median sample), so the first condition reads ``SNR ≥ SQNR(quant; fp) + 20·log10(1/0.5)`` and the
 second ``SNR ≥ −20·log10(0.005)`` = 46.0 dB; one threshold holds for all iterations, so ``S`` is the lowest of those
 bounds over the feeds.
 
@@ -62,9 +64,9 @@ _SCRIPT = '''"""Polygraphy data loader of a tdqrt bundle: the calibration inputs
     polygraphy run unet.onnx --onnxrt --data-loader-script {script} --load-outputs fp.json \\\\
         --compare snr --snr-threshold {fp_snr:.2f}
 
-{reference} holds the fake-quant torch model's outputs; {snr:.2f} dB is `tdqrt validate`'s INT8 rule in SNR terms,
-{fp_snr:.2f} dB the same rule measured against the FP outputs (tdqrt/export/data_loader.py says how). Use --trt instead
-of --onnxrt to check a TensorRT build on a GPU. Written by `tdqrt export`.
+{reference} holds the fake-quant torch model's outputs; {snr:.2f} dB is `tdqrt validate`'s end-to-end INT8 rule in SNR
+terms, {fp_snr:.2f} dB the same rule measured against the FP outputs (tdqrt/export/data_loader.py says how). Use
+--trt instead of --onnxrt to check a TensorRT build on a GPU. Written by `tdqrt export`.
 """
 import hashlib
 import os

@@ -410,6 +410,31 @@ def save_onnx(model, path: Path, *, external_data_mb: float = 1024.0) -> list[st
     return [path.name]
 
 
+LAYER_OUTPUT_ROLES = ("bias_add", "ratio_unscale", "output_dequantize", "conv", "matmul", "gemm")
+
+
+def layers_from_node_names(model) -> dict[str, dict]:
+    """The ``{layer: {"nodes": ..., "tensors": ...}}`` map of a saved Q/DQ graph, recovered from the node names
+    ``<layer>/<role>`` that :func:`export_quantized` gives (what :class:`ExportedModel` holds in memory). A layer
+    is any name with an ``act_quantize`` node; its output is the last of bias add, ratio un-scaling, output
+    dequantization and the weighted op that the graph has."""
+    nodes: dict[str, dict] = {}
+    for n in model.graph.node:
+        layer, _, role = n.name.rpartition("/")
+        if layer:
+            nodes.setdefault(layer, {})[role] = n
+    layers = {}
+    for layer, by_role in nodes.items():
+        q = by_role.get("act_quantize")
+        if q is None:
+            continue
+        ratio = by_role.get("ratio_div") or by_role.get("ratio_mul")
+        out = next((by_role[r].output[0] for r in LAYER_OUTPUT_ROLES if r in by_role), None)
+        layers[layer] = {"nodes": {r: n.name for r, n in by_role.items()},
+                         "tensors": {"input": (ratio or q).input[0], "codes": q.output[0], "output": out}}
+    return layers
+
+
 def with_debug_outputs(exported: ExportedModel, roles: tuple[str, ...] = ("input", "codes", "output")):
     """A copy of the Q/DQ graph that also outputs, per quantized layer, its input (before the ratio), its int8
     activation codes and its output (after the bias). Output names are ``<layer>:<role>``."""

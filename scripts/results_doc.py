@@ -7,8 +7,8 @@ Each JSON file is one section. Its ``kind`` picks the table layout:
 * ``calibration`` — rows ``{name: {metrics, eps_mse_mean, calibrate_s}}`` from ``scripts/calibration_table.py``;
 * ``d2`` — rows ``{name: {metrics, traj_mse_mean, x0_mse}}`` and ``cost`` from ``scripts/d2_table.py``;
 * ``bench`` — the JSON ``tdqrt bench`` writes (``results``: one entry per measured variant);
-* ``validate-margins`` — good and deliberately broken bundles through ``tdqrt validate``'s INT8 rule, from
-  ``scripts/validate_margins.py``;
+* ``validate-margins`` — good and deliberately broken bundles through ``tdqrt validate``'s end-to-end INT8 rule
+  (reported beside its per-layer verdict), from ``scripts/validate_margins.py``;
 * ``trt-build`` — TensorRT-RTX build time and plan size per bundle, from ``scripts/trt_rtx_builds.py``.
 
 ``title`` and ``notes`` (Markdown) say what the section shows; ``meta`` (or ``runs``, a list of metas when rows come
@@ -87,7 +87,8 @@ def bench_table(doc: dict) -> str:
 
 def validate_margins_table(doc: dict) -> str:
     """Per model and graph (good, or one activation quantizer on a wrong grid): the error ratio per timestep and
-    whether ``tdqrt validate``'s rule for the bundle's target fails it."""
+    whether ``tdqrt validate``'s end-to-end error-ratio rule for the bundle's target (:func:`check_metrics`; the
+    verdict for a TensorRT plan, reported for ONNX Runtime) fails it."""
     from tdqrt.tools.validate import ValidateConfig, check_metrics
 
     config, kind = ValidateConfig(**doc["config"]), "ort-cpu" if doc["target"] == "ort-cpu" else "int8"
@@ -107,7 +108,7 @@ def validate_margins_table(doc: dict) -> str:
         rows += [row(name, f"{b['node'].split('/')[0]} x{b['factor']:g}", b["per_timestep"]) for b in m["broken"]]
     timesteps = "/".join(str(r["t"]) for r in next(iter(doc["models"].values()))["good"])
     return markdown_table(["model", "graph", f"median error ratio at t = {timesteps}", "max quant. rel-L2",
-                           "validate"], rows)
+                           "end-to-end rule"], rows)
 
 
 def trt_build_table(doc: dict) -> str:

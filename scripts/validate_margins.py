@@ -1,4 +1,5 @@
-"""How far apart ``tdqrt validate`` sees good and broken bundles: the numbers its tolerances are set from.
+"""How far apart ``tdqrt validate``'s end-to-end INT8 error ratio puts good and broken bundles (reported beside its
+teacher-forced per-layer verdict, and the verdict for a TensorRT plan).
 
 For every quantized checkpoint given: export a bundle of ``--target`` (no lint, no Polygraphy), validate it, then
 validate copies of its ``unet.onnx`` in which one activation QuantizeLinear — the first, the middle or the last
@@ -25,7 +26,8 @@ from tdqrt.calibration.quant.api import load_model_dir
 from tdqrt.engines.artifacts import versions, write_json_atomic
 from tdqrt.export.bundle import export_bundle
 from tdqrt.export.exporter import ExportConfig
-from tdqrt.tools.validate import ValidateConfig, validate_models
+from tdqrt.engines.bundle import open_bundle
+from tdqrt.tools.validate import ValidateConfig, recorded_output_grids, validate_models
 
 FACTORS = (4.0, 0.25)
 
@@ -64,9 +66,11 @@ def margins(quant_dir: Path, target: str, config: ValidateConfig) -> dict:
         bundle = export_bundle(quant_dir, Path(tmp) / "bundle",
                                ExportConfig(target=target, lint=False, polygraphy=False))
 
+        grids = recorded_output_grids(open_bundle(bundle).manifest)
+
         def run(onnx_path: Path) -> list[dict]:
             return summarize(validate_models(bundle / "unet_fp.onnx", onnx_path, fp.model, rec.model, calib, config,
-                                             target=target))
+                                             target=target, output_grids=grids))
 
         out = {"good": run(bundle / "unet.onnx"), "broken": []}
         count = len(activation_quantizers(onnx.load(str(bundle / "unet.onnx"))))

@@ -635,7 +635,8 @@ def _write_report(tmp: Path, cfg: DemoConfig, st: dict[str, Stage], runner: Stag
                "fid_kid": evals, "eps_error": err,
                "validation": {"passed": val["passed"], "timesteps": val["timesteps"],
                               "pairs": {k: {"overall": p["overall"], "passed": p["passed"]}
-                                        for k, p in val["pairs"].items()}},
+                                        for k, p in val["pairs"].items()},
+                              "layers": {k: v for k, v in val.get("layers", {}).items() if k != "per_layer"}},
                "speed": speed, "tensorrt_build": st["build"].summary,
                "sampling": {name: {"s_per_step": st[name].summary["s_per_step"], "seconds": st[name].summary["seconds"]}
                             for name in SAMPLE_SETS}}
@@ -710,7 +711,10 @@ def _write_report(tmp: Path, cfg: DemoConfig, st: dict[str, Stage], runner: Stag
         "",
         "## Validation",
         f"Polygraphy Comparator on calibration inputs: {'PASSED' if val['passed'] else 'FAILED'}"
-        + ("" if val["passed"] else " — " + "; ".join(val["failures"][:3])) + ". Relative L2 error of ε per timestep:",
+        + ("" if val["passed"] else " — " + "; ".join(val["failures"][:3]))
+        + (f". Teacher-forced per-layer check (the INT8 verdict): {val['layers']['layers_checked']} layers, "
+           f"{val['layers']['code_errors']} wrong of {val['layers']['codes']} activation codes"
+           if val.get("layers") else "") + ". Relative L2 error of ε per timestep:",
         "",
         markdown_table(["timestep", *val["pairs"].keys()], val_rows),
         "",

@@ -134,8 +134,16 @@ class EvalConfig:
             raise invalid("EvalConfig.metrics", self.metrics, f"a non-empty subset of {','.join(METRICS)} without "
                           "repeats", "give a comma-separated list such as fid,kid", flag="--metrics")
         object.__setattr__(self, "metrics", tuple(m for m in METRICS if m in metrics))
-from tdqrt.engines.threads import torch_threads
-from tdqrt.tools.bootstrap import CI_LEVEL, bootstrap
+        check_int("EvalConfig.bootstrap", self.bootstrap, 0, flag="--bootstrap")
+        if self.bootstrap == 1:
+            raise invalid("EvalConfig.bootstrap", 1, "0 (no intervals) or at least 2 resamples", "give 0 or >= 2",
+                          flag="--bootstrap")
+        for name, minimum, flag in (("isc_splits", 1, None), ("prc_neighborhood", 1, None), ("batch", 1, "--batch"),
+                                    ("seed", 0, "--seed")):
+            check_int(f"EvalConfig.{name}", getattr(self, name), minimum, flag=flag)
+        for name, minimum, flag in (("ref_num", 2, "--ref-num"), ("image_size", 1, None), ("threads", 1, "--threads")):
+            check_int(f"EvalConfig.{name}", getattr(self, name), minimum, optional=True, flag=flag)
+        check_choice("EvalConfig.device", self.device, ("auto", "cpu", "cuda"), flag="--device")
         for name in ("inception_weights", "cache_dir", "out"):
             value = getattr(self, name)
             if value is not None:

@@ -15,40 +15,33 @@ Runners (all driven by ``polygraphy.comparator.Comparator.run`` over the same fe
 Inputs: the calibration set's ``(x_t, t, y)`` (the quant card records its path) at ``timesteps`` timesteps spread
 over the ones it holds, ``per_timestep`` samples each; one feed dict (one Polygraphy iteration) per timestep.
 
-Pairs (reference first) and tolerances, per timestep. The tolerances are :class:`ValidateConfig`'s fields; what
-the ratios come to on good and broken bundles is measured in docs/results.md ("``tdqrt validate`` on good and broken
-trt bundles", by ``scripts/validate_margins.py``) and, for ort-cpu, in the README ("The ort-cpu flavour"):
+Verdict (the tolerances are :class:`ValidateConfig`'s fields): FAIL iff the FP pair fails, or the teacher-forced
+per-layer check of the INT8 graph (:mod:`tdqrt.tools.layer_check`) finds a layer whose activation codes, output
+or input disagree with the fake-quant model beyond rounding ties and float32 summation order — each failure line
+names the layer (and its position) and the timesteps. Why per layer and not end to end: the end-to-end difference
+of a right graph is a cascade of rounding-tie flips (ORT and torch sum in different orders), as large as the
+network's own sensitivity makes it — on an untrained ``ddpm-cifar10-32``-architecture model a relative 1e-6 input
+perturbation moves the fake-quant ε by several percent, about its whole quantization error, so an error-ratio rule
+fails that right graph at every timestep while it cannot see a wrong scale in a layer that hardly matters.
 
-* ``torch_fp`` vs ``ort_fp``: max-abs ≤ ``fp_max_abs``. Both compute the same float32 function and differ only in
-  the summation order of convolutions/GroupNorm/attention, orders of magnitude below the bound, while a wrong
-  weight, op or input dtype shows up far above it.
-* ``torch_quant`` vs ``ort_int8`` of a **trt** bundle: with ``ratio_op="div"`` the activation codes are
-  bit-identical, so a sample agrees to float rounding — unless summation-order noise flips one code that sits on a
-  rounding tie and the flip cascades through later quantizers (tests/test_export.py). How far a cascade goes
-  depends on the timestep: at t=0, where ε is least predictable and the model amplifies every perturbation (the
-  quantization error itself is largest there), good bundles deviate far more than at large t. So a fixed rel-L2
-  bound either fails good bundles at t=0 or misses broken ones elsewhere; the check is relative to the
-  quantization error, as for ort-cpu but tighter, because this graph is meant to be code-exact: the median over the
-  samples of the error ratio ``‖ort_int8 − torch_quant‖ / ‖torch_quant − torch_fp‖`` ≤ ``int8_max_error_ratio``,
-  or a median per-sample rel-L2 ≤ ``int8_negligible_rel_l2`` (a deviation that small is negligible even where the
-  quantization error is tiny, e.g. a near-lossless W8A8 model). Its blind spot: a broken quantizer in a layer that
-  hardly matters moves the output by less than a tie cascade does, and no output tolerance separates the two. The
-  per-sample cosine and rel-L2 medians and the worst sample (``max_sample_rel_l2``) are reported too.
-* ``torch_quant`` vs ``ort_int8`` of an **ort-cpu** bundle (the manifest's export target): that graph quantizes
-  every conv (and Linear) output to uint8, an approximation the torch model does not have, and ONNX Runtime runs it
-  as fused integer kernels. No code-exact agreement exists: a one-step difference in one output code (bias rounded
-  to int32, fused requantization, float summation order) moves later input codes and cascades to the size of the
-  quantization noise itself — the same graph run unoptimized (plain Q/DQ math, equal to its torch export module to
-  float rounding) and fused differs by about as much as its whole W8A8 quantization error. So the check is
-  relative: the median over the samples of the per-sample **error ratio** ``‖ort_int8 − torch_quant‖ /
-  ‖torch_quant − torch_fp‖`` ≤ ``ort_cpu_max_error_ratio``, i.e. the ORT graph may stray from the fake-quant model
-  by at most that many times the model's own quantization error. A broken activation or output scale in a conv that
-  matters fails it at some or all timesteps; one in a conv that hardly matters cannot be separated from the
-  output-quantization noise. ``median_sample_error_ratio`` is reported for every pair whose reference is
-  ``torch_quant`` (and the batch-wide ``error_ratio`` in ``overall``).
-* ``ort_fp`` vs ``ort_int8``: the quantization error itself — reported, never checked.
-* ``torch_quant`` vs ``trt_int8`` (when TensorRT ran): the trt-bundle rule above (TensorRT's integer convolutions
-  are exact; its float layers sum in other orders, which makes the same tie cascades).
+Pairs (reference first), per timestep:
+
+* ``torch_fp`` vs ``ort_fp``: max-abs ≤ ``fp_max_abs`` (checked). Both compute the same float32 function and
+  differ only in the summation order of convolutions/GroupNorm/attention, orders of magnitude below the bound,
+  while a wrong weight, op or input dtype shows up far above it.
+* ``torch_quant`` vs ``ort_int8``: reported. Beside the metrics, ``median_sample_error_ratio`` (the median over
+  the samples of ``‖ort_int8 − torch_quant‖ / ‖torch_quant − torch_fp‖``) and ``beyond_error_ratio_rule``: whether
+  the former end-to-end rule (:func:`check_metrics`) would have failed it — trt: ratio > ``int8_max_error_ratio``
+  and median rel-L2 > ``int8_negligible_rel_l2``; ort-cpu (whose fused output requantization is an approximation
+  the torch model does not have): ratio > ``ort_cpu_max_error_ratio``. What these ratios come to on good and
+  broken bundles is measured in docs/results.md (``scripts/validate_margins.py``).
+* ``ort_fp`` vs ``ort_int8``: the quantization error itself — reported.
+* ``torch_quant`` vs ``trt_int8`` (when TensorRT ran): checked by the end-to-end trt rule above — a built plan has
+  no per-layer outputs to force; its graph is the one the per-layer check passed.
+
+Beside them, ``sensitivity`` per timestep (:func:`tdqrt.tools.layer_check.sensitivity`): how far a relative
+``sensitivity_perturbation`` of the input moves the fake-quant ε, alone and in units of its quantization error —
+the end-to-end differences float rounding alone can cause on this network.
 
 Metrics: max-abs, relative L2 ``‖a-b‖/‖ref‖``, SQNR dB ``10·log10(‖ref‖²/‖a-b‖²)``, cosine similarity.
 """
@@ -74,6 +67,7 @@ from tdqrt.engines.config import check_int, check_real
 from tdqrt.engines.errors import ArtifactError, ConfigError, DataError
 from tdqrt.engines.ort import saturation_warning
 from tdqrt.engines.polygraphy_log import quiet_polygraphy_colors
+from tdqrt.tools.layer_check import LayerCheck, sensitivity
 
 REPORT_FILE = "validate.json"
 PLOT_FILE = "validate.png"
@@ -90,15 +84,21 @@ class ValidateConfig:
     timesteps: int = 5  # timesteps spread over those in the calibration set
     per_timestep: int = 5  # samples (batch) per timestep; odd, so the median is one sample
     fp_max_abs: float = 1e-4  # torch FP vs ORT FP
-    int8_max_error_ratio: float = 0.5  # trt bundles: torch fake-quant vs ORT INT8 (and TensorRT) ...
+    int8_max_error_ratio: float = 0.5  # end-to-end rule (TensorRT's verdict, reported for ORT INT8) ...
     int8_negligible_rel_l2: float = 0.005  # ... unless the deviation is this small anyway
-    ort_cpu_max_error_ratio: float = 2.0  # ort-cpu bundles: torch fake-quant vs ORT INT8, relative to quant error
+    ort_cpu_max_error_ratio: float = 2.0  # ort-cpu end-to-end rule (reported), relative to the quant error
+    code_tie: float = 1e-4  # per-layer check: a code may flip only this close (in code units) to a rounding tie
+    output_tie: float = 1e-3  # ... an ort-cpu output code only this close to a tie of its output grid
+    layer_rel_l2: float = 1e-4  # ... a trt layer output vs op(codes·s_t, W) + b in float64
+    forced_rel_l2: float = 1e-4  # ... layer inputs and eps with every layer output forced to ORT's
+    sensitivity_perturbation: float = 1e-6  # relative input perturbation for the reported sensitivity
     seed: int = 0  # which samples of a timestep are picked
 
     def __post_init__(self) -> None:
         check_int("ValidateConfig.timesteps", self.timesteps, 1, flag="--timesteps")
         check_int("ValidateConfig.per_timestep", self.per_timestep, 1, flag="--per-timestep")
-        for name in ("fp_max_abs", "int8_max_error_ratio", "int8_negligible_rel_l2", "ort_cpu_max_error_ratio"):
+        for name in ("fp_max_abs", "int8_max_error_ratio", "int8_negligible_rel_l2", "ort_cpu_max_error_ratio",
+                     "code_tie", "output_tie", "layer_rel_l2", "forced_rel_l2", "sensitivity_perturbation"):
             check_real(f"ValidateConfig.{name}", getattr(self, name), above=0.0)
 
     def to_dict(self) -> dict:
@@ -236,7 +236,10 @@ class ValidationReport:
     config: dict
     tensorrt: dict
     sources: dict = field(default_factory=dict)
-    target: str = "trt"  # the bundle's export flavour (decides the torch_quant vs ort_int8 check)
+    target: str = "trt"  # the bundle's export flavour (decides the per-layer check and the error-ratio note)
+    layers: dict = field(default_factory=dict)  # the teacher-forced per-layer check (the INT8 verdict)
+    sensitivity: list = field(default_factory=list)  # per timestep: how far 1e-6 of input noise moves ε
+    warnings: list = field(default_factory=list)  # what the verdict does not cover (e.g. saturating ORT kernels)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -262,7 +265,20 @@ class ValidationReport:
             ratio = f"  error ratio {o['error_ratio']:.3g}" if "error_ratio" in o else ""
             lines.append(f"{name:<28} max-abs {o['max_abs']:.3g}  rel-L2 {o['rel_l2']:.3g}  SQNR {o['sqnr_db']:.1f} dB"
                          f"  cosine {o['cosine']:.6f}{ratio}  [{verdict}]")
+        if self.layers:
+            lc = self.layers
+            lines.append(f"{'per-layer (teacher-forced)':<28} {lc['layers_checked']} layers: {lc['code_errors']} wrong "
+                         f"of {lc['codes']} codes ({lc['code_ties']} tie flips), output rel-L2 ≤ "
+                         f"{lc['max_output_rel_l2']:.2g}, forced input rel-L2 ≤ {lc['max_input_rel_l2']:.2g}  "
+                         f"[{'ok' if lc['passed'] else 'FAIL'}]")
+        if self.sensitivity:
+            worst = max(self.sensitivity, key=lambda r: r["median_of_quant_error"])
+            lines.append(f"{'sensitivity (info)':<28} input x(1±{self.config['sensitivity_perturbation']:g}) moves "
+                         f"fake-quant ε by rel-L2 ≤ {max(r['median_rel_l2'] for r in self.sensitivity):.3g} "
+                         f"(≤ {worst['median_of_quant_error']:.3g} of its quantization error, "
+                         f"at t={worst['timestep']})")
         lines.append(f"TensorRT: {'ran' if self.tensorrt['ran'] else self.tensorrt['reason']}")
+        lines += [f"WARNING: {w}" for w in self.warnings]
         lines += [f"FAIL: {f}" for f in self.failures]
         return lines
 
@@ -289,7 +305,8 @@ def _limits(kind: Optional[str], cfg: ValidateConfig) -> Optional[dict]:
 
 def check_metrics(kind: Optional[str], m: dict, cfg: ValidateConfig) -> list[str]:
     """The violated limits of metrics ``m`` for a pair of kind ``"fp"``/``"int8"``/``"ort-cpu"`` (None:
-    informational)."""
+    informational). ``"int8"`` / ``"ort-cpu"`` are the end-to-end error-ratio rules: the verdict of the TensorRT
+    pair, reported (``beyond_error_ratio_rule``) for ONNX Runtime INT8, whose verdict is the per-layer check."""
     bad = []
     if kind == "fp" and not m["max_abs"] <= cfg.fp_max_abs:
         bad.append(f"max-abs {m['max_abs']:.3g} > {cfg.fp_max_abs:g}")
@@ -309,11 +326,13 @@ def validate_models(fp_onnx: Union[str, os.PathLike], int8_onnx: Union[str, os.P
                     fp_model: torch.nn.Module, quant_model: torch.nn.Module, calib: Union[CalibrationSet, str, os.PathLike],
                     config: ValidateConfig = ValidateConfig(), *, engine: Optional[Union[str, os.PathLike]] = None,
                     null_label: Optional[int] = None, bundle_sha256: Optional[str] = None,
-                    target: str = "trt") -> ValidationReport:
+                    target: str = "trt", output_grids: Optional[dict] = None) -> ValidationReport:
     """Run the torch FP / fake-quant models and the two ONNX graphs (and a TensorRT engine when possible) on the
     calibration inputs with ``Comparator.run`` and check the pairs against ``config``'s tolerances. The engine must
     pass its ``engine.json`` checks (this TensorRT, this GPU and, when ``bundle_sha256`` is given, this bundle).
-    ``target`` is the export flavour of ``int8_onnx``: ``ort-cpu`` graphs are checked by their error ratio."""
+    ``target`` is the export flavour of ``int8_onnx``; ``output_grids`` (``ort-cpu``: ``{layer: {"scale",
+    "zero_point"}}``, the grids the bundle records) what its output Q/DQ must follow. The INT8 graph is judged by
+    the teacher-forced per-layer check (:mod:`tdqrt.tools.layer_check`); its end-to-end error is reported."""
     from polygraphy.backend.onnxrt import OnnxrtRunner
     from polygraphy.comparator import Comparator
 
@@ -338,8 +357,9 @@ def validate_models(fp_onnx: Union[str, os.PathLike], int8_onnx: Union[str, os.P
                TorchRunner(quant_model, q_inputs, q_out, name="torch_quant"),
                OnnxrtRunner(lambda: create_session(fp_onnx, ["CPUExecutionProvider"]), name="ort_fp"),
                OnnxrtRunner(lambda: create_session(int8_onnx, ["CPUExecutionProvider"]), name="ort_int8")]
-    int8_kind = "ort-cpu" if target == "ort-cpu" else "int8"
-    pairs = [("torch_fp", "ort_fp", "fp"), ("torch_quant", "ort_int8", int8_kind), ("ort_fp", "ort_int8", None)]
+    layer_check = LayerCheck(int8_onnx, quant_model, target=target, config=config, output_grids=output_grids)
+    int8_kind = "ort-cpu" if target == "ort-cpu" else "int8"  # the end-to-end error-ratio rule, reported only
+    pairs = [("torch_fp", "ort_fp", "fp"), ("torch_quant", "ort_int8", None), ("ort_fp", "ort_int8", None)]
     if trt["ran"]:
         from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
@@ -366,6 +386,8 @@ def validate_models(fp_onnx: Union[str, os.PathLike], int8_onnx: Union[str, os.P
             if ref == "torch_quant":
                 m["median_sample_error_ratio"] = error_ratio(outputs["torch_fp"][k], outputs[ref][k],
                                                              outputs[other][k])
+                if kind is None:  # the pre-per-layer rule, for information
+                    m["beyond_error_ratio_rule"] = bool(check_metrics(int8_kind, m, config))
             bad = check_metrics(kind, m, config)
             m |= {"timestep": ts, "passed": None if kind is None else not bad}
             per_t.append(m)
@@ -379,10 +401,26 @@ def validate_models(fp_onnx: Union[str, os.PathLike], int8_onnx: Union[str, os.P
         report_pairs[label] = {"reference": ref, "candidate": other, "checked": kind,
                                "passed": None if kind is None else not pair_bad, "limits": _limits(kind, config),
                                "overall": overall, "per_timestep": per_t}
+    sens = []
+    for k, (ts, feed) in enumerate(feeds):
+        layer_check.run(feed, ts)
+        sens.append({"timestep": ts} | sensitivity(quant_model, outputs["torch_fp"][k], feed, outputs["torch_quant"][k],
+                                                    config.sensitivity_perturbation, seed=config.seed))
+    layer_failures = layer_check.failures()
+    failures += [f"per-layer check of {int8_onnx.name}: {f}" for f in layer_failures]
     return ValidationReport(passed=not failures, failures=failures, timesteps=timesteps,
                             samples_per_timestep=[len(f["timestep"]) for _, f in feeds], pairs=report_pairs,
-                            config=config.to_dict(), tensorrt=trt, target=target,
+                            config=config.to_dict(), tensorrt=trt, target=target, layers=layer_check.summary(),
+                            sensitivity=sens,
                             sources={"fp_onnx": str(fp_onnx), "int8_onnx": str(int8_onnx), "calibration": str(calib.path)})
+
+
+def recorded_output_grids(manifest: dict) -> Optional[dict]:
+    """``{layer: grid}`` from a bundle manifest's ``quant.qdq`` (``ort-cpu``), or None."""
+    qdq = (manifest.get("quant") or {}).get("qdq") or {}
+    if not qdq.get("output_grid"):
+        return None
+    return dict(zip(qdq["layers"], qdq["output_grid"]))
 
 
 def validate_bundle(bundle_dir: Union[str, os.PathLike], config: ValidateConfig = ValidateConfig(), *,
@@ -425,9 +463,10 @@ def validate_bundle(bundle_dir: Union[str, os.PathLike], config: ValidateConfig 
         raise ArtifactError(f"calibration set {calib_dir} does not exist; pass one with --calib")
     report = validate_models(fp_onnx, int8_onnx, models["fp_model"].model, models["quant_model"].model, calib_dir,
                              config, engine=engine, null_label=bundle.null_label, bundle_sha256=bundle.sha256,
-                             target=bundle.manifest.get("export", {}).get("target", "trt"))
-    if not report.passed and (warning := saturation_warning(bundle)):
-        report.failures.append(warning)
+                             target=bundle.manifest.get("export", {}).get("target", "trt"),
+                             output_grids=recorded_output_grids(bundle.manifest))
+    if warning := saturation_warning(bundle):  # the graph may be right while the fused kernels here are not
+        report.warnings.append(warning)
     report.sources |= {"bundle": str(bundle.path), "bundle_sha256": bundle.sha256,
                        "quant_model": str(models["quant_model"].path), "fp_model": str(models["fp_model"].path)}
     if save:
