@@ -23,7 +23,8 @@ output, the TensorRT-recommended placement with no Q on conv outputs, counts as 
 when it has no inputs.
 
 Unfused Q/DQ (each one is an extra memory-bound kernel; the cause is usually a Q/DQ placed where TensorRT cannot
-fold it into the neighbouring compute layer — notes/tensorrt-qdq.md §1.5-1.7):
+fold it into the neighbouring compute layer — TensorRT developer guide, "Explicit Quantization", Q/DQ layer-placement
+recommendations):
 
 * a conversion-only layer (``Reformat`` / ``Scale``) whose input and output differ in that exactly one side is
   INT8 — TREx's ``QDQLinter`` rule (``trex/lint.py``, "Unfused Quantize/Dequantize layer");
