@@ -326,15 +326,21 @@ def _fails_naming(report, layer: str, what: str) -> None:
 @pytest.mark.parametrize("where", ["first", "last"])
 def test_validate_fails_a_wrong_output_grid_naming_the_layer(bundle_dir, quant_dirs, tmp_path, where):
     """An output QuantizeLinear on a 4x coarser grid than the recorded one (its DequantizeLinear unchanged)."""
+    bad, layer = _rescaled_quantizer(bundle_dir, tmp_path, "/output_quantize", 0 if where == "first" else -1, 4.0)
+    _fails_naming(_broken(bundle_dir, quant_dirs, bad), layer, "recorded output grid")
+
+
+def _rescaled_quantizer(bundle_dir, tmp_path, role: str, index: int, factor: float):
+    """``unet.onnx`` with the scale of the ``index``-th QuantizeLinear named ``*<role>`` times ``factor`` (a fresh
+    initializer, so its DequantizeLinear keeps the recorded scale); returns the file and the layer's name."""
     model = onnx.load(str(bundle_dir / "unet.onnx"))
-    qs = [n for n in model.graph.node if n.name.endswith("/output_quantize")]
-    q = qs[0 if where == "first" else -1]
+    q = [n for n in model.graph.node if n.name.endswith(role)][index]
     scale = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == q.input[1]))
-    model.graph.initializer.append(numpy_helper.from_array((scale * 4).astype(np.float32), "tampered"))
+    model.graph.initializer.append(numpy_helper.from_array((scale * factor).astype(np.float32), "tampered"))
     q.input[1] = "tampered"
     bad = tmp_path / "unet_bad.onnx"
     onnx.save(model, str(bad))
-    _fails_naming(_broken(bundle_dir, quant_dirs, bad), q.name.split("/")[0], "recorded output grid")
+    return bad, q.name.split("/")[0]
 
 
 def test_validate_fails_a_dropped_output_qdq_naming_the_layer(bundle_dir, quant_dirs, tmp_path):
@@ -354,14 +360,8 @@ def test_validate_fails_a_dropped_output_qdq_naming_the_layer(bundle_dir, quant_
 
 
 def test_validate_fails_a_wrong_input_scale_naming_the_layer(bundle_dir, quant_dirs, tmp_path):
-    model = onnx.load(str(bundle_dir / "unet.onnx"))
-    q = next(n for n in model.graph.node if n.name.endswith("/act_quantize"))
-    scale = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == q.input[1]))
-    model.graph.initializer.append(numpy_helper.from_array((scale * 0.25).astype(np.float32), "tampered"))
-    q.input[1] = "tampered"
-    bad = tmp_path / "unet_bad.onnx"
-    onnx.save(model, str(bad))
-    _fails_naming(_broken(bundle_dir, quant_dirs, bad), q.name.split("/")[0], "activation codes are not Q(input")
+    bad, layer = _rescaled_quantizer(bundle_dir, tmp_path, "/act_quantize", 0, 0.25)
+    _fails_naming(_broken(bundle_dir, quant_dirs, bad), layer, "activation codes are not Q(input")
 
 
 def test_eight_bit_weights_warn_where_u8s8_kernels_saturate(tiny_digits_model, tiny_calib_set, tmp_path):
