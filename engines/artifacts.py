@@ -111,6 +111,7 @@ def folder_lock(path: str | os.PathLike, command: str | None = None) -> Iterator
     ``filelock`` package because the refusal must say who holds the lock, which ``filelock`` does not record.
     """
     lock = lock_file(path)
+    made = [d for d in (lock.parent, *lock.parent.parents) if not d.exists()]  # removed again when left empty
     lock.parent.mkdir(parents=True, exist_ok=True)
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
@@ -146,6 +147,9 @@ def folder_lock(path: str | os.PathLike, command: str | None = None) -> Iterator
         with contextlib.suppress(FileNotFoundError):
             os.unlink(lock)  # still holding the flock, so nobody else has it
         os.close(fd)
+        for d in made:  # innermost first: a command that failed before writing leaves no empty folders behind
+            with contextlib.suppress(OSError):
+                d.rmdir()
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:

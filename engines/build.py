@@ -117,10 +117,11 @@ class BuildConfig:
         check_bool("BuildConfig.use_gpu", self.use_gpu, flag="--use-gpu")
         if self.use_gpu and self.compute_capabilities is not None:
             raise invalid("BuildConfig.use_gpu", True, "either --use-gpu or --compute-capability",
-                          "drop one: --use-gpu builds for the local GPU", flag="--use-gpu")
+                          "drop one: --use-gpu builds for the local GPU and cannot be combined with "
+                          "--compute-capability", flag="--use-gpu")
         if self.backend == "ort" and (self.use_gpu or self.compute_capabilities is not None):
             raise invalid("BuildConfig.backend", self.backend, "a TensorRT backend with --compute-capability/--use-gpu",
-                          "drop --compute-capability/--use-gpu (TensorRT-RTX settings) for --backend ort",
+                          "--compute-capability and --use-gpu are TensorRT-RTX settings; drop them for --backend ort",
                           flag="--backend")
 
     @property

@@ -105,13 +105,14 @@ def test_fit_generator_recovers_curve_at_and_between_calibrated_timesteps():
     fitted = torch.arange(0, 1000, 50)
     grid = torch.arange(1000)
     target = dense_targets(fitted.tolist(), _smooth_curve(fitted.float()), 1000)
+    torch.manual_seed(0)  # the MLP's initialisation; without a seed it depended on the tests run before this one
     gen = TdqGenerator()
     err = fit_generator(gen, grid, target, steps=300)
     with torch.no_grad():
         at = (gen(fitted) - _smooth_curve(fitted.float())).abs() / _smooth_curve(fitted.float())
         inside = grid[:951]  # between the first and last calibrated timestep (log-linear interpolation there)
         between = (gen(inside) - _smooth_curve(inside.float())).abs() / _smooth_curve(inside.float())
-    # measured: 0.4 % at the fitted timesteps, 0.5 % anywhere in between
+    # measured over init seeds 0-7: 0.5-1.7 % at the fitted timesteps and anywhere in between (seed 0: 1.1 %)
     assert err < 0.02 and float(at.max()) < 0.02 and float(between.max()) < 0.02
 
 
