@@ -7,7 +7,7 @@ sha256 of the weights file (so a truncated or swapped file is refused, not silen
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from tdqrt.calibration.models import build_model
 from tdqrt.engines.artifacts import atomic_path, read_json, sha256_file, versions, write_json_atomic
 from tdqrt.engines.errors import ArtifactError
+from tdqrt.runtime.runnable import RunnableModel
 from tdqrt.runtime.schedules import ScheduleConfig
 
 FP_FORMAT = "tdqrt-fp-model"
@@ -26,18 +27,9 @@ CARD_FILE = "model.json"
 
 
 @dataclass
-class FPCheckpoint:
-    """A loaded FP model with the schedule it was trained for and its JSON card."""
-
-    model: torch.nn.Module
-    schedule: ScheduleConfig
-    card: dict
-    path: Path
-    sha256: str = field(default="")
-
-    @property
-    def num_classes(self) -> int:
-        return int(getattr(self.model, "num_classes", 0))
+class FPCheckpoint(RunnableModel):
+    """A torch model loaded from a checkpoint (FP, or quantized by :func:`~tdqrt.calibration.quant.checkpoint.
+    load_quant_checkpoint`) with the schedule it was trained for, its JSON card and its weights' sha256."""
 
 
 def save_fp_checkpoint(

@@ -25,9 +25,9 @@ import warnings
 from pathlib import Path
 from typing import Optional, Union
 
-from tdqrt.calibration.checkpoint import load_fp_checkpoint
 from tdqrt.calibration.quant.api import load_model_dir
 from tdqrt.calibration.quant.checkpoint import QUANT_FORMAT
+from tdqrt.calibration.resolve import open_recorded
 from tdqrt.engines.artifacts import atomic_dir, read_json, sha256_file, versions, write_json_atomic
 from tdqrt.engines.bundle import (BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST_FILE, UNET_FILE, UNET_FP_FILE, is_bundle_dir,
                                   open_bundle)
@@ -119,12 +119,7 @@ def export_bundle(quant_dir: Union[str, os.PathLike], out: Union[str, os.PathLik
     rec = load_model_dir(quant_dir)
     if rec.card.get("format") != QUANT_FORMAT:
         raise ConfigError(f"{quant_dir} is an FP checkpoint; export needs a quantized one (run `tdqrt calibrate`)")
-    fp_info = rec.card["fp_model"]
-    fp = load_fp_checkpoint(fp_dir if fp_dir is not None else fp_info["path"])
-    if fp.sha256 != fp_info["sha256"]:
-        raise ArtifactError(f"the FP checkpoint {fp.path} (weights sha256 {fp.sha256[:12]}…) is not the one "
-                            f"{quant_dir} was calibrated from ({fp_info['sha256'][:12]}…); pass the right one "
-                            "with --fp")
+    fp = open_recorded(rec.card["fp_model"], fp_dir, "FP model", f"the quantized checkpoint {quant_dir}", "--fp")
     schedule = rec.schedule.to_dict()
     table = None
     if d2_stats is not None:

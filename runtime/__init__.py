@@ -9,6 +9,7 @@ from tdqrt.runtime.corrections import (
     make_correction,
 )
 from tdqrt.runtime.d2 import D2Settings, D2Table, check_settings
+from tdqrt.runtime.runnable import RunnableModel, is_deployed, open_deployed
 from tdqrt.runtime.sampling import (
     EpsPrediction,
     NoiseSource,
@@ -44,4 +45,7 @@ __all__ = [
     "DeterministicD2",
     "PTQDCorrection",
     "make_correction",
+    "RunnableModel",
+    "is_deployed",
+    "open_deployed",
 ]

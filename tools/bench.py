@@ -53,13 +53,14 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from tdqrt.calibration.checkpoint import CARD_FILE, load_fp_checkpoint
+from tdqrt.calibration.checkpoint import CARD_FILE
 from tdqrt.calibration.models import PRESET_NAMES, model_from_preset
-from tdqrt.calibration.quant.api import CalibrateConfig, calibrate, load_model_dir
+from tdqrt.calibration.quant.api import CalibrateConfig, calibrate
 from tdqrt.calibration.quant.calib_set import CalibSetConfig, collect_calibration_set
 from tdqrt.calibration.quant.checkpoint import QUANT_CARD
 from tdqrt.calibration.quant.config import QuantConfig
 from tdqrt.calibration.quant.methods import METHODS, method_spec, options_from_dict
+from tdqrt.calibration.resolve import open_model
 from tdqrt.engines.artifacts import versions, write_json_atomic
 from tdqrt.engines.bundle import Bundle, is_bundle_dir, open_bundle
 from tdqrt.engines.config import check_choice, check_int, check_real, config_from_dict, invalid, is_int
@@ -68,12 +69,13 @@ from tdqrt.engines.errors import ConfigError
 from tdqrt.engines.ort import OrtDenoiser
 from tdqrt.engines.threads import torch_threads
 from tdqrt.runtime.corrections import CORRECTION_KINDS, GRANULARITIES
+from tdqrt.runtime.runnable import RunnableModel
 from tdqrt.runtime.sampling import SamplerConfig, guided_eps, sample
 from tdqrt.runtime.schedules import NoiseSchedule, ScheduleConfig
 from tdqrt.tools.d2 import D2StatsJob, collect_to_dir
 from tdqrt.tools.plots import save_bars
 from tdqrt.tools.quality import markdown_table
-from tdqrt.tools.sample import SampleJob, bundle_d2_stats, correction_hook, load_model_or_bundle
+from tdqrt.tools.sample import SampleJob, correction_hook, shipped_d2_stats
 
 BENCH_FORMAT = "tdqrt-bench"
 BENCH_VERSION = 1
@@ -435,7 +437,7 @@ def _unet_variants(cfg: UnetBenchConfig, threads: int) -> tuple[list[_Variant], 
     dev = torch.device(cfg.device)
     if cfg.model or cfg.preset:
         if cfg.model:
-            ckpt = load_model_dir(cfg.model, device=cfg.device)
+            ckpt = open_model(cfg.model, device=cfg.device)
             model, source, horizon = ckpt.model, cfg.model, ckpt.schedule.num_train_timesteps
         else:
             model = model_from_preset(cfg.preset, image_size=cfg.image_size, in_channels=cfg.in_channels,
@@ -453,7 +455,7 @@ def _unet_variants(cfg: UnetBenchConfig, threads: int) -> tuple[list[_Variant], 
                 skipped.append({"variant": "torch-fp16", "reason": f"FP16 torch needs a CUDA device (--device cuda); "
                                                                    f"this run is on {dev}"})
     if cfg.quant and cfg.wants("torch-fakequant"):
-        ckpt = load_model_dir(cfg.quant, device=cfg.device)
+        ckpt = open_model(cfg.quant, device=cfg.device)
         q = ckpt.card["quant"]
         variants.append(_Variant("torch-fakequant", "torch", f"fake-quant W{q['wbits']}A{q['abits']}", cfg.quant,
                                  ckpt.model, _signature(ckpt.model), {"device": str(dev), "method": q["method"]}))
@@ -582,20 +584,20 @@ class LoopBenchConfig:
         return config_from_dict(cls, d)
 
 
-def _d2_stats_dir(cfg: LoopBenchConfig) -> Optional[str]:
+def _d2_stats_dir(cfg: LoopBenchConfig, model: RunnableModel) -> Optional[str]:
     """Where the D² statistics come from: ``d2_stats``, else the bundle's own (refused when it ships none)."""
     if cfg.d2 == "off" or cfg.d2_stats is not None:
         return cfg.d2_stats
-    return bundle_d2_stats(cfg.model)
+    return shipped_d2_stats(model)
 
 
 def bench_loop(cfg: LoopBenchConfig, *, command: Optional[str] = None, progress: bool = False) -> dict[str, Any]:
     """Time whole sampling runs with D² off and on (round robin); per run also the Σ UNet and Σ D² hook time."""
     with torch_threads(cfg.threads) as threads:
-        ckpt = load_model_or_bundle(cfg.model, device=cfg.device, threads=threads)
+        ckpt = open_model(cfg.model, device=cfg.device, threads=threads)
         model = ckpt.model
         schedule = NoiseSchedule(ckpt.schedule)
-        stats = _d2_stats_dir(cfg)
+        stats = _d2_stats_dir(cfg, ckpt)
         shape = (model.in_channels, model.image_size, model.image_size)
         unet_timer, hook_timer = SpanTimer(cfg.device), SpanTimer(cfg.device)
         denoiser = unet_timer.wrap(model)
@@ -760,7 +762,7 @@ def _run_child(fn: Callable, *args: Any, threads: Optional[int], device: str, **
 
 
 def _collect_calib_set(model_dir: str, out_dir: str, cfg: CalibSetConfig, device: str) -> None:
-    fp = load_fp_checkpoint(model_dir, device=device)
+    fp = open_model(model_dir, device=device)
     collect_calibration_set(fp.model, NoiseSchedule(fp.schedule), cfg, out_dir, device=device, progress=False)
 
 

@@ -229,8 +229,9 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_run_sample)
 
     p = _command(sub, "d2-stats", "collect D²/PTQD quantization-error statistics (FP vs quantized)")
-    p.add_argument("--fp", required=True, type=Path, help="FP model directory")
-    p.add_argument("--quant", required=True, type=Path, help="quantized model directory")
+    p.add_argument("--quant", required=True, type=Path, help="quantized model directory (`tdqrt calibrate --out`)")
+    p.add_argument("--fp", type=Path, default=None,
+                   help="the FP model it was calibrated from, if it moved (default: the path in quant.json)")
     p.add_argument("--out", required=True, type=Path, help="statistics directory to write: d2.npz, d2.json, d2.png")
     p.add_argument("--num", type=int, default=256, help="trajectories")
     p.add_argument("--batch", type=int, default=64, help="trajectories per model call")
@@ -409,8 +410,9 @@ def _parse_options(pairs: list[str]) -> dict:
 
 
 def _run_calibrate(args: argparse.Namespace) -> int:
-    from tdqrt.calibration.quant.api import CalibrateConfig, calibrate, load_model_dir
+    from tdqrt.calibration.quant.api import CalibrateConfig, calibrate
     from tdqrt.calibration.quant.config import DEFAULT_KEEP_FLOAT, QuantConfig
+    from tdqrt.calibration.resolve import open_model
     from tdqrt.tools.plots import save_scale_curves
 
     quant = QuantConfig(method=args.method, wbits=args.wbits, abits=args.abits,
@@ -419,7 +421,7 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     cfg = CalibrateConfig(quant=quant, calib_set=_calib_set_from_args(args), options=_parse_options(args.option),
                           device=args.device)
     out = calibrate(args.model, args.out, cfg, calib_dir=args.calib)
-    qm = load_model_dir(out).model
+    qm = open_model(out).model
     save_scale_curves(out / "scales.png", qm.scale_table(), qm.layer_names, title=f"{args.method} W{args.wbits}A{args.abits}")
     print(f"quantized model written to {out} (quant.safetensors, quant.json, scales.png)")
     return 0

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from tdqrt.calibration.d2_stats import collect_d2_stats
-from tdqrt.calibration.quant.api import load_model_dir
+from tdqrt.calibration.quant.checkpoint import QUANT_FORMAT
+from tdqrt.calibration.resolve import open_model, open_recorded
 from tdqrt.engines.config import check_int, check_real
 from tdqrt.engines.errors import ConfigError
 from tdqrt.runtime.d2 import D2Table
@@ -32,12 +34,16 @@ class D2StatsJob:
         check_real("D2StatsJob.outlier_sigma", self.outlier_sigma, above=0.0, finite=False, flag="--outlier-sigma")
 
 
-def collect_to_dir(fp_dir: str | Path, quant_dir: str | Path, out_dir: str | Path, job: D2StatsJob, *,
+def collect_to_dir(fp_dir: Optional[str | Path], quant_dir: str | Path, out_dir: str | Path, job: D2StatsJob, *,
                    progress: bool = True) -> D2Table:
-    fp = load_model_dir(fp_dir, device=job.device)
-    quant = load_model_dir(quant_dir, device=job.device)
-    if fp.schedule != quant.schedule or fp.model.spec() != quant.model.spec():
-        raise ConfigError(f"{quant_dir} was not made from the FP model in {fp_dir} (architecture or schedule differ)")
+    """Statistics of the quantized checkpoint ``quant_dir`` against the FP model it was calibrated from (the one its
+    card records, or ``fp_dir`` with the recorded sha256), saved into ``out_dir`` with a plot."""
+    quant = open_model(quant_dir, device=job.device)
+    if quant.card.get("format") != QUANT_FORMAT:
+        raise ConfigError(f"--quant {quant_dir} is not a quantized checkpoint (quant.json); pass the --out folder of "
+                          "`tdqrt calibrate`")
+    fp = open_recorded(quant.card["fp_model"], fp_dir, "FP model", f"the quantized checkpoint {quant_dir}", "--fp",
+                       device=job.device)
     m = fp.model
     table = collect_d2_stats(
         m, quant.model, NoiseSchedule(fp.schedule), job.sampler, num=job.num, batch=job.batch, seed=job.seed,

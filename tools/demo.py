@@ -42,10 +42,10 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from tdqrt.calibration.checkpoint import load_fp_checkpoint
-from tdqrt.calibration.quant.api import CalibrateConfig, calibrate, load_model_dir
+from tdqrt.calibration.quant.api import CalibrateConfig, calibrate
 from tdqrt.calibration.quant.calib_set import CalibSetConfig, collect_calibration_set
 from tdqrt.calibration.quant.config import QuantConfig
+from tdqrt.calibration.resolve import open_model
 from tdqrt.calibration.training import TrainConfig, train
 from tdqrt.engines.artifacts import (atomic_dir, read_json, sha256_file, sha256_json, versions, write_bytes_atomic,
                                      write_json_atomic)
@@ -65,7 +65,7 @@ from tdqrt.tools.bootstrap import Estimate, distinguishable
 from tdqrt.tools.metrics import EVAL_VERSION, EvalConfig, evaluate
 from tdqrt.tools.plots import save_curve, save_image_panels, save_scale_comparison
 from tdqrt.tools.quality import eps_error_per_step, markdown_table
-from tdqrt.tools.sample import SampleJob, load_model_or_bundle, sample_model
+from tdqrt.tools.sample import SampleJob, sample_model
 from tdqrt.tools.validate import ValidateConfig, validate_bundle
 
 SHIPPED_MODEL = "digits-small"
@@ -333,7 +333,7 @@ def _model_stage(runner: StageRunner, cfg: DemoConfig) -> Stage:
     if not (cfg.quick or cfg.retrain):
         shipped = shipped_model_dir()
         try:
-            ckpt = load_fp_checkpoint(shipped)
+            ckpt = open_model(shipped)
         except ArtifactError as exc:
             raise ArtifactError(f"the shipped demo model is unusable ({exc}); reinstall tdqrt, or train one with "
                                 "`tdqrt demo --retrain`") from exc
@@ -349,7 +349,7 @@ def _model_stage(runner: StageRunner, cfg: DemoConfig) -> Stage:
         train(train_cfg, tmp, progress=runner.progress)
         (tmp / "train_state.pt").unlink(missing_ok=True)  # resume state: the finished run needs none
         return {"dir": str(final.resolve()), "origin": f"trained by this demo ({train_cfg.model} preset)",
-                "sha256": load_fp_checkpoint(tmp).sha256}
+                "sha256": open_model(tmp).sha256}
 
     return runner.run("model", f"train the {train_cfg.model} preset for {cfg.train_steps} steps",
                       {"train": asdict(train_cfg) | {"schedule": train_cfg.schedule.to_dict()}}, body)
@@ -439,10 +439,10 @@ def _eps_error_stage(runner: StageRunner, cfg: DemoConfig, model: Stage, w8a8: S
     bundle = export.path / "bundle"
 
     def body(tmp: Path) -> dict:
-        fp = load_model_dir(model.summary["dir"], device=cfg.device)
+        fp = open_model(model.summary["dir"], device=cfg.device)
         m, schedule = fp.model, NoiseSchedule(fp.schedule)
-        models = {f"{w8a8.summary['label']} (torch fake-quant)": load_model_dir(w8a8.path, device=cfg.device).model,
-                  f"{cfg.label('w4a8')} (INT8 bundle, ORT)": load_model_or_bundle(bundle).model}
+        models = {f"{w8a8.summary['label']} (torch fake-quant)": open_model(w8a8.path, device=cfg.device).model,
+                  f"{cfg.label('w4a8')} (INT8 bundle, ORT)": open_model(bundle).model}
         curves = {}
         for label, quant in models.items():
             err = eps_error_per_step(m, quant, schedule, cfg.sampler, num=cfg.err_num, batch=cfg.err_num,
@@ -478,12 +478,12 @@ def _speed_stage(runner: StageRunner, cfg: DemoConfig, model: Stage, w4a8: Stage
     def body(tmp: Path) -> dict:
         from tdqrt.engines.ort import OrtDenoiser
 
-        fp = load_model_dir(model.summary["dir"], device=cfg.device)
+        fp = open_model(model.summary["dir"], device=cfg.device)
         schedule = NoiseSchedule(fp.schedule)
         backends = {"torch FP": fp.model,
-                    f"torch fake-quant ({cfg.label('w4a8')})": load_model_dir(w4a8.path, device=cfg.device).model,
+                    f"torch fake-quant ({cfg.label('w4a8')})": open_model(w4a8.path, device=cfg.device).model,
                     "ONNX Runtime FP (unet_fp.onnx)": OrtDenoiser(bundle, role="unet_fp"),
-                    "ONNX Runtime INT8 (unet.onnx)": load_model_or_bundle(bundle).model}
+                    "ONNX Runtime INT8 (unet.onnx)": open_model(bundle).model}
         for denoiser in backends.values():  # warm-up: the first call allocates and (ORT) plans
             x = torch.zeros(cfg.batch, denoiser.in_channels, denoiser.image_size, denoiser.image_size)
             with torch.inference_mode():
@@ -588,7 +588,7 @@ def _report_stage(runner: StageRunner, cfg: DemoConfig, st: dict[str, Stage]) ->
 
 def _write_report(tmp: Path, cfg: DemoConfig, st: dict[str, Stage], runner: StageRunner) -> dict:
     """``report.md`` and its PNGs, ``metrics.json`` and ``demo.json`` into ``tmp``; returns the stage summary."""
-    fp_card = load_fp_checkpoint(st["model"].summary["dir"]).card
+    fp_card = open_model(st["model"].summary["dir"]).card
     training = fp_card.get("training", {})
     ext = st["extractor"].summary
     fe = ext["name"]
@@ -605,7 +605,7 @@ def _write_report(tmp: Path, cfg: DemoConfig, st: dict[str, Stage], runner: Stag
     save_image_panels(tmp / "samples.png", panels, title=f"first {shown} samples (same seeds and labels)")
 
     # activation scale vs timestep: TDQ W4A8 vs static W8A8 on the same axes
-    q8, q4 = load_model_dir(st["w8a8"].path).model, load_model_dir(st["w4a8"].path).model
+    q8, q4 = open_model(st["w8a8"].path).model, open_model(st["w4a8"].path).model
     t8, t4 = q8.scale_table().numpy(), q4.scale_table().numpy()
     layers = _scale_layers(t4)
     save_scale_comparison(tmp / "scales.png", {cfg.label("w4a8"): t4, cfg.label("w8a8"): t8}, q4.layer_names, layers,
@@ -770,7 +770,7 @@ def _run_stages(runner: StageRunner, cfg: DemoConfig) -> None:
     calib_cfg = cfg.calib_set_config()
 
     def calib_body(tmp: Path) -> dict:
-        fp = load_fp_checkpoint(model_dir, device=cfg.device)
+        fp = open_model(model_dir, device=cfg.device)
         calib = collect_calibration_set(fp.model, NoiseSchedule(fp.schedule), calib_cfg, tmp, device=cfg.device,
                                         progress=runner.progress)
         return {"count": len(calib), "timesteps": len(calib.timesteps)}

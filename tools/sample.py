@@ -20,13 +20,14 @@ import numpy as np
 import torch
 
 from tdqrt.calibration.data.images import to_uint8_nhwc
-from tdqrt.calibration.quant.api import load_model_dir
+from tdqrt.calibration.resolve import open_model
 from tdqrt.engines.artifacts import write_bytes_atomic, write_json_atomic
 from tdqrt.engines.config import check_bool, check_choice, check_int
 from tdqrt.engines.errors import ConfigError
 from tdqrt.engines.progress import note, progress_bar, saved_progress
 from tdqrt.runtime.corrections import CORRECTION_KINDS, GRANULARITIES, make_correction
 from tdqrt.runtime.d2 import D2Table
+from tdqrt.runtime.runnable import RunnableModel
 from tdqrt.runtime.sampling import Sampler, SamplerConfig, StepHook, sample
 from tdqrt.runtime.schedules import NoiseSchedule
 from tdqrt.tools.distributed import Ranks
@@ -91,43 +92,12 @@ def correction_hook(job: SampleJob, schedule: NoiseSchedule, model_sha256: str) 
     return make_correction(job.d2, job.d2_granularity, table, Sampler(schedule, job.sampler), force=job.d2_force)
 
 
-def bundle_d2_stats(path: str | Path) -> str:
-    """The D² statistics the bundle at ``path`` ships: what ``--d2`` uses without ``--d2-stats``."""
-    from tdqrt.engines.bundle import is_bundle_dir, open_bundle
-
-    if not is_bundle_dir(path) or open_bundle(path).d2_dir is None:
-        raise ConfigError(f"--d2 needs --d2-stats DIR (written by `tdqrt d2-stats` for this model): {path} is not a "
-                          "bundle that ships D² statistics; or pass --d2 off")
-    return str(open_bundle(path).d2_dir)
-
-
-def load_model_or_bundle(path: str | Path, *, device: str = "cpu", threads: Optional[int] = None,
-                         engine: Optional[str | Path] = None):
-    """An FP/quantized checkpoint directory (torch model), or an exported bundle (``tdqrt export``): its INT8
-    ``unet.onnx`` run by ONNX Runtime (``threads`` intra-op threads; None: ONNX Runtime's default), with the
-    bundle's schedule. A TensorRT plan (``engine``, or ``path`` itself ending in .plan/.engine) runs in TensorRT
-    instead, ``path`` then naming its bundle (default: the one its engine.json records). For a bundle, ``sha256``
-    is the quantized model's (what D² statistics record), and ``--d2-stats`` may point at the bundle itself when
-    it ships them."""
-    from tdqrt.calibration.checkpoint import FPCheckpoint
-    from tdqrt.engines.bundle import is_bundle_dir, open_bundle
-    from tdqrt.engines.engine_card import is_engine_file
-    from tdqrt.engines.ort import OrtDenoiser
-    from tdqrt.engines.trt import TrtDenoiser
-    from tdqrt.runtime.schedules import ScheduleConfig
-
-    if engine is None and is_engine_file(path):
-        engine = path
-    if engine is not None:
-        denoiser = TrtDenoiser(engine, bundle=None if Path(path) == Path(engine) else path)
-        bundle = denoiser.bundle
-    elif not is_bundle_dir(path):
-        return load_model_dir(path, device=device)
-    else:
-        bundle = open_bundle(path)
-        denoiser = OrtDenoiser(bundle, threads=threads)
-    sha = bundle.manifest.get("sources", {}).get("quant_model", {}).get("sha256", bundle.sha256)
-    return FPCheckpoint(denoiser, ScheduleConfig.from_dict(bundle.schedule), bundle.manifest, bundle.path, sha)
+def shipped_d2_stats(model: RunnableModel) -> str:
+    """The D² statistics ``model`` ships (a bundle's): what ``--d2`` uses without ``--d2-stats``."""
+    if model.d2_dir is None:
+        raise ConfigError(f"--d2 needs --d2-stats DIR (written by `tdqrt d2-stats` for this model): {model.path} is "
+                          "not a bundle that ships D² statistics; or pass --d2 off")
+    return str(model.d2_dir)
 
 
 def shard_settings(job: SampleJob, model_sha256: str) -> dict:
@@ -153,9 +123,9 @@ def sample_model(model_dir: str | Path, out_dir: str | Path, job: SampleJob, *,
     out_dir = Path(out_dir)
 
     def load():
-        ckpt = load_model_or_bundle(model_dir, device=job.device, engine=job.engine)
+        ckpt = open_model(model_dir, device=job.device, engine=job.engine)
         resolved = job if job.d2 == "off" or job.d2_stats is not None else \
-            dataclasses.replace(job, d2_stats=bundle_d2_stats(ckpt.path))
+            dataclasses.replace(job, d2_stats=shipped_d2_stats(ckpt))
         return ckpt, resolved, correction_hook(resolved, NoiseSchedule(ckpt.schedule), ckpt.sha256)
 
     ckpt, job, hook = ranks.collective(load)

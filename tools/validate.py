@@ -57,10 +57,10 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-from tdqrt.calibration.quant.api import load_model_dir
 from tdqrt.calibration.quant.calib_set import CalibrationSet
 from tdqrt.calibration.quant.calib_set import calibration_feeds as select_feeds
 from tdqrt.calibration.quant.checkpoint import QUANT_FORMAT
+from tdqrt.calibration.resolve import open_recorded
 from tdqrt.engines.artifacts import write_json_atomic
 from tdqrt.engines.bundle import open_bundle
 from tdqrt.engines.config import check_int, check_real
@@ -439,20 +439,8 @@ def validate_bundle(bundle_dir: Union[str, os.PathLike], config: ValidateConfig 
         raise ArtifactError(f"bundle {bundle.path} has no unet_fp.onnx (exported without the FP reference); "
                             "re-export it with `tdqrt export`")
     sources = bundle.manifest.get("sources") or {}
-    models = {}
-    for role, override, flag in (("quant_model", quant_dir, "--quant"), ("fp_model", fp_dir, "--fp")):
-        src = sources.get(role) or {}
-        path = override if override is not None else src.get("path")
-        if path is None:
-            raise ConfigError(f"bundle {bundle.path} records no {role} source; pass it with {flag}")
-        if not Path(path).exists():
-            raise ArtifactError(f"the {role.replace('_', ' ')} {path} recorded by the bundle does not exist; pass "
-                                f"it with {flag}")
-        rec = load_model_dir(path)
-        if src.get("sha256") and rec.sha256 != src["sha256"]:
-            raise ArtifactError(f"{path} (sha256 {rec.sha256[:12]}…) is not the {role.replace('_', ' ')} the bundle "
-                                f"was exported from ({src['sha256'][:12]}…); pass the right one with {flag}")
-        models[role] = rec
+    models = {role: open_recorded(sources.get(role), override, role.replace("_", " "), f"bundle {bundle.path}", flag)
+              for role, override, flag in (("quant_model", quant_dir, "--quant"), ("fp_model", fp_dir, "--fp"))}
     if models["quant_model"].card.get("format") != QUANT_FORMAT:
         raise ConfigError(f"{models['quant_model'].path} is not a quantized checkpoint; pass one with --quant")
     if calib_dir is None:
