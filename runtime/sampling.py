@@ -438,8 +438,13 @@ def sample(
     hook: Optional[StepHook] = None,
     device: Union[str, torch.device] = "cpu",
     progress: bool = False,
+    x_T: Optional[Tensor] = None,
 ) -> Tensor:
     """Run the sampler from pure noise to x0; returns float32 ``[B, *shape]`` (not clamped).
+
+    ``x_T``: the initial noise ``[B, *shape]`` to start from instead of the streams' first draw (to reproduce
+    another implementation's run from its own noise, e.g. a diffusers pipeline's ``generator``); the streams
+    still supply every later draw.
 
     ``denoiser`` outputs what ``schedule.config.prediction_type`` says; it is converted to ε per call
     (:func:`as_eps_denoiser`), so guidance and ``hook`` see ε.
@@ -464,6 +469,10 @@ def sample(
             raise ConfigError(f"y has shape {tuple(y.shape)}, expected ({B},): one class label per sample.")
     draw_z = sampler.stochastic or hook is not None
     x = noise.randn(shape)
+    if x_T is not None:
+        if tuple(x_T.shape) != tuple(x.shape):
+            raise ConfigError(f"x_T has shape {tuple(x_T.shape)}, expected {tuple(x.shape)}: [batch, *shape]")
+        x = x_T.to(device=x.device, dtype=x.dtype)
     zs = noise.draws(len(sampler), shape) if draw_z else None
     on_device = noise.device.type != "cpu"
     first_bad = torch.full((), -1, dtype=torch.long, device=noise.device)  # first step with NaN/Inf (device only)
