@@ -3,7 +3,8 @@ guided-diffusion evaluator), ``grid.png`` and ``sample.json`` (the settings and 
 
 Every sample has a global index; its noise comes from (seed, index) alone, so the same index gives the same
 image whatever the batch size, the rank that draws it or the number of ranks. Class-conditional models get label
-``index % num_classes``. Finished batches are saved as shards (:mod:`tdqrt.tools.shards`) as they complete, so a
+``index % num_classes``. A latent model's samples are decoded to images (:func:`latent_decoder`) before they are
+stored. Finished batches are saved as shards (:mod:`tdqrt.tools.shards`) as they complete, so a
 killed run resumes, and several ranks (``torchrun ... --distributed``) draw one job together.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -130,6 +131,29 @@ def load_model_or_bundle(path: str | Path, *, device: str = "cpu", threads: Opti
     return FPCheckpoint(denoiser, ScheduleConfig.from_dict(bundle.schedule), bundle.manifest, bundle.path, sha)
 
 
+def latent_decoder(ckpt, device: str = "cpu") -> tuple[Optional[Callable], Optional[dict], tuple[int, int, int]]:
+    """``(decode, info, (H, W, C))`` for the model ``ckpt`` (from :func:`load_model_or_bundle`): ``decode`` turns
+    its samples into images in [-1, 1] — a latent bundle's ``decoder.onnx`` (ONNX Runtime), or for an FP /
+    quantized checkpoint of a latent model the torch decoder of the autoencoder its card records —, ``info`` the
+    decoder's path and sha256 (for sample.json), ``(H, W, C)`` the shape of the stored images. Pixel models:
+    ``(None, None, the UNet's sample shape)``."""
+    from tdqrt.calibration.models.autoencoder import LatentDecoder
+    from tdqrt.engines.decoder import OrtDecoder
+
+    model = ckpt.model
+    bundle = getattr(model, "bundle", None)  # ORT / TensorRT denoisers of a bundle
+    if bundle is not None and bundle.decoder is not None:
+        ort_decoder = OrtDecoder(bundle)
+        info = {"kind": "onnx", "path": str(ort_decoder.path), "sha256": ort_decoder.sha256}
+        return ort_decoder, info, (bundle.output_image_size, bundle.output_image_size, bundle.output_channels)
+    record = None if bundle is not None else ckpt.card.get("autoencoder")
+    if record is None:
+        return None, None, (model.image_size, model.image_size, model.in_channels)
+    torch_decoder = LatentDecoder.from_record(record, device)
+    info = {"kind": record["class"], "path": str(Path(record["path"]) / record["weights"]), "sha256": record["sha256"]}
+    return torch_decoder, info, (int(record["image_size"]), int(record["image_size"]), int(record["out_channels"]))
+
+
 def shard_settings(job: SampleJob, model_sha256: str) -> dict:
     """What fixes the samples' values, recorded in the shard manifest: the job (its device by type only, since
     cuda:0 and cuda:1 draw the same), the model and the torch version."""
@@ -156,15 +180,17 @@ def sample_model(model_dir: str | Path, out_dir: str | Path, job: SampleJob, *,
         ckpt = load_model_or_bundle(model_dir, device=job.device, engine=job.engine)
         resolved = job if job.d2 == "off" or job.d2_stats is not None else \
             dataclasses.replace(job, d2_stats=bundle_d2_stats(ckpt.path))
-        return ckpt, resolved, correction_hook(resolved, NoiseSchedule(ckpt.schedule), ckpt.sha256)
+        return ckpt, resolved, correction_hook(resolved, NoiseSchedule(ckpt.schedule), ckpt.sha256), \
+            latent_decoder(ckpt, job.device)
 
-    ckpt, job, hook = ranks.collective(load)
+    ckpt, job, hook, (decode, decoder_info, image_shape) = ranks.collective(load)
     t0 = time.perf_counter()
     model = ckpt.model
     schedule = NoiseSchedule(ckpt.schedule)
     shape = (model.in_channels, model.image_size, model.image_size)
-    store = ShardStore(out_dir / "shards", job.num, job.batch, (model.image_size, model.image_size, model.in_channels))
-    every = ranks.gather(shard_settings(job, ckpt.sha256))
+    store = ShardStore(out_dir / "shards", job.num, job.batch, image_shape)
+    every = ranks.gather(shard_settings(job, ckpt.sha256)
+                         | ({"decoder_sha256": decoder_info["sha256"]} if decoder_info else {}))
 
     def plan() -> Optional[list[int]]:
         if ranks.rank != 0:
@@ -189,6 +215,9 @@ def sample_model(model_dir: str | Path, out_dir: str | Path, job: SampleJob, *,
         y = (idx % model.num_classes).to(job.device) if model.num_classes else None
         x = sample(model, schedule, job.sampler, sample_indices=idx, seed=job.seed, shape=shape, y=y,
                    null_label=model.null_label, hook=hook, device=job.device, progress=progress and ranks.rank == 0)
+        if decode is not None:
+            with torch.no_grad():
+                x = decode(x)
         labels = y.cpu().numpy() if y is not None else np.full(len(idx), -1, np.int64)
         store.write(batch, to_uint8_nhwc(x.cpu()), labels)
 
@@ -200,7 +229,8 @@ def sample_model(model_dir: str | Path, out_dir: str | Path, job: SampleJob, *,
         meta = {"format": "tdqrt-samples", "version": 1, "job": job.to_dict(), "model": str(Path(model_dir)),
                 "model_sha256": ckpt.sha256, "seconds": round(seconds, 3), "world_size": ranks.world,
                 "batches": {"total": len(store.ranges), "drawn": len(pending),
-                            "resumed": len(store.ranges) - len(pending)}}
+                            "resumed": len(store.ranges) - len(pending)}} \
+            | ({"decoder": decoder_info} if decoder_info else {})
         write_samples(out_dir, images, labels, meta)
         store.remove()
         return SampleResult(images, labels, seconds, out_dir)
