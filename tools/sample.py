@@ -131,6 +131,12 @@ def load_model_or_bundle(path: str | Path, *, device: str = "cpu", threads: Opti
     return FPCheckpoint(denoiser, ScheduleConfig.from_dict(bundle.schedule), bundle.manifest, bundle.path, sha)
 
 
+# Latents decoded per call: a VQModel's nearest-codebook search holds a [latent pixels x codebook entries] distance
+# matrix per image (LDM-CelebA-HQ: 64x64 latents x 8192 entries, ~0.2 GB per image in ONNX Runtime), so a sampling
+# batch of 64 would need ~14 GB at once.
+DECODE_BATCH = 8
+
+
 def latent_decoder(ckpt, device: str = "cpu") -> tuple[Optional[Callable], Optional[dict], tuple[int, int, int]]:
     """``(decode, info, (H, W, C))`` for the model ``ckpt`` (from :func:`load_model_or_bundle`): ``decode`` turns
     its samples into images in [-1, 1] — a latent bundle's ``decoder.onnx`` (ONNX Runtime), or for an FP /
@@ -217,7 +223,7 @@ def sample_model(model_dir: str | Path, out_dir: str | Path, job: SampleJob, *,
                    null_label=model.null_label, hook=hook, device=job.device, progress=progress and ranks.rank == 0)
         if decode is not None:
             with torch.no_grad():
-                x = decode(x)
+                x = torch.cat([decode(part) for part in x.split(DECODE_BATCH)])
         labels = y.cpu().numpy() if y is not None else np.full(len(idx), -1, np.int64)
         store.write(batch, to_uint8_nhwc(x.cpu()), labels)
 
