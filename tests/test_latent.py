@@ -127,6 +127,7 @@ def test_latent_bundle_samples_decoded_images(latent_model, tmp_path):
     from tdqrt.calibration.models.autoencoder import LatentDecoder
     from tdqrt.engines.bundle import open_bundle
     from tdqrt.engines.decoder import OrtDecoder
+    from tdqrt.engines.errors import ConfigError
     from tdqrt.engines.ort import OrtDenoiser
     from tdqrt.runtime.sampling import SamplerConfig
     from tdqrt.runtime.schedules import ScheduleConfig
@@ -155,6 +156,8 @@ def test_latent_bundle_samples_decoded_images(latent_model, tmp_path):
     torch_decoder = LatentDecoder.from_record(record)
     with torch.no_grad():
         torch_decoded = np.concatenate([to_uint8_nhwc(torch_decoder(z)) for z in latents])
+    with pytest.raises(ConfigError, match=r"decodes latents shaped \[B, 3, 8, 8\]"):
+        OrtDecoder(bundle)(torch.zeros(1, 4, LATENT, LATENT))
     # ORT and torch decodes agree to ~1e-5, so a value may round to the neighbouring uint8 level
     assert np.abs(result.images.astype(int) - torch_decoded.astype(int)).max() <= 1
     assert (result.images != result.images[0]).any()  # three different images, not a constant
