@@ -40,8 +40,12 @@ def save_fp_checkpoint(
     data: dict,
     training: dict,
     ema: bool,
+    autoencoder: dict | None = None,
 ) -> Path:
-    """Write the weights and the card atomically; the card is written last, so its presence means complete."""
+    """Write the weights and the card atomically; the card is written last, so its presence means complete.
+
+    ``autoencoder``: for a latent model, the record of the autoencoder that decodes its samples
+    (:mod:`tdqrt.calibration.models.autoencoder`); None for a pixel model."""
     return write_card_and_weights(out_dir, model, WEIGHTS_FILE, CARD_FILE, {
         "format": FP_FORMAT,
         "version": FP_VERSION,
@@ -50,6 +54,7 @@ def save_fp_checkpoint(
         "data": data,
         "training": training,
         "ema": ema,
+        "autoencoder": autoencoder,
     })
 
 

@@ -5,6 +5,8 @@ A bundle is a directory written by ``tdqrt export``::
     unet.onnx            INT8 Q/DQ UNet  (sample, timestep[, class_labels]) -> eps   (+ unet.onnx.data when large)
     unet_fp.onnx         the FP UNet with the same signature (the validation reference)
     d2.npz, d2.json      D² statistics (optional; read with tdqrt.runtime.d2.D2Table.load(bundle.path))
+    decoder.onnx         latent models only: the FP32 autoencoder decoder, latents -> images in [-1, 1]
+                         (run by tdqrt.engines.decoder.OrtDecoder; the manifest's "decoder" entry describes it)
     manifest.json        format tag + version, sha256 and size of every file, model / quant / export settings,
                          noise schedule, D² sampler settings, versions of the tools that wrote it
 
@@ -28,6 +30,7 @@ BUNDLE_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 UNET_FILE = "unet.onnx"
 UNET_FP_FILE = "unet_fp.onnx"
+DECODER_FILE = "decoder.onnx"
 ROLES = {"unet": UNET_FILE, "unet_fp": UNET_FP_FILE}
 
 _REEXPORT = "re-export the bundle with `tdqrt export`"
@@ -88,6 +91,27 @@ class Bundle:
         """Directory holding ``d2.npz`` + ``d2.json`` (the bundle itself), or None when the bundle has none."""
         return self.path if self.has_d2 else None
 
+    @property
+    def decoder(self) -> Optional[dict]:
+        """The manifest's ``"decoder"`` entry of a latent model (``record``: the autoencoder record it was
+        exported from, ``image_size``, ``out_channels``, ``latent_shape``); None for a pixel model."""
+        return self.manifest.get("decoder")
+
+    @property
+    def decoder_path(self) -> Optional[Path]:
+        """``decoder.onnx`` of a latent model; None for a pixel model."""
+        return self.path / DECODER_FILE if self.decoder is not None else None
+
+    @property
+    def output_image_size(self) -> int:
+        """Pixel size of the images the bundle samples: the decoder's for a latent model, else the UNet's."""
+        return int(self.decoder["image_size"]) if self.decoder is not None else self.image_size
+
+    @property
+    def output_channels(self) -> int:
+        """Channels of the images the bundle samples: the decoder's for a latent model, else the UNet's."""
+        return int(self.decoder["out_channels"]) if self.decoder is not None else self.in_channels
+
     def onnx_path(self, role: str = "unet") -> Optional[Path]:
         """Path of ``unet.onnx`` (``role="unet"``) or ``unet_fp.onnx`` (``"unet_fp"``); None if not in the bundle."""
         if role not in ROLES:
@@ -136,6 +160,8 @@ def open_bundle(path: Union[str, os.PathLike], *, verify: bool = True) -> Bundle
         verify_files(path, manifest, manifest_path)
     if UNET_FILE not in manifest["files"]:
         raise ArtifactError(f"{manifest_path} lists no {UNET_FILE}; {_REEXPORT}")
+    if manifest.get("decoder") is not None and DECODER_FILE not in manifest["files"]:
+        raise ArtifactError(f"{manifest_path} describes a latent decoder but lists no {DECODER_FILE}; {_REEXPORT}")
     return Bundle(path=path, manifest=manifest, sha256=sha256_file(manifest_path))
 
 
@@ -149,4 +175,6 @@ def describe(bundle: Bundle) -> dict[str, Any]:
     return {"path": str(bundle.path), "sha256": bundle.sha256, "files": sorted(m["files"]),
             "target": m.get("export", {}).get("target"), "dtype": m.get("export", {}).get("dtype"),
             "method": m.get("quant", {}).get("config", {}).get("method"), "num_classes": bundle.num_classes,
-            "image_size": bundle.image_size, "in_channels": bundle.in_channels, "d2": bundle.has_d2}
+            "image_size": bundle.image_size, "in_channels": bundle.in_channels, "d2": bundle.has_d2,
+            "decoder": None if bundle.decoder is None else {"image_size": bundle.output_image_size,
+                                                             "out_channels": bundle.output_channels}}

@@ -4,9 +4,10 @@ The bundle (read by :mod:`tdqrt.engines.bundle`, which needs none of this code) 
 Q/DQ graph in the flavour of ``ExportConfig.target`` — ``trt`` or ``ort-cpu`` —, ``unet.onnx.data`` beside it
 when large), ``unet_fp.onnx`` (the FP reference with the same signature),
 ``lint.json`` (the lint report of both graphs), ``d2.npz`` + ``d2.json`` when D² statistics are given,
-``tdqrt_data_loader.py`` + ``validation_inputs.npz`` + ``fake_quant_outputs.json`` (Polygraphy's data-loader script
-over the calibration inputs ``tdqrt validate`` uses and the reference outputs: :mod:`tdqrt.export.data_loader`;
-when the calibration set is there), and
+``decoder.onnx`` for a latent model (the FP32 decoder of the autoencoder the quant card records:
+:mod:`tdqrt.export.decoder`), ``tdqrt_data_loader.py`` + ``validation_inputs.npz`` + ``fake_quant_outputs.json``
+(Polygraphy's data-loader script over the calibration inputs ``tdqrt validate`` uses and the reference outputs:
+:mod:`tdqrt.export.data_loader`; when the calibration set is there), and
 ``manifest.json`` last: format tag and version, sha256 and size of every file, the model description, quant and
 export settings, schedule, D² sampler settings, sources (paths + sha256) and tool versions.
 
@@ -29,11 +30,13 @@ from tdqrt.calibration.quant.api import load_model_dir
 from tdqrt.calibration.quant.checkpoint import QUANT_FORMAT
 from tdqrt.calibration.resolve import open_recorded
 from tdqrt.engines.artifacts import atomic_dir, read_json, sha256_file, versions, write_json_atomic
-from tdqrt.engines.bundle import (BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST_FILE, UNET_FILE, UNET_FP_FILE, is_bundle_dir,
-                                  open_bundle)
+from tdqrt.calibration.models.autoencoder import LatentDecoder
+from tdqrt.engines.bundle import (BUNDLE_FORMAT, BUNDLE_VERSION, DECODER_FILE, MANIFEST_FILE, UNET_FILE, UNET_FP_FILE,
+                                  is_bundle_dir, open_bundle)
 from tdqrt.engines.errors import ArtifactError, ConfigError
 from tdqrt.engines.ort import saturation_warning
 from tdqrt.calibration.quant.calib_set import CalibrationSet
+from tdqrt.export.decoder import export_decoder
 from tdqrt.export.data_loader import INPUTS_FILE, REFERENCE_FILE, SCRIPT_FILE, write_data_loader
 from tdqrt.export.exporter import ExportConfig, ExportedModel, export_fp, export_quantized, save_onnx
 from tdqrt.export.lint import LintReport, get_flavour, lint_model
@@ -58,7 +61,9 @@ def graph_description(ratio_op: str, quantize_outputs: bool) -> str:
 def _role(name: str) -> str:
     return {UNET_FILE: "int8 Q/DQ UNet", UNET_FP_FILE: "FP reference UNet", LINT_FILE: "lint report",
             D2_NPZ: "D² statistics", D2_JSON: "D² statistics card", UNET_FILE + ".data": "unet.onnx external data",
-            UNET_FP_FILE + ".data": "unet_fp.onnx external data", SCRIPT_FILE: "Polygraphy data-loader script",
+            UNET_FP_FILE + ".data": "unet_fp.onnx external data",
+            DECODER_FILE: "FP32 latent decoder (latents -> images in [-1, 1])",
+            DECODER_FILE + ".data": "decoder.onnx external data", SCRIPT_FILE: "Polygraphy data-loader script",
             INPUTS_FILE: "validation inputs of the data-loader script",
             REFERENCE_FILE: "fake-quant outputs on the validation inputs (Polygraphy RunResults)"}.get(name, "")
 
@@ -133,6 +138,8 @@ def export_bundle(quant_dir: Union[str, os.PathLike], out: Union[str, os.PathLik
         if calib is None or not Path(calib).is_dir():
             raise ArtifactError(f"target {config.target} sets its output grids from calibration inputs, and the set "
                                 f"{calib} recorded by {quant_dir} is not there; pass one with --calib")
+    record = rec.card.get("autoencoder")
+    decoder = None if record is None else LatentDecoder.from_record(record)  # refuses changed/missing weights
     replacing = _prepare_target(out)
 
     failed_report = out.parent / f"{out.name}.lint-failed.json"
@@ -150,6 +157,13 @@ def export_bundle(quant_dir: Union[str, os.PathLike], out: Union[str, os.PathLik
             if config.lint:
                 reports[UNET_FP_FILE] = _lint(tmp / UNET_FP_FILE, config, failed_report)
             signature["unet_fp"] = f.signature
+        decoder_entry = None
+        if decoder is not None:
+            written, info = export_decoder(decoder, (qm.in_channels, qm.image_size, qm.image_size),
+                                           tmp / DECODER_FILE, config)
+            files += written
+            signature["decoder"] = info.pop("signature")
+            decoder_entry = {"record": record} | info
         if reports:
             merged = LintReport(target=config.target)
             for r in reports.values():
@@ -182,6 +196,7 @@ def export_bundle(quant_dir: Union[str, os.PathLike], out: Union[str, os.PathLik
                                           "graph": graph_description(config.ratio_op, flavour.quantize_outputs),
                                           "layer_nodes": {k: v["nodes"] for k, v in q.layers.items()}},
             "schedule": schedule,
+            "decoder": decoder_entry,
             "d2": None if table is None else {"settings": table.settings.to_dict(),
                                               "timesteps": table.timesteps.tolist(),
                                               "num_channels": table.num_channels},

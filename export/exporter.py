@@ -142,11 +142,14 @@ def _example_inputs(model: nn.Module, num_train_timesteps: int, batch: int, dtyp
     return x, t
 
 
-def _trace(module: ExportUNet, example: tuple, opset: int) -> Any:
+def _trace(module: nn.Module, example: tuple, opset: int, *, input_names: Optional[tuple[str, ...]] = None,
+           output_name: str = OUTPUT_NAME) -> Any:
+    """``module`` traced on ``example`` to an ONNX model (in memory) with a dynamic batch dimension; the inputs
+    are named ``input_names`` (default: the UNet's), the output ``output_name``."""
     import onnx
 
-    names = list(INPUT_NAMES[: len(example)])
-    dynamic = {n: {0: "batch"} for n in names} | {OUTPUT_NAME: {0: "batch"}}
+    names = list((input_names or INPUT_NAMES)[: len(example)])
+    dynamic = {n: {0: "batch"} for n in names} | {output_name: {0: "batch"}}
     with tempfile.TemporaryDirectory(prefix="tdqrt-export-") as tmp:
         raw = Path(tmp) / "raw.onnx"
         with warnings.catch_warnings():
@@ -154,7 +157,7 @@ def _trace(module: ExportUNet, example: tuple, opset: int) -> Any:
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             warnings.simplefilter("ignore", UserWarning)
             try:
-                torch.onnx.export(module, example, str(raw), input_names=names, output_names=[OUTPUT_NAME],
+                torch.onnx.export(module, example, str(raw), input_names=names, output_names=[output_name],
                                   dynamic_axes=dynamic, opset_version=opset, do_constant_folding=True, dynamo=False)
             except Exception as exc:  # the exporter raises many types (SymbolicValueError, RuntimeError, ...)
                 raise ConfigError(f"torch.onnx.export (TorchScript, opset {opset}) failed for this model: "

@@ -26,6 +26,11 @@ from tdqrt.runtime.schedules import ScheduleConfig
 
 PathLike = Union[str, os.PathLike]
 
+# Latents decoded per call: a VQModel's nearest-codebook search holds a [latent pixels x codebook entries] distance
+# matrix per image (LDM-CelebA-HQ: 64x64 latents x 8192 entries, ~0.2 GB per image in ONNX Runtime), so a sampling
+# batch of 64 would need ~14 GB at once.
+DECODE_BATCH = 8
+
 
 @dataclass
 class RunnableModel:
@@ -38,6 +43,8 @@ class RunnableModel:
     sha256: str = field(default="")
     d2_dir: Optional[Path] = None  # D² statistics shipped with the model (a bundle's d2.npz + d2.json)
     decoder: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # latents -> images in [-1, 1]
+    #: the decoder's identity for sample.json and shard settings: kind, path, sha256, image_size, out_channels
+    decoder_info: Optional[dict] = None
 
     @property
     def num_classes(self) -> int:
@@ -53,9 +60,22 @@ class RunnableModel:
         m = self.model
         return (int(m.in_channels), int(m.image_size), int(m.image_size))
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(H, W, C)`` of the images :meth:`decode` gives (what samples.npz stores)."""
+        if self.decoder_info is None:
+            c, h, w = self.sample_shape
+            return (h, w, c)
+        size = int(self.decoder_info["image_size"])
+        return (size, size, int(self.decoder_info["out_channels"]))
+
     def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """Samples → images in [-1, 1]: the decoder's output for a latent model, ``x`` itself otherwise."""
-        return x if self.decoder is None else self.decoder(x)
+        """Samples → images in [-1, 1]: the decoder's output for a latent model (``DECODE_BATCH`` latents per
+        call), ``x`` itself otherwise."""
+        if self.decoder is None:
+            return x
+        with torch.no_grad():
+            return torch.cat([self.decoder(part) for part in x.split(DECODE_BATCH)])
 
     def require_sha256(self, expected: Optional[str], should_be: str, flag: str) -> "RunnableModel":
         """Refuse this model unless its sha256 is ``expected`` (no check when ``expected`` is empty): the one
@@ -78,9 +98,11 @@ def is_deployed(path: PathLike) -> bool:
 def open_deployed(path: PathLike, *, engine: Optional[PathLike] = None, threads: Optional[int] = None) -> RunnableModel:
     """A bundle's INT8 ``unet.onnx`` run by ONNX Runtime (``threads`` intra-op threads; None: its default), or a
     TensorRT plan (``engine``, or ``path`` itself ending in .plan/.engine; ``path`` then names its bundle, by
-    default the one its engine.json records). The schedule, D² statistics and decoder are the bundle's; ``sha256``
+    default the one its engine.json records). The schedule, D² statistics and decoder (``decoder.onnx`` of a latent
+    model, run by ONNX Runtime) are the bundle's; ``sha256``
     is the quantized model's that the bundle was exported from (what D² statistics record)."""
     from tdqrt.engines.bundle import open_bundle
+    from tdqrt.engines.decoder import OrtDecoder
     from tdqrt.engines.engine_card import is_engine_file
     from tdqrt.engines.ort import OrtDenoiser
     from tdqrt.engines.trt import TrtDenoiser
@@ -94,5 +116,10 @@ def open_deployed(path: PathLike, *, engine: Optional[PathLike] = None, threads:
         bundle = open_bundle(path)
         denoiser = OrtDenoiser(bundle, threads=threads)
     sha = bundle.manifest.get("sources", {}).get("quant_model", {}).get("sha256", bundle.sha256)
+    decoder = info = None
+    if bundle.decoder is not None:
+        decoder = OrtDecoder(bundle, threads=threads)
+        info = {"kind": "onnx", "path": str(decoder.path), "sha256": decoder.sha256,
+                "image_size": decoder.image_size, "out_channels": decoder.out_channels}
     return RunnableModel(denoiser, ScheduleConfig.from_dict(bundle.schedule), bundle.manifest, bundle.path, sha,
-                         d2_dir=bundle.d2_dir)
+                         d2_dir=bundle.d2_dir, decoder=decoder, decoder_info=info)

@@ -245,7 +245,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", required=True, type=Path, help="quantized model directory (quant.json)")
     p.add_argument("--out", required=True, type=Path,
                    help="bundle directory to write: unet.onnx, unet_fp.onnx, manifest.json, lint.json (and d2.npz, "
-                        "d2.json with --d2-stats)")
+                        "d2.json with --d2-stats; decoder.onnx for a latent model)")
     p.add_argument("--d2-stats", type=Path, default=None, help="D² statistics directory to ship in the bundle")
     p.add_argument("--fp", type=Path, default=None, help="FP model directory if it moved (default: the path in quant.json)")
     p.add_argument("--target", default="trt", metavar="{" + ",".join(EXPORT_TARGETS) + "}",

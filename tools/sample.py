@@ -3,7 +3,8 @@ guided-diffusion evaluator), ``grid.png`` and ``sample.json`` (the settings and 
 
 Every sample has a global index; its noise comes from (seed, index) alone, so the same index gives the same
 image whatever the batch size, the rank that draws it or the number of ranks. Class-conditional models get label
-``index % num_classes``. Finished batches are saved as shards (:mod:`tdqrt.tools.shards`) as they complete, so a
+``index % num_classes``. A latent model's samples are decoded to images (the decoder the model resolver gives it, :meth:`tdqrt.runtime.runnable.RunnableModel.decode`) before they are
+stored. Finished batches are saved as shards (:mod:`tdqrt.tools.shards`) as they complete, so a
 killed run resumes, and several ranks (``torchrun ... --distributed``) draw one job together.
 """
 from __future__ import annotations
@@ -132,9 +133,10 @@ def sample_model(model_dir: str | Path, out_dir: str | Path, job: SampleJob, *,
     t0 = time.perf_counter()
     model = ckpt.model
     schedule = NoiseSchedule(ckpt.schedule)
-    shape = (model.in_channels, model.image_size, model.image_size)
-    store = ShardStore(out_dir / "shards", job.num, job.batch, (model.image_size, model.image_size, model.in_channels))
-    every = ranks.gather(shard_settings(job, ckpt.sha256))
+    decoder_info = ckpt.decoder_info
+    store = ShardStore(out_dir / "shards", job.num, job.batch, ckpt.image_shape)
+    every = ranks.gather(shard_settings(job, ckpt.sha256)
+                         | ({"decoder_sha256": decoder_info["sha256"]} if decoder_info else {}))
 
     def plan() -> Optional[list[int]]:
         if ranks.rank != 0:
@@ -157,8 +159,9 @@ def sample_model(model_dir: str | Path, out_dir: str | Path, job: SampleJob, *,
         start, stop = store.ranges[batch]
         idx = torch.arange(start, stop)
         y = (idx % model.num_classes).to(job.device) if model.num_classes else None
-        x = sample(model, schedule, job.sampler, sample_indices=idx, seed=job.seed, shape=shape, y=y,
+        x = sample(model, schedule, job.sampler, sample_indices=idx, seed=job.seed, shape=ckpt.sample_shape, y=y,
                    null_label=model.null_label, hook=hook, device=job.device, progress=progress and ranks.rank == 0)
+        x = ckpt.decode(x)
         labels = y.cpu().numpy() if y is not None else np.full(len(idx), -1, np.int64)
         store.write(batch, to_uint8_nhwc(x.cpu()), labels)
 
@@ -170,7 +173,8 @@ def sample_model(model_dir: str | Path, out_dir: str | Path, job: SampleJob, *,
         meta = {"format": "tdqrt-samples", "version": 1, "job": job.to_dict(), "model": str(Path(model_dir)),
                 "model_sha256": ckpt.sha256, "seconds": round(seconds, 3), "world_size": ranks.world,
                 "batches": {"total": len(store.ranges), "drawn": len(pending),
-                            "resumed": len(store.ranges) - len(pending)}}
+                            "resumed": len(store.ranges) - len(pending)}} \
+            | ({"decoder": decoder_info} if decoder_info else {})
         write_samples(out_dir, images, labels, meta)
         store.remove()
         return SampleResult(images, labels, seconds, out_dir)

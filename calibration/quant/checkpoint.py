@@ -43,6 +43,7 @@ def save_quant_checkpoint(out_dir: str | Path, qm: QuantizedModel, fp: FPCheckpo
         "options": asdict(options),
         "layers": list(qm.layer_names),
         "calibration": calibration,
+        "autoencoder": fp.card.get("autoencoder"),  # a latent model's samples are decoded with it
     } | (extra or {}))
 
 
