@@ -148,7 +148,7 @@ def test_latent_bundle_samples_decoded_images(latent_model, tmp_path):
         np.testing.assert_array_equal(npz["arr_0"], result.images)
     meta = json.loads((tmp_path / "s" / "sample.json").read_text())
     assert meta["decoder"] == {"kind": "onnx", "path": str(bundle.path / "decoder.onnx"),
-                               "sha256": bundle.files["decoder.onnx"]["sha256"]}
+                               "sha256": bundle.files["decoder.onnx"]["sha256"], "image_size": 16, "out_channels": 3}
 
     latents = _latents(OrtDenoiser(bundle), ScheduleConfig.from_dict(bundle.schedule), job, (3, LATENT, LATENT))
     onnx_decoded = np.concatenate([to_uint8_nhwc(OrtDecoder(bundle)(z)) for z in latents])
@@ -176,7 +176,7 @@ def test_latent_quant_model_samples_decoded_images(latent_model, tmp_path):
     record = latent_model["record"]
     meta = json.loads((tmp_path / "s" / "sample.json").read_text())
     assert meta["decoder"] == {"kind": "VQModel", "path": str(Path(record["path"]) / record["weights"]),
-                               "sha256": record["sha256"]}
+                               "sha256": record["sha256"], "image_size": 16, "out_channels": 3}
     rec = load_model_dir(latent_model["quant"])
     assert rec.card["autoencoder"] == record  # calibrate carried the FP card's record into quant.json
     decoder = LatentDecoder.from_record(record)

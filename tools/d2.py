@@ -38,7 +38,7 @@ def collect_to_dir(fp_dir: Optional[str | Path], quant_dir: str | Path, out_dir:
                    progress: bool = True) -> D2Table:
     """Statistics of the quantized checkpoint ``quant_dir`` against the FP model it was calibrated from (the one its
     card records, or ``fp_dir`` with the recorded sha256), saved into ``out_dir`` with a plot."""
-    quant = open_model(quant_dir, device=job.device)
+    quant = open_model(quant_dir, device=job.device, decoder=False)
     if quant.card.get("format") != QUANT_FORMAT:
         raise ConfigError(f"--quant {quant_dir} is not a quantized checkpoint (quant.json); pass the --out folder of "
                           "`tdqrt calibrate`")
