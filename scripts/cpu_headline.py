@@ -76,15 +76,17 @@ def bundles(work: Path, fp: Path) -> dict[str, tuple[Path, int]]:
     return out
 
 
-def notes(wbits: int, plot: str) -> str:
+def notes(wbits: int, params: int, plot: str) -> str:
     why = (f"this CPU has no VNNI, where ONNX Runtime's U8S8 kernels saturate with 8-bit weights, so the ort-cpu "
-           f"bundle uses {wbits}-bit weights (same kernels, same speed)" if wbits < 8
-           else "this CPU has VNNI, so the ort-cpu bundle uses 8-bit weights")
-    return (f"`scripts/cpu_headline.py`: the `{PRESET}` architecture (35.7 M parameters, 32×32, random weights), "
+           f"bundle has {wbits}-bit weights: the same kernels at the same speed, with correct results" if wbits < 8
+           else "this CPU has VNNI, so the ort-cpu bundle has 8-bit weights too")
+    return (f"`scripts/cpu_headline.py`: the `{PRESET}` architecture ({params / 1e6:.1f} M parameters, 32×32, random "
+            "weights), "
             f"min-max W8A8 ({why}). One `tdqrt bench unet` run: torch FP32, ONNX Runtime FP32 (`ort-fp`, the ort-cpu "
             "bundle's FP reference graph), the TensorRT-flavour INT8 graph and the ort-cpu INT8 graph on ONNX "
             "Runtime, every variant at every batch size and thread count interleaved round by round; speedups are "
-            f"against ONNX Runtime FP32 (`{BASELINE}`) at the same batch and thread count. Bar chart: `{plot}`.")
+            f"against ONNX Runtime FP32 (`{BASELINE}`) at the same batch and thread count.\n\n"
+            f"![images per second per variant, batch and thread count](data/{plot})")
 
 
 def main() -> None:
@@ -107,7 +109,8 @@ def main() -> None:
     report = bench_unet(cfg, command=command, progress=True)
     report |= {"kind": "bench", "title": f"CPU headline: UNet step of the `{PRESET}` architecture, INT8 on ONNX "
                                          "Runtime vs FP32",
-               "notes": notes(made["ort-cpu"][1], args.out.with_suffix(".png").name)}
+               "notes": notes(made["ort-cpu"][1], sum(p.numel() for p in load_fp_checkpoint(fp).model.parameters()),
+                              args.out.with_suffix(".png").name)}
     print("\n".join(format_report(report)))
     print(f"wrote {save_report(report, args.out)} and {args.out.with_suffix('.png').name}")
 
