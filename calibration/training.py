@@ -1,4 +1,5 @@
-"""FP training of a diffusion UNet with the ε-prediction loss (DDPM eq. 14), EMA weights and resumable state.
+"""FP training of a diffusion UNet with the denoising loss (DDPM eq. 14) on the target the schedule's
+``prediction_type`` names (ε, v or x0), EMA weights and resumable state.
 
 Classifier-free guidance needs a model that also knows the unconditional case, so labels are replaced by the
 null class with probability ``cond_drop_prob`` (Ho & Salimans 2022). The state needed to resume bit-exactly
@@ -110,7 +111,8 @@ def ema_warmup_decay(decay: float, step: int) -> float:
 
 def noisy_batch(data: ImageData, schedule: NoiseSchedule, batch_size: int, gen: torch.Generator, *,
                 cond_drop_prob: float, null_label: int | None):
-    """One batch of the ε-prediction objective: ``(x_t, t, y, noise)`` with images drawn with replacement,
+    """One batch of the denoising objective: ``(x_t, t, y, target)`` with images drawn with replacement, the
+    target the schedule's ``prediction_type`` names (:meth:`~tdqrt.runtime.schedules.NoiseSchedule.training_target`),
     t ~ U{0..T−1} per sample, labels replaced by ``null_label`` with probability ``cond_drop_prob`` (CFG);
     ``y`` is None for unlabelled data. All randomness comes from ``gen``."""
     idx = torch.randint(0, len(data), (batch_size,), generator=gen)
@@ -121,7 +123,7 @@ def noisy_batch(data: ImageData, schedule: NoiseSchedule, batch_size: int, gen: 
         y[torch.rand(batch_size, generator=gen) < cond_drop_prob] = null_label
     t = torch.randint(0, schedule.num_train_timesteps, (batch_size,), generator=gen)
     noise = torch.randn(x0.shape, generator=gen)
-    return schedule.add_noise(x0, noise, t), t, y, noise
+    return schedule.add_noise(x0, noise, t), t, y, schedule.training_target(x0, noise, t)
 
 
 def _check_resumable(saved: dict, cfg: TrainConfig, path: Path) -> None:
@@ -203,9 +205,9 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
 
     with saved_progress(where):
         for step in bar:
-            x_t, t, y, noise = noisy_batch(data, schedule, cfg.batch_size, gen, cond_drop_prob=cfg.cond_drop_prob,
-                                           null_label=model.null_label)
-            loss = F.mse_loss(model(x_t, t, y), noise)
+            x_t, t, y, target = noisy_batch(data, schedule, cfg.batch_size, gen, cond_drop_prob=cfg.cond_drop_prob,
+                                            null_label=model.null_label)
+            loss = F.mse_loss(model(x_t, t, y), target)
             if not torch.isfinite(loss):
                 raise ArtifactError(f"training diverged at step {step} (loss {loss.item()}); lower --lr")
             for group in opt.param_groups:

@@ -231,6 +231,17 @@ class NoiseSchedule:
         a, s = self._coefficients(t, x0)
         return a * x0 + s * noise
 
+    def training_target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """What a network of this schedule's ``prediction_type`` is trained to output for
+        ``x_t = add_noise(x0, noise, t)``: ε ("epsilon"), v = sqrt(ᾱ_t)·ε − sqrt(1 − ᾱ_t)·x0 ("v_prediction",
+        diffusers' ``DDPMScheduler.get_velocity``) or x0 ("sample"); :meth:`eps_from_output` maps it back to ε."""
+        if self.config.prediction_type == "epsilon":
+            return noise
+        if self.config.prediction_type == "sample":
+            return x0
+        a, s = self._coefficients(t, x0)
+        return a * noise - s * x0
+
     def eps_from_output(self, output: Tensor, x: Tensor, t: Tensor) -> Tensor:
         """The ε that a network output of this schedule's ``prediction_type`` stands for, at ``x = x_t``:
 

@@ -27,7 +27,7 @@ from tdqrt.calibration.quant.api import load_model_dir
 from tdqrt.engines.artifacts import versions, write_bytes_atomic, write_json_atomic
 from tdqrt.runtime.corrections import make_correction
 from tdqrt.runtime.d2 import D2Table
-from tdqrt.runtime.sampling import NoiseSource, Sampler, SamplerConfig, guided_eps, sample
+from tdqrt.runtime.sampling import NoiseSource, Sampler, SamplerConfig, as_eps_denoiser, guided_eps, sample
 from tdqrt.runtime.schedules import NoiseSchedule
 from tdqrt.tools.d2 import D2StatsJob, collect_to_dir
 from tdqrt.tools.metrics import EvalConfig, evaluate
@@ -71,7 +71,7 @@ def run_sampling(model, schedule, cfg: SamplerConfig, correction, *, num: int, b
 
 def correction_cost(model, schedule, cfg: SamplerConfig, table: D2Table, batch: int, repeats: int = 20) -> dict:
     """Median time of one guided UNet evaluation and of each correction's step update, at ``batch`` samples."""
-    m = model
+    m = as_eps_denoiser(model, schedule)  # the corrections work on ε, whatever the model predicts
     shape = (m.in_channels, m.image_size, m.image_size)
     sampler = Sampler(schedule, cfg)
     x = torch.randn(batch, *shape)

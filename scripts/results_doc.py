@@ -66,12 +66,15 @@ def bench_table(doc: dict) -> str:
         rows = [[r["variant"], r["seconds"]["median"], r["peak_rss_mb"], r["peak_increase_mb"]] for r in doc["results"]]
         return markdown_table(["job", "median s", "peak RSS MB", "RSS increase MB"], rows)
     loop = any("loop_overhead" in r for r in doc["results"])
-    header = ["variant", "batch", "median ms", "IQR ms", "images/s", "speedup vs baseline"]
+    threaded = any("threads" in r for r in doc["results"])  # bench unet rows since it takes several thread counts
+    header = ["variant", "batch", *(["threads"] if threaded else []), "median ms", "IQR ms", "images/s",
+              f"speedup vs {doc['method']['baseline']}"]
     header += ["loop overhead %", "D² update % of step"] if loop else []
     rows = []
     for r in doc["results"]:
         s = r["seconds"]
-        row = [r["variant"], r["batch"], s["median"] * 1e3, s["iqr"] * 1e3, r["images_per_s"], r["speedup_vs_baseline"]]
+        row = [r["variant"], r["batch"], *([r["threads"]] if threaded else []), s["median"] * 1e3, s["iqr"] * 1e3,
+               r["images_per_s"], r["speedup_vs_baseline"]]
         if loop:
             row += [100 * r["loop_overhead"]["median"], 100 * r["d2_update"]["median"] if r.get("d2_update") else "-"]
         rows.append(row)
@@ -79,10 +82,10 @@ def bench_table(doc: dict) -> str:
     for skipped in doc.get("skipped", []):
         table += f"\n\n*{skipped['variant']} skipped:* {skipped['reason']}"
     m = doc["machine"]
-    threads = doc["threads"]
+    counts = lambda key: "/".join(map(str, c)) if isinstance(c := doc["threads"].get(key), list) else c
     return table + (f"\n\nMachine: {m['cpu']}, {m['cores']} cores, GPU {m['gpu'] or 'none'}, 1-min load "
-                    f"{m.get('load_average_1m', 0):.1f} during the run; threads: torch {threads.get('torch_intra_op')}, "
-                    f"ONNX Runtime {threads.get('onnxruntime_intra_op')}.")
+                    f"{m.get('load_average_1m', 0):.1f} during the run; threads: torch {counts('torch_intra_op')}, "
+                    f"ONNX Runtime {counts('onnxruntime_intra_op')}.")
 
 
 def validate_margins_table(doc: dict) -> str:

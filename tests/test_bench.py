@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
+
 import pytest
 
 from tdqrt.calibration.quant.api import CalibrateConfig, calibrate
@@ -49,7 +51,13 @@ def check_schema(report: dict, bench: str, repeats: int) -> None:
         assert isinstance(report[key], typ), key
     assert report["format"] == "tdqrt-bench" and report["bench"] == bench
     assert {"cpu", "cores", "gpu", "device"} <= set(report["machine"]) and report["machine"]["cores"] >= 1
-    assert "torch" in report["versions"] and isinstance(report["threads"]["torch_intra_op"], int)
+    assert "torch" in report["versions"]
+    if bench == "unet":  # one or more thread counts, each row measured at one of them
+        counts = report["threads"]["torch_intra_op"]
+        assert counts and all(isinstance(n, int) and n >= 1 for n in counts)
+        assert {r["threads"] for r in report["results"]} == set(counts)
+    else:
+        assert isinstance(report["threads"]["torch_intra_op"], int)
     assert {"warmup", "repeats", "baseline"} <= set(report["method"])
     assert report["results"]
     for row in report["results"]:
@@ -113,6 +121,9 @@ def test_span_timer_counts_and_resets():
     (dict(preset="tiny", repeats=0), "repeats"),
     (dict(preset="tiny", warmup=-1), "warmup"),
     (dict(preset="tiny", threads=0), "threads"),
+    (dict(preset="tiny", threads=(1, 1)), r"--threads: expected distinct values, got \[1, 1\]"),
+    (dict(preset="tiny", threads=()), r"--threads: expected one or more integers >= 1"),
+    (dict(preset="tiny", threads=(2, 1.5)), r"--threads: expected one or more integers >= 1"),
     (dict(preset="tiny", device="tpu"), "device"),
     (dict(preset="nope"), "--preset: expected one of .*tiny.*, got 'nope'"),
     (dict(), "nothing to measure"),
@@ -150,12 +161,20 @@ def test_cli_refusals_exit_2(tmp_path, capsys):
     assert "not a bundle" in capsys.readouterr().err
     assert main(["bench", "unet", "--preset", "tiny", "--backends", "tensorrt"]) == 2
     assert "--backends: expected one or more of torch-fp32, " in capsys.readouterr().err
+    assert main(["bench", "unet", "--preset", "tiny", "--threads", "2", "2"]) == 2
+    assert "--threads: expected distinct values, got [2, 2]" in capsys.readouterr().err
     assert main(["bench", "calibrate", "--model", str(tmp_path), "--option", "iters_w=5"]) == 2
     assert "METHOD:KEY=VALUE" in capsys.readouterr().err
 
 
+def test_unet_thread_counts_are_stored_as_a_tuple():
+    assert UnetBenchConfig(preset="tiny", threads=2).threads == (2,)
+    assert UnetBenchConfig(preset="tiny", threads=[2, 1]).threads == (2, 1)
+    assert UnetBenchConfig(preset="tiny").threads is None
+
+
 def test_configs_round_trip_through_json(tiny_digits_model, quant_dir, d2_dir):
-    configs = [UnetBenchConfig(preset="tiny", batches=(1, 4), backends=("torch-fp32",)),
+    configs = [UnetBenchConfig(preset="tiny", batches=(1, 4), backends=("torch-fp32",), threads=(1, 2)),
                LoopBenchConfig(model=str(quant_dir), sampler=SAMPLER, d2_stats=str(d2_dir)),
                CalibrateBenchConfig(model=str(tiny_digits_model), methods=("minmax", "brecq"),
                                     options={"brecq": {"iters_w": 2}}, d2=D2StatsJob(num=2))]
@@ -176,13 +195,52 @@ def test_bench_unet_end_to_end(tiny_digits_model, quant_dir, bundle_dir, tmp_pat
     assert [s["variant"] for s in report["skipped"]] == ["torch-fp16"]  # CPU: skipped with its reason
     assert "CUDA" in report["skipped"][0]["reason"]
     assert {(r["batch"], r["model_batch"]) for r in report["results"]} == {(1, 2), (2, 4)}  # CFG doubles the batch
-    assert report["method"]["baseline"] == "torch-fp32" and report["threads"]["torch_intra_op"] == 1
+    assert report["method"]["baseline"] == "torch-fp32" and report["threads"]["torch_intra_op"] == [1]
     assert all(r["providers"] == ["CPUExecutionProvider"] for r in report["results"] if r["backend"] == "onnxruntime")
     out = save_report(report, tmp_path / "unet.json")
     assert json.loads(out.read_text())["results"] == report["results"]
     assert (tmp_path / "unet.png").stat().st_size > 1000
     table = format_report(report)
     assert table[0].startswith("| variant |") and any("torch-fp16" in line for line in table)
+
+
+def test_bench_unet_runs_each_variant_at_each_thread_count(tiny_digits_model, bundle_dir, monkeypatch, tmp_path):
+    """Two thread counts in one run: every variant at both, torch's count set for each call and each ONNX Runtime
+    session created with its own, speedups paired with the baseline of the same count, the caller's count restored,
+    the rounds interleaved over variants and counts."""
+    import torch
+
+    from tdqrt.tools import bench
+
+    calls = []
+    real = bench.guided_eps
+
+    def recording(denoiser, *args):
+        calls.append((denoiser, torch.get_num_threads()))
+        return real(denoiser, *args)
+
+    monkeypatch.setattr(bench, "guided_eps", recording)
+    before = torch.get_num_threads()
+    out = tmp_path / "threads.json"
+    assert main(["bench", "unet", "--model", str(tiny_digits_model), "--bundle", str(bundle_dir), "--backends",
+                 "torch-fp32", "ort-int8", "--batch", "1", "--threads", "2", "1", "--warmup", "0", "--repeats", "2",
+                 "--out", str(out)]) == 0
+    assert torch.get_num_threads() == before
+    report = json.loads(out.read_text())
+    check_schema(report, "unet", repeats=2)
+    assert report["config"]["threads"] == [2, 1] and report["threads"]["onnxruntime_intra_op"] == [2, 1]
+    rows = {(r["variant"], r["threads"]): r for r in report["results"]}
+    assert set(rows) == {(v, n) for v in ("torch-fp32", "ort-int8[trt]") for n in (1, 2)}
+    for (name, n), row in rows.items():
+        paired = [b / v for b, v in zip(rows[("torch-fp32", n)]["samples_s"], row["samples_s"])]
+        assert row["speedup_spread"]["median"] == pytest.approx(float(np.median(paired)))
+    # round robin: each round calls the 4 (variant, count) pairs once, counts in the order given
+    assert [isinstance(den, torch.nn.Module) for den, _ in calls] == [True, False] * 4
+    torch_counts = [n for den, n in calls if isinstance(den, torch.nn.Module)]
+    assert torch_counts == [2, 1, 2, 1]
+    sessions = [den for den, _ in calls if not isinstance(den, torch.nn.Module)]
+    assert [s.session.get_session_options().intra_op_num_threads for s in sessions] == [2, 1, 2, 1]
+    assert len({id(s) for s in sessions}) == 2  # one session per count, reused every round
 
 
 def test_bench_loop_end_to_end_via_cli(quant_dir, d2_dir, tmp_path, capsys):

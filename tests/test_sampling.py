@@ -399,3 +399,15 @@ def test_nan_and_wrong_shape_raise_data_error():
 def test_progress_bar_runs():
     out = _run(SamplerConfig(steps=3), progress=True)
     assert torch.isfinite(out).all()
+
+
+def test_eps_error_per_step_compares_eps_of_v_models():
+    """The quality measure compares ε: a v-predicting quantized model equal to its FP model has zero error (its raw
+    v output against the FP model's ε would not)."""
+    from tdqrt.tools.quality import eps_error_per_step
+
+    schedule = NoiseSchedule(ScheduleConfig(prediction_type="v_prediction"))
+    v_model = lambda x, t, y=None: 0.3 * x + 0.1
+    err = eps_error_per_step(v_model, v_model, schedule, SamplerConfig(steps=3), num=2, batch=2, seed=0,
+                             shape=(1, 4, 4), num_classes=0, null_label=None)
+    assert err.shape == (3,) and float(err.max()) < 1e-12

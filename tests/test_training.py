@@ -92,3 +92,29 @@ def test_tampered_or_truncated_checkpoint_refused(tiny_digits_model, tmp_path):
         load_fp_checkpoint(bad)
     with pytest.raises(ArtifactError, match="not a model directory"):
         load_fp_checkpoint(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
+def test_training_target_follows_the_prediction_type(prediction):
+    """The loss target is what the schedule's network predicts: ε, v (diffusers' ``get_velocity``, the oracle) or
+    x0; a model that outputs it exactly has zero loss, an ε-predictor's output does not (unless ε is the target)."""
+    import diffusers
+    import torch.nn.functional as F
+
+    from tdqrt.calibration.data.images import ImageData
+    from tdqrt.calibration.training import noisy_batch
+    from tdqrt.runtime.schedules import NoiseSchedule, ScheduleConfig
+
+    x0 = torch.rand(1, 1, 8, 8) * 2 - 1  # one image: every drawn x0 is this one
+    data = ImageData(images=x0, labels=None, num_classes=0, class_names=[], name="one")
+    schedule = NoiseSchedule(ScheduleConfig(prediction_type=prediction))
+    x_t, t, y, target = noisy_batch(data, schedule, 16, torch.Generator().manual_seed(0), cond_drop_prob=0.0,
+                                    null_label=None)
+    oracle = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+    a_bar = oracle.alphas_cumprod[t].view(-1, 1, 1, 1)
+    x0s = x0.expand_as(x_t)
+    noise = (x_t - a_bar.sqrt() * x0s) / (1 - a_bar).sqrt()
+    expected = {"epsilon": noise, "sample": x0s, "v_prediction": oracle.get_velocity(x0s, noise, t)}[prediction]
+    assert torch.allclose(target, expected, atol=1e-4)
+    assert F.mse_loss(expected, target) < 1e-8
+    assert (F.mse_loss(noise, target) < 1e-8) == (prediction == "epsilon")

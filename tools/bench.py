@@ -12,7 +12,9 @@ How every bench measures
   and D² calls are bracketed by ``torch.cuda.Event`` pairs on the current stream and read after the loop
   (:class:`SpanTimer`); on the CPU they are bracketed by ``perf_counter``.
 * **Threads.** ``threads`` sets torch's intra-op threads for the run and every ONNX Runtime session gets the same
-  count, so backends compete on equal terms; the JSON records both and ``OMP_NUM_THREADS``.
+  count, so backends compete on equal terms; the JSON records both and ``OMP_NUM_THREADS``. ``bench unet`` takes
+  several counts: each variant is measured at each of them in the same rounds (torch's count is set before each
+  call, every ONNX Runtime graph gets one session per count), and speedups compare rows of the same thread count.
 
 The benches
 -----------
@@ -48,7 +50,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Hashable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -177,8 +179,8 @@ class SpanTimer:
         return self._cpu_seconds + sum(s.elapsed_time(e) for s, e in self._events) / 1e3
 
 
-def run_interleaved(variants: Sequence[str], measure: Callable[[str], Any], *, warmup: int,
-                    repeats: int) -> dict[str, list[Any]]:
+def run_interleaved(variants: Sequence[Hashable], measure: Callable[[Any], Any], *, warmup: int,
+                    repeats: int) -> dict[Any, list[Any]]:
     """``measure(v)`` for every variant: ``warmup`` discarded calls each, then ``repeats`` rounds of one call per
     variant in the given order. Returns the kept results per variant, in round order (``[v][r]`` pairs with
     ``[w][r]``)."""
@@ -214,8 +216,8 @@ def machine_info(device: str) -> dict[str, Any]:
             "platform": platform.platform(), "gpu": gpu, "device": str(device)}
 
 
-def _report(bench: str, cfg: Any, command: Optional[str], threads: int, method: dict, results: list[dict],
-            skipped: list[dict]) -> dict[str, Any]:
+def _report(bench: str, cfg: Any, command: Optional[str], threads: int | list[int], method: dict,
+            results: list[dict], skipped: list[dict]) -> dict[str, Any]:
     return {
         "format": BENCH_FORMAT,
         "version": BENCH_VERSION,
@@ -251,8 +253,10 @@ def save_report(report: dict, out: str | Path) -> Path:
         groups = {"wall time": {r["variant"]: r["seconds"]["median"] for r in report["results"]}}
         ylabel, logy = "seconds (median)", True
     else:
+        several = len({r.get("threads") for r in report["results"]}) > 1
         for r in report["results"]:
-            groups.setdefault(f"batch {r['batch']}", {})[r["variant"]] = r["images_per_s"]
+            group = f"batch {r['batch']}" + (f", {r['threads']} thr" if several else "")
+            groups.setdefault(group, {})[r["variant"]] = r["images_per_s"]
         ylabel, logy = "images / s (median)", report["bench"] == "unet"
     if groups:
         save_bars(out.with_suffix(".png"), groups, ylabel=ylabel, title=f"tdqrt bench {report['bench']}", logy=logy)
@@ -268,9 +272,9 @@ def format_report(report: dict) -> list[str]:
     fmt_ratio = lambda r: "-" if r["speedup_vs_baseline"] is None else f"{r['speedup_vs_baseline']:.3f}"
     results = report["results"]
     if report["bench"] == "unet":
-        header = ["variant", "batch", "model batch", "median ms", "IQR ms", "min ms", "images/s", ratio]
-        rows = [[r["variant"], r["batch"], r["model_batch"], ms(r["seconds"]["median"]), ms(r["seconds"]["iqr"]),
-                 ms(r["seconds"]["min"]), r["images_per_s"], fmt_ratio(r)] for r in results]
+        header = ["variant", "batch", "threads", "model batch", "median ms", "IQR ms", "min ms", "images/s", ratio]
+        rows = [[r["variant"], r["batch"], r["threads"], r["model_batch"], ms(r["seconds"]["median"]),
+                 ms(r["seconds"]["iqr"]), ms(r["seconds"]["min"]), r["images_per_s"], fmt_ratio(r)] for r in results]
     elif report["bench"] == "loop":
         header = ["variant", "batch", "steps", "median s", "IQR s", "images/s", "loop overhead %",
                   "D² update % of step", ratio]
@@ -288,13 +292,19 @@ def format_report(report: dict) -> list[str]:
 # ---------------------------------------------------------------------------------------------- config checks
 
 
-def _check_common(cfg: Any, *, has_warmup: bool = True) -> None:
+def _check_common(cfg: Any, *, has_warmup: bool = True, thread_list: bool = False) -> None:
+    """Warmup, repeats, device and threads (one count, or with ``thread_list`` one or more distinct counts, stored
+    as a tuple)."""
     cls = type(cfg).__name__
     if has_warmup:
         check_int(f"{cls}.warmup", cfg.warmup, 0, flag="--warmup",
                   fix="give an integer >= 0 (untimed calls per variant)")
     check_int(f"{cls}.repeats", cfg.repeats, 1, flag="--repeats", fix="give an integer >= 1 (2 or more for a spread)")
-    check_int(f"{cls}.threads", cfg.threads, 1, optional=True, flag="--threads")
+    if thread_list and cfg.threads is not None:
+        threads = (cfg.threads,) if is_int(cfg.threads) else cfg.threads
+        object.__setattr__(cfg, "threads", _check_sizes("threads", threads, "--threads", "--threads 1 2"))
+    else:
+        check_int(f"{cls}.threads", cfg.threads, 1, optional=True, flag="--threads")
     dev = str(cfg.device)
     if dev != "cpu" and not dev.startswith("cuda"):
         raise invalid(f"{cls}.device", dev, "cpu or cuda[:N]", "pick one of those", flag="--device")
@@ -303,13 +313,17 @@ def _check_common(cfg: Any, *, has_warmup: bool = True) -> None:
                       "use --device cpu", flag="--device")
 
 
+def _check_sizes(name: str, values: Sequence[int], flag: str, example: str) -> tuple[int, ...]:
+    """A non-empty list of distinct integers >= 1 (batch sizes, thread counts), as a tuple."""
+    if isinstance(values, (str, bytes)) or not len(values) or not all(is_int(b) and b >= 1 for b in values):
+        raise invalid(name, values, "one or more integers >= 1", f"give values such as {example}", flag=flag)
+    if len(set(values)) != len(values):
+        raise invalid(name, list(values), "distinct values", "list each once", flag=flag)
+    return tuple(values)
+
+
 def _check_batches(batches: Sequence[int]) -> tuple[int, ...]:
-    if isinstance(batches, (str, bytes)) or not len(batches) or not all(is_int(b) and b >= 1 for b in batches):
-        raise invalid("batches", batches, "one or more integers >= 1", "give sizes such as --batch 1 16 64",
-                      flag="--batch")
-    if len(set(batches)) != len(batches):
-        raise invalid("batches", list(batches), "distinct batch sizes", "list each once", flag="--batch")
-    return tuple(batches)
+    return _check_sizes("batches", batches, "--batch", "--batch 1 16 64")
 
 
 def _check_dir(path: Optional[str], what: str, flag: str, marker: str) -> None:
@@ -330,7 +344,8 @@ class UnetBenchConfig:
     ``quant`` (quantized checkpoint dir), ``bundles`` (dirs written by ``tdqrt export``, any flavour).
     ``backends`` None measures every backend the sources allow; a list measures exactly those (each must have its
     source). ``baseline`` names the variant the speedups are relative to (default ``torch-fp32`` when measured,
-    else the first variant).
+    else the first variant). ``threads``: one or more thread counts (None: torch's current count), each variant is
+    measured at every count in the same rounds and compared with the baseline at the same count.
     """
 
     model: Optional[str] = None
@@ -346,12 +361,12 @@ class UnetBenchConfig:
     warmup: int = 3
     repeats: int = 10
     device: str = "cpu"
-    threads: Optional[int] = None
+    threads: Optional[tuple[int, ...]] = None
     baseline: Optional[str] = None
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_common(self)
+        _check_common(self, thread_list=True)
         object.__setattr__(self, "batches", _check_batches(self.batches))
         object.__setattr__(self, "guidance", check_real("UnetBenchConfig.guidance", self.guidance, 0.0,
                                                         flag="--guidance", fix="give a number >= 0 (1 = no CFG)"))
@@ -404,6 +419,7 @@ class _Variant:
     denoiser: Denoiser
     signature: tuple  # (in_channels, image_size, num_classes, null_label) of the network behind it
     details: dict = field(default_factory=dict)
+    threads: int = 1  # intra-op threads it runs with (torch: set before each call; ORT: its session's)
 
 
 def _bundle_label(bundle: Bundle, taken: set[str]) -> str:
@@ -430,9 +446,9 @@ def _half_denoiser(model: torch.nn.Module) -> Denoiser:
     return lambda x, t, y=None: half(x.half(), t, y).float()
 
 
-def _unet_variants(cfg: UnetBenchConfig, threads: int) -> tuple[list[_Variant], list[dict], int]:
-    """The variants the config asks for (loaded), the skipped ones with reasons, and the number of training
-    timesteps (the bench feeds t = T // 2)."""
+def _unet_variants(cfg: UnetBenchConfig, counts: Sequence[int]) -> tuple[list[_Variant], list[dict], int]:
+    """The variants the config asks for (loaded), one per thread count in ``counts`` (ordered by count), the
+    skipped ones with reasons, and the number of training timesteps (the bench feeds t = T // 2)."""
     variants, skipped, horizons = [], [], []
     dev = torch.device(cfg.device)
     if cfg.model or cfg.preset:
@@ -480,10 +496,14 @@ def _unet_variants(cfg: UnetBenchConfig, threads: int) -> tuple[list[_Variant], 
                                 "reason": "the same FP graph as an earlier bundle's (sha256 equal); measured once"})
                 continue
             fp_graphs.add(digest)
-            den = OrtDenoiser(bundle, role=role, threads=threads)
-            variants.append(_Variant(f"{backend}[{label}]", "onnxruntime", kind, str(path), den, _signature(den),
-                                     {"providers": den.providers, "target": label, "graph": role}))
+            for n in counts:
+                den = OrtDenoiser(bundle, role=role, threads=n)
+                variants.append(_Variant(f"{backend}[{label}]", "onnxruntime", kind, str(path), den, _signature(den),
+                                         {"providers": den.providers, "target": label, "graph": role}, n))
     _check_same_signature(variants)
+    # per count, in the order above: the torch variants (one model, its thread count set per call), the sessions
+    variants = [dataclasses.replace(v, threads=n) if v.backend == "torch" else v
+                for n in counts for v in variants if v.backend == "torch" or v.threads == n]
     return variants, skipped, min(horizons)
 
 
@@ -496,13 +516,15 @@ def _check_same_signature(variants: list[_Variant]) -> None:
 
 
 def bench_unet(cfg: UnetBenchConfig, *, command: Optional[str] = None, progress: bool = False) -> dict[str, Any]:
-    """Time one UNet step of every variant at every batch size (round robin); returns the report dict."""
-    with torch_threads(cfg.threads) as threads:
-        variants, skipped, horizon = _unet_variants(cfg, threads)
+    """Time one UNet step of every variant at every batch size and thread count (round robin over variants and
+    thread counts); returns the report dict."""
+    with torch_threads(cfg.threads[0] if cfg.threads else None) as current:
+        counts = cfg.threads or (current,)
+        variants, skipped, horizon = _unet_variants(cfg, counts)
         if not variants:
             raise ConfigError(f"no variant left to measure (skipped: {[s['variant'] for s in skipped]}); add a source "
                               "or choose other --backends")
-        names = [v.name for v in variants]
+        names = list(dict.fromkeys(v.name for v in variants))
         baseline = cfg.baseline or ("torch-fp32" if "torch-fp32" in names else names[0])
         if baseline not in names:
             raise ConfigError(f"baseline {baseline!r} is not among the measured variants {names}")
@@ -511,29 +533,35 @@ def bench_unet(cfg: UnetBenchConfig, *, command: Optional[str] = None, progress:
             raise ConfigError(f"guidance {cfg.guidance} needs a class-conditional model; this one has no classes "
                               "(use --guidance 1)")
         sync = synchronizer(cfg.device)
-        by_name = {v.name: v for v in variants}
+        by_key = {(v.name, v.threads): v for v in variants}
         results = []
         for batch in cfg.batches:
             gen = torch.Generator().manual_seed(cfg.seed)
             x = torch.randn(batch, channels, size, size, generator=gen).to(cfg.device)
             t = torch.full((batch,), horizon // 2, dtype=torch.long, device=cfg.device)
             y = (torch.arange(batch) % classes).to(cfg.device) if classes else None
-            step = lambda name: timed_call(lambda: guided_eps(by_name[name].denoiser, x, t, y, null, cfg.guidance),
-                                           sync)
+
+            def step(key: tuple[str, int]) -> float:
+                torch.set_num_threads(key[1])  # ONNX Runtime sessions have their own count; torch's is per call
+                return timed_call(lambda: guided_eps(by_key[key].denoiser, x, t, y, null, cfg.guidance), sync)
+
             if progress:
-                print(f"bench unet: batch {batch}, {len(names)} variants x {cfg.repeats} repeats", file=sys.stderr)
+                print(f"bench unet: batch {batch}, {len(names)} variants x {len(counts)} thread counts x "
+                      f"{cfg.repeats} repeats", file=sys.stderr)
             with torch.inference_mode():
-                times = run_interleaved(names, step, warmup=cfg.warmup, repeats=cfg.repeats)
+                times = run_interleaved(list(by_key), step, warmup=cfg.warmup, repeats=cfg.repeats)
             model_batch = batch * (2 if cfg.guidance != 1.0 else 1)
             for v in variants:
-                row = _timing_row(times[v.name], times[baseline])
+                row = _timing_row(times[(v.name, v.threads)], times[(baseline, v.threads)])
                 results.append({"variant": v.name, "backend": v.backend, "dtype": v.dtype, "source": v.source,
-                                "batch": batch, "model_batch": model_batch, **v.details, **row,
+                                "batch": batch, "threads": v.threads, "model_batch": model_batch, **v.details, **row,
                                 "images_per_s": batch / row["seconds"]["median"]})
     method = {"warmup": cfg.warmup, "repeats": cfg.repeats, "baseline": baseline,
               "step": "one guided_eps call (CFG-batched 2B when guidance > 1) at t = T // 2 on fixed random inputs",
-              "timestep": horizon // 2}
-    return _report("unet", cfg, command, threads, method, results, skipped)
+              "timestep": horizon // 2,
+              "threads": "every variant at every thread count in the same rounds; speedups against the baseline at "
+                         "the same batch and thread count"}
+    return _report("unet", cfg, command, list(counts), method, results, skipped)
 
 
 # ---------------------------------------------------------------------------------------------- bench loop

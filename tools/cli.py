@@ -118,12 +118,17 @@ def _add_bench_parsers(sub) -> None:
     bench = _command(sub, "bench", "timings side by side in one run: UNet step, sampling loop, calibration")
     kinds = bench.add_subparsers(dest="bench_kind", required=True, metavar="BENCH")
 
-    def common(p: argparse.ArgumentParser, warmup: int | None, repeats: int) -> None:
+    def common(p: argparse.ArgumentParser, warmup: int | None, repeats: int, thread_list: bool = False) -> None:
         if warmup is not None:
             p.add_argument("--warmup", type=int, default=warmup, help="untimed runs per variant")
         p.add_argument("--repeats", type=int, default=repeats, help="timed runs per variant")
         p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
-        p.add_argument("--threads", type=int, default=None, help="torch and ONNX Runtime intra-op threads")
+        if thread_list:
+            p.add_argument("--threads", type=int, nargs="+", default=None,
+                           help="torch and ONNX Runtime intra-op threads; several counts are measured in the same "
+                                "rounds (default: torch's current count)")
+        else:
+            p.add_argument("--threads", type=int, default=None, help="torch and ONNX Runtime intra-op threads")
         p.add_argument("--out", type=Path, default=None,
                        help="result JSON to write (a bar chart of it goes beside it as .png; default: print only)")
         p.set_defaults(run=_run_bench)
@@ -142,7 +147,7 @@ def _add_bench_parsers(sub) -> None:
     p.add_argument("--guidance", type=float, default=1.0, help="CFG scale; > 1 doubles the batch the UNet sees")
     p.add_argument("--baseline", default=None, help="variant the speedups refer to (default torch-fp32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
-    common(p, warmup=3, repeats=10)
+    common(p, warmup=3, repeats=10, thread_list=True)
 
     p = _command(kinds, "loop", "sampling throughput with D² off/on, loop overhead and D² update share")
     p.add_argument("--model", required=True, type=Path, help="FP or quantized checkpoint, or bundle directory")

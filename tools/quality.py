@@ -6,13 +6,15 @@ import numpy as np
 import torch
 
 from tdqrt.engines.denoiser import Denoiser
-from tdqrt.runtime.sampling import Sampler, SamplerConfig, guided_eps, sample
+from tdqrt.runtime.sampling import Sampler, SamplerConfig, as_eps_denoiser, guided_eps, sample
 from tdqrt.runtime.schedules import NoiseSchedule
 
 
 def eps_error_per_step(fp: Denoiser, quant: Denoiser, schedule: NoiseSchedule, config: SamplerConfig, *, num: int,
                        batch: int, seed: int, shape, num_classes: int, null_label, device: str = "cpu") -> np.ndarray:
-    """Mean squared error ``E‖ε̂ − ε‖²`` per element at every sampler step, on FP trajectories (``[K]``)."""
+    """Mean squared error ``E‖ε̂ − ε‖²`` per element at every sampler step, on FP trajectories (``[K]``); both
+    models' outputs are taken as ε (converted from v or x0 when the schedule's prediction type says so)."""
+    quant = as_eps_denoiser(quant, schedule)  # sample() converts the FP model's output itself
     sums = np.zeros(len(Sampler(schedule, config)))
     for start in range(0, num, batch):
         idx = torch.arange(start, min(num, start + batch))

@@ -62,7 +62,8 @@ class TdqQatOptions:
       5e-5 Churches). ``warmup_steps``: linear warm-up, then constant (paper: 5000).
     * ``weight_decay``: for weights and generators (0.01 as in the original); step sizes get none.
     * ``grad_clip``: global gradient-norm clip (``None`` = off; the original does not clip).
-    * ``distill``: loss against the frozen FP model (True, an addition) or against the true noise (False).
+    * ``distill``: loss against the frozen FP model (True, an addition) or against the training target (False: ε,
+      v or x0, as the schedule's prediction type says).
     * ``data``: training data set; None = the one recorded in the FP checkpoint's card.
     * ``init``: per-timestep (TDQ) or pooled (static) activation-scale and per-channel weight-scale rule,
       ``"mse"`` (L_p clipping search, p = ``QuantConfig.lp_norm``) or ``"minmax"``.
@@ -174,13 +175,12 @@ def param_groups(qm: QuantizedModel, options: TdqQatOptions) -> list[dict]:
 
 
 def qat_loss(qm: QuantizedModel, teacher: Optional[torch.nn.Module], x_t: torch.Tensor, t: torch.Tensor,
-             y: Optional[torch.Tensor], noise: torch.Tensor) -> torch.Tensor:
-    """Mean squared error of the quantized ε̂ against the FP teacher's ε (``teacher`` given) or the true noise."""
+             y: Optional[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of the quantized model's output against the FP teacher's (``teacher`` given) or the
+    training target (ε, v or x0: the schedule's prediction type, from :func:`noisy_batch`)."""
     if teacher is not None:
         with torch.no_grad():
             target = teacher(x_t, t, y)
-    else:
-        target = noise
     return F.mse_loss(qm(x_t, t, y), target)
 
 
@@ -208,11 +208,11 @@ def train_qat(qm: QuantizedModel, teacher: Optional[torch.nn.Module], data: Imag
     qm.train()
     bar = progress_bar(range(options.steps), desc=f"tdq-qat ({options.act_scale})", disable=not progress, leave=False)
     for step in bar:
-        x_t, t, y, noise = noisy_batch(data, schedule, options.batch, gen, cond_drop_prob=options.cond_drop_prob,
-                                       null_label=qm.null_label)
-        x_t, t, noise = x_t.to(device), t.to(device), noise.to(device)
+        x_t, t, y, target = noisy_batch(data, schedule, options.batch, gen, cond_drop_prob=options.cond_drop_prob,
+                                        null_label=qm.null_label)
+        x_t, t, target = x_t.to(device), t.to(device), target.to(device)
         y = None if y is None else y.to(device)
-        loss = qat_loss(qm, teacher, x_t, t, y, noise)
+        loss = qat_loss(qm, teacher, x_t, t, y, target)
         if not torch.isfinite(loss):
             raise DataError(f"tdq-qat diverged at step {step} (loss {loss.item()}); lower lr")
         factor = min(1.0, (step + 1) / options.warmup_steps) if options.warmup_steps else 1.0
