@@ -125,3 +125,90 @@ def cifar_bundle(tmp_path_factory):
     quant = calibrate(fp, root / "q", CalibrateConfig(calib_set=calib), progress=False)
     return export_bundle(quant, root / "bundle", ExportConfig(polygraphy=False, fp_reference=False,
                                                               calib_samples=4))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Diffusers folders (random weights, saved with save_pretrained; nothing downloaded), read by
+# tdqrt.calibration.models.sources: tests/test_sources.py and the latent-decoding and resolver tests use them.
+
+# A 16×16 UNet2DModel with an attention block (blocks of 8 and 16 channels, 4 groups): tiny but every block type.
+_TINY_UNET2D = {"sample_size": 16, "block_out_channels": [8, 16], "layers_per_block": 1,
+                "down_block_types": ["DownBlock2D", "AttnDownBlock2D"], "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+                "norm_num_groups": 4, "attention_head_dim": 8}
+# A two-level autoencoder (8 and 16 channels): 16×16×3 pixels <-> 8×8 latents.
+_TINY_AUTOENCODER = {"in_channels": 3, "out_channels": 3, "block_out_channels": [8, 16], "layers_per_block": 1,
+                     "down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2,
+                     "norm_num_groups": 4, "sample_size": 16}
+
+
+def _tiny_unet2d(seed, **overrides):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    return UNet2DModel(**{**_TINY_UNET2D, **overrides}).eval()
+
+
+@pytest.fixture(scope="session")
+def ddpm_pipeline_dir(tmp_path_factory):
+    """A ``DDPMPipeline`` folder (model_index.json, unet/, scheduler/): a 3-channel 16×16 ``UNet2DModel`` with an
+    attention block (seed 0) and a default ``DDPMScheduler`` (linear betas, epsilon prediction, 1000 steps)."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    out = tmp_path_factory.mktemp("ddpm_pipeline")
+    DDPMPipeline(unet=_tiny_unet2d(0, in_channels=3, out_channels=3),
+                 scheduler=DDPMScheduler()).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def ddim_pipeline_dir(tmp_path_factory):
+    """A ``DDIMPipeline`` folder: a 1-channel 16×16 ``UNet2DModel`` with an attention block (seed 1) and a
+    ``DDIMScheduler`` with v_prediction, the squaredcos_cap_v2 (cosine) schedule and "trailing" timestep spacing."""
+    from diffusers import DDIMPipeline, DDIMScheduler
+
+    out = tmp_path_factory.mktemp("ddim_pipeline")
+    scheduler = DDIMScheduler(prediction_type="v_prediction", beta_schedule="squaredcos_cap_v2",
+                              timestep_spacing="trailing")
+    DDIMPipeline(unet=_tiny_unet2d(1, in_channels=1, out_channels=1), scheduler=scheduler).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def ldm_pipeline_dir(tmp_path_factory):
+    """An ``LDMPipeline`` folder (model_index.json, vqvae/, unet/, scheduler/): a tiny ``VQModel`` (3 latent
+    channels, 16 codes; 16×16×3 pixels <-> 8×8×3 latents, scaling_factor as diffusers saves it: 0.18215), an 8×8
+    3-channel ``UNet2DModel`` with attention (seed 2) and a ``DDIMScheduler`` (scaled_linear betas, epsilon)."""
+    from diffusers import DDIMScheduler, LDMPipeline, VQModel
+
+    out = tmp_path_factory.mktemp("ldm_pipeline")
+    torch.manual_seed(3)
+    vqvae = VQModel(**_TINY_AUTOENCODER, latent_channels=3, num_vq_embeddings=16, vq_embed_dim=3).eval()
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.0015, beta_end=0.0195, clip_sample=False)
+    LDMPipeline(vqvae=vqvae, unet=_tiny_unet2d(2, sample_size=8, in_channels=3, out_channels=3),
+                scheduler=scheduler).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def kl_pipeline_dir(tmp_path_factory):
+    """A latent pipeline folder with a tiny ``AutoencoderKL`` under ``vae/`` (4 latent channels, scaling_factor
+    0.5; 16×16×3 pixels <-> 8×8×4 latents), an 8×8 4-channel ``UNet2DModel`` with attention (seed 4) in ``unet/``
+    and a ``DDIMScheduler`` (scaled_linear betas, epsilon) in ``scheduler/``. Saved as an ``LDMPipeline`` whose
+    ``vqvae/`` is then renamed ``vae/`` in the folder and in model_index.json (``_class_name`` stays
+    ``LDMPipeline``): diffusers' own LDMPipeline cannot load it (its ``__init__`` takes ``vqvae``), but each
+    component loads with its class's ``from_pretrained``; tdqrt reads the layout from model_index.json."""
+    import json
+
+    from diffusers import AutoencoderKL, DDIMScheduler, LDMPipeline
+
+    out = tmp_path_factory.mktemp("kl_pipeline")
+    torch.manual_seed(5)
+    vae = AutoencoderKL(**_TINY_AUTOENCODER, latent_channels=4, scaling_factor=0.5).eval()
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False)
+    LDMPipeline(vqvae=vae, unet=_tiny_unet2d(4, sample_size=8, in_channels=4, out_channels=4),
+                scheduler=scheduler).save_pretrained(out)
+    (out / "vqvae").rename(out / "vae")
+    index = json.loads((out / "model_index.json").read_text())
+    index["vae"] = index.pop("vqvae")
+    (out / "model_index.json").write_text(json.dumps(index, indent=2))
+    return out

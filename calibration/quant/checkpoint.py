@@ -39,6 +39,7 @@ def save_quant_checkpoint(out_dir: str | Path, qm: QuantizedModel, fp: FPCheckpo
         "model": qm.spec(),
         "schedule": fp.schedule.to_dict(),
         "fp_model": {"path": str(fp.path), "sha256": fp.sha256},
+        "autoencoder": fp.card.get("autoencoder"),  # a latent model's decoder (None: pixel space)
         "quant": qm.config.to_dict(),
         "options": asdict(options),
         "layers": list(qm.layer_names),
