@@ -133,7 +133,8 @@ def cifar_bundle(tmp_path_factory):
 
 # A 16×16 UNet2DModel with an attention block (blocks of 8 and 16 channels, 4 groups): tiny but every block type.
 _TINY_UNET2D = {"sample_size": 16, "block_out_channels": [8, 16], "layers_per_block": 1,
-                "down_block_types": ["DownBlock2D", "AttnDownBlock2D"], "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+                "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+                "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
                 "norm_num_groups": 4, "attention_head_dim": 8}
 # A two-level autoencoder (8 and 16 channels): 16×16×3 pixels <-> 8×8 latents.
 _TINY_AUTOENCODER = {"in_channels": 3, "out_channels": 3, "block_out_channels": [8, 16], "layers_per_block": 1,

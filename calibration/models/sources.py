@@ -30,7 +30,7 @@ import torch
 
 from tdqrt.calibration.checkpoint import CARD_FILE, FPCheckpoint
 from tdqrt.calibration.models.diffusers_unet import DiffusersUNet
-from tdqrt.engines.artifacts import read_json, sha256_file, versions, write_json_atomic
+from tdqrt.engines.artifacts import atomic_dir, read_json, sha256_file, versions, write_json_atomic
 from tdqrt.engines.errors import ArtifactError, ConfigError
 from tdqrt.runtime.schedules import ScheduleConfig
 
@@ -127,12 +127,12 @@ def _pipeline_layout(root: Path) -> SourceLayout:
         autoencoder_dir = root / key
         if not (autoencoder_dir / COMPONENT_CONFIG).is_file():
             raise ArtifactError(f"{autoencoder_dir} is missing (or has no {COMPONENT_CONFIG}), though "
-                                f"{root / PIPELINE_INDEX} names a {components[key]} there; download or save the "
-                                "whole pipeline folder again")
+                                f"{root / PIPELINE_INDEX} names its {components[key]} there; download or save "
+                                "the whole pipeline folder again")
     for part in ("unet", "scheduler"):
         wanted = COMPONENT_CONFIG if part == "unet" else SCHEDULER_CONFIG
         if not (root / part / wanted).is_file():
-            raise ArtifactError(f"{root / part / wanted} is missing, though {root / PIPELINE_INDEX} names a "
+            raise ArtifactError(f"{root / part / wanted} is missing, though {root / PIPELINE_INDEX} names its "
                                 f"{components[part]} there; download or save the whole pipeline folder again")
     return SourceLayout("pipeline", root, name, root / "unet", root / "scheduler" / SCHEDULER_CONFIG,
                         autoencoder_dir)
@@ -203,10 +203,11 @@ def _read_scheduler(layout: SourceLayout) -> dict:
     return read_json(layout.scheduler_file)
 
 
-def _open(layout: SourceLayout, scheduler: dict, scheduler_name: str, device: str | torch.device) -> FPCheckpoint:
-    """Load the UNet of ``layout`` with the schedule of the scheduler config ``scheduler`` (named
-    ``scheduler_name`` in messages and the card)."""
-    schedule = ScheduleConfig.from_diffusers(scheduler, source=scheduler_name)
+def _open(layout: SourceLayout, scheduler: dict, scheduler_name: str, device: str | torch.device,
+          where: str) -> FPCheckpoint:
+    """Load the UNet of ``layout`` with the schedule of the scheduler config ``scheduler`` (``scheduler_name`` in
+    the card, ``where`` in messages)."""
+    schedule = ScheduleConfig.from_diffusers(scheduler, source=where)
     _check_unet_class(layout.unet_dir)
     weights = _weights_file(layout.unet_dir, UNET_CLASS)
     autoencoder = None if layout.autoencoder_dir is None else autoencoder_record(layout.autoencoder_dir)
@@ -243,7 +244,8 @@ def _open_import(path: Path, device: str | torch.device) -> FPCheckpoint:
     if not Path(source["path"]).is_dir():
         raise ArtifactError(f"{source['path']}, imported into {path}, is missing; put it back or {rerun}")
     layout = source_layout(source["path"])
-    fp = _open(layout, card["scheduler_config"], source["scheduler"], device)
+    fp = _open(layout, card["scheduler_config"], source["scheduler"], device,
+               f"{path / CARD_FILE} scheduler_config")
     ae = fp.card["autoencoder"]
     checks = [("UNet", source["unet"]["sha256"], fp.sha256, layout.root / source["unet"]["file"]),
               ("autoencoder", (card["autoencoder"] or {}).get("sha256"), ae and ae["sha256"],
@@ -267,7 +269,8 @@ def open_source(path: str | Path, *, device: str | torch.device = "cpu") -> FPCh
     if source_kind(path) == "import":
         return _open_import(path, device)
     layout = source_layout(path)
-    fp = _open(layout, _read_scheduler(layout), _relative(layout.scheduler_file, layout.root), device)
+    fp = _open(layout, _read_scheduler(layout), _relative(layout.scheduler_file, layout.root), device,
+               str(layout.scheduler_file))
     fp.path = path
     return fp
 
@@ -277,27 +280,29 @@ def import_model(src: str | Path, out: str | Path, scheduler_config: Optional[st
     ``model.json`` records the folder, the sha256 of its UNet and autoencoder weights and the scheduler config's
     content (``scheduler_config``, a ``scheduler_config.json`` file, replaces the folder's own or supplies one for a
     bare UNet folder); ``import_config.json`` records the arguments. The source is opened first, so a folder that
-    does not load is refused before anything is written; loading ``out`` later refuses changed weights."""
+    does not load is refused before anything is written, and ``out`` appears complete or not at all (written
+    through ``atomic_dir``); loading ``out`` later refuses changed weights."""
     layout = source_layout(src)
     if scheduler_config is not None:
         scheduler_file = Path(scheduler_config).resolve()
-        scheduler, name = read_json(scheduler_file), str(scheduler_file)
+        scheduler, name, where = read_json(scheduler_file), str(scheduler_file), str(scheduler_file)
     else:
-        scheduler, name = _read_scheduler(layout), _relative(layout.scheduler_file, layout.root)
-    fp = _open(layout, scheduler, name, "cpu")
+        scheduler = _read_scheduler(layout)
+        name, where = _relative(layout.scheduler_file, layout.root), str(layout.scheduler_file)
+    fp = _open(layout, scheduler, name, "cpu", where)
     ae = fp.card["autoencoder"]
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / IMPORT_CONFIG, {"src": str(layout.root),
-                                            "scheduler_config": None if scheduler_config is None else name})
-    write_json_atomic(out / CARD_FILE, {
-        "format": IMPORT_FORMAT,
-        "version": IMPORT_VERSION,
-        "source": fp.card["source"],
-        "autoencoder": None if ae is None else {"path": ae["path"], "weights": ae["weights"], "sha256": ae["sha256"]},
-        "scheduler_config": scheduler,
-        "model": fp.card["model"],
-        "schedule": fp.card["schedule"],
-        "versions": versions(),
-    })
+    with atomic_dir(out) as tmp:
+        write_json_atomic(tmp / IMPORT_CONFIG, {"src": str(layout.root),
+                                                "scheduler_config": None if scheduler_config is None else name})
+        write_json_atomic(tmp / CARD_FILE, {
+            "format": IMPORT_FORMAT,
+            "version": IMPORT_VERSION,
+            "source": fp.card["source"],
+            "autoencoder": None if ae is None else {k: ae[k] for k in ("path", "weights", "sha256")},
+            "scheduler_config": scheduler,
+            "model": fp.card["model"],
+            "schedule": fp.card["schedule"],
+            "versions": versions(),
+        })
     return out
