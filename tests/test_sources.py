@@ -169,7 +169,7 @@ def test_import_supplies_the_schedule_of_a_bare_unet_folder(bare_unet_bin, tmp_p
     assert fp.sha256 == sha256_file(bare_unet_bin / "diffusion_pytorch_model.bin")
 
 
-def test_calibrate_export_lint_from_a_pipeline_folder(ddpm_pipeline_dir, tmp_path):
+def test_calibrate_export_lint_validate_from_a_pipeline_folder(ddpm_pipeline_dir, tmp_path):
     quant, bundle = tmp_path / "q", tmp_path / "bundle"
     assert main(["calibrate", "--model", str(ddpm_pipeline_dir), "--method", "minmax", "--out", str(quant),
                  "--calib-num", "2", "--calib-keep", "2", "--calib-steps", "2"]) == 0
@@ -180,6 +180,7 @@ def test_calibrate_export_lint_from_a_pipeline_folder(ddpm_pipeline_dir, tmp_pat
     assert card["schedule"] == _scheduler(ddpm_pipeline_dir / "scheduler" / "scheduler_config.json").to_dict()
     assert main(["export", "--quant", str(quant), "--out", str(bundle), "--no-polygraphy"]) == 0
     assert main(["lint", str(bundle)]) == 0
+    assert main(["validate", str(bundle)]) == 0  # reloads the FP model from the pipeline folder, checks its sha256
 
 
 def test_a_latent_models_quantized_card_names_its_autoencoder(ldm_pipeline_dir, tmp_path):
