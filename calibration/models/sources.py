@@ -185,7 +185,10 @@ def autoencoder_record(folder: Path) -> dict:
         raise ConfigError(f"{folder / COMPONENT_CONFIG} describes a {name}, tdqrt decodes with "
                           f"{' or '.join(AUTOENCODER_CLASSES)} only; {SUPPORTED}")
     weights = _weights_file(folder, name)
-    get = lambda key: config[key] if key in config else _class_default(name, key)  # noqa: E731
+
+    def get(key: str) -> Any:
+        return config[key] if key in config else _class_default(name, key)
+
     size = read_json(folder.parent / "unet" / COMPONENT_CONFIG).get("sample_size")
     size = size[0] if isinstance(size, (list, tuple)) else size
     return {"class": name, "path": str(folder), "weights": weights.name, "sha256": sha256_file(weights),
@@ -239,8 +242,9 @@ def _open_import(path: Path, device: str | torch.device) -> FPCheckpoint:
     if card.get("version") != IMPORT_VERSION:
         raise ArtifactError(f"{path / CARD_FILE} has version {card.get('version')}, this tdqrt reads "
                             f"{IMPORT_VERSION}; run `tdqrt import` again")
-    source = card["source"]
-    rerun = f"re-run `tdqrt import {source['path']} --out {path}` if the change is intended"
+    source, args = card["source"], read_json(path / IMPORT_CONFIG)
+    again = "" if args["scheduler_config"] is None else f" --scheduler-config {args['scheduler_config']}"
+    rerun = f"re-run `tdqrt import {args['src']}{again} --out {path}` if the change is intended"
     if not Path(source["path"]).is_dir():
         raise ArtifactError(f"{source['path']}, imported into {path}, is missing; put it back or {rerun}")
     layout = source_layout(source["path"])
@@ -249,7 +253,7 @@ def _open_import(path: Path, device: str | torch.device) -> FPCheckpoint:
     ae = fp.card["autoencoder"]
     checks = [("UNet", source["unet"]["sha256"], fp.sha256, layout.root / source["unet"]["file"]),
               ("autoencoder", (card["autoencoder"] or {}).get("sha256"), ae and ae["sha256"],
-               layout.autoencoder_dir and layout.autoencoder_dir / ae["weights"])]
+               layout.root / PIPELINE_INDEX if ae is None else Path(ae["path"]) / ae["weights"])]
     for what, then, now, file in checks:
         if then != now:
             raise ArtifactError(f"the {what} weights {file} changed since `tdqrt import` (sha256 {str(now)[:12]}… vs "
