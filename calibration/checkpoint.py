@@ -99,10 +99,23 @@ def read_card_and_weights(path: Path, card_file: str, fmt: str, version: int, re
 
 
 def load_fp_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> FPCheckpoint:
-    """Load an FP checkpoint directory, verifying the card's format and the weights' sha256."""
+    """Load an FP checkpoint directory, verifying the card's format and the weights' sha256.
+
+    A diffusers pipeline folder, a bare ``UNet2DModel`` folder or a ``tdqrt import`` directory is opened by
+    :func:`tdqrt.calibration.models.sources.open_source` instead (same record; its card has format
+    ``tdqrt-diffusers-source``)."""
+    from tdqrt.calibration.models import sources  # imported here: sources builds FPCheckpoint records of this module
+
     path = Path(path)
     if not path.is_dir():
-        raise ArtifactError(f"{path} is not a model directory; pass the --out folder of `tdqrt train`")
+        raise ArtifactError(f"{path} is not a model directory; pass the --out folder of `tdqrt train`, a diffusers "
+                            "pipeline folder or a UNet2DModel folder")
+    if sources.source_kind(path) is not None:
+        return sources.open_source(path, device=device)
+    if not (path / CARD_FILE).is_file():
+        raise ArtifactError(f"{path} holds no model: expected {CARD_FILE} (`tdqrt train` or `tdqrt import` output), "
+                            f"{sources.PIPELINE_INDEX} (a diffusers pipeline folder) or {sources.COMPONENT_CONFIG} "
+                            f"(a {sources.UNET_CLASS} folder)")
     card, state, digest = read_card_and_weights(path, CARD_FILE, FP_FORMAT, FP_VERSION, "retrain or copy it again")
     model = build_model(card["model"])
     missing, unexpected = model.load_state_dict(state, strict=False)

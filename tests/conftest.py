@@ -125,3 +125,39 @@ def cifar_bundle(tmp_path_factory):
     quant = calibrate(fp, root / "q", CalibrateConfig(calib_set=calib), progress=False)
     return export_bundle(quant, root / "bundle", ExportConfig(polygraphy=False, fp_reference=False,
                                                               calib_samples=4))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Diffusers folders (random weights, saved with save_pretrained; nothing downloaded), read by
+# tdqrt.calibration.models.sources: tests/test_sources.py and the latent-decoding and resolver tests use them.
+
+def _pipeline(kind, tmp_path_factory):
+    from _scripts import load_script
+
+    return load_script("tiny_pipelines").build(kind, tmp_path_factory.mktemp(f"{kind}_pipeline"))
+
+
+@pytest.fixture(scope="session")
+def ddpm_pipeline_dir(tmp_path_factory):
+    """A ``DDPMPipeline`` folder (model_index.json, unet/, scheduler/): 3-channel 16×16 pixels, attention, default
+    DDPMScheduler (scripts/tiny_pipelines.py says exactly what)."""
+    return _pipeline("ddpm", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def ddim_pipeline_dir(tmp_path_factory):
+    """A ``DDIMPipeline`` folder: 1-channel 16×16 pixels, v_prediction, cosine betas, trailing spacing."""
+    return _pipeline("ddim", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def ldm_pipeline_dir(tmp_path_factory):
+    """An ``LDMPipeline`` folder (vqvae/, unet/, scheduler/): a VQModel, 8×8×3 latents <-> 16×16×3 pixels."""
+    return _pipeline("ldm", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def kl_pipeline_dir(tmp_path_factory):
+    """A latent pipeline folder with an AutoencoderKL under vae/ (8×8×4 latents <-> 16×16×3 pixels, scaling_factor
+    0.5); diffusers' LDMPipeline cannot load this layout itself (it takes ``vqvae``), each component loads alone."""
+    return _pipeline("kl", tmp_path_factory)

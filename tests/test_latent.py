@@ -12,48 +12,21 @@ import numpy as np
 import pytest
 import torch
 
-from tdqrt.engines.artifacts import sha256_file
 
 LATENT = 8  # latent size; the tiny autoencoders upsample once: 16x16 images
 
 
-def _save_autoencoder(folder: Path, cls_name: str) -> Path:
-    import diffusers
-
-    torch.manual_seed(0)
-    common = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
-                  up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 16], layers_per_block=1,
-                  norm_num_groups=4, sample_size=2 * LATENT)
-    if cls_name == "VQModel":
-        model = diffusers.VQModel(latent_channels=3, num_vq_embeddings=32, vq_embed_dim=3, **common)
-        with torch.no_grad():  # codebook entries spread like the scaled latents, so quantizing moves them visibly
-            model.quantize.embedding.weight.normal_(0.0, 1.0 / model.config.scaling_factor)
-    else:
-        model = diffusers.AutoencoderKL(latent_channels=4, scaling_factor=0.5, **common)
-    model.save_pretrained(folder, safe_serialization=True)
-    return folder
-
-
-def autoencoder_record_for_tests(folder: Path) -> dict:
-    """TEST HELPER: the autoencoder record of a saved VQModel / AutoencoderKL folder (the contract of
-    ``tdqrt.calibration.models.autoencoder``), built here until the pipeline-folder source provides it."""
-    config = json.loads((folder / "config.json").read_text())
-    weights = "diffusion_pytorch_model.safetensors"
-    return {"class": config["_class_name"], "path": str(folder.resolve()), "weights": weights,
-            "sha256": sha256_file(folder / weights), "scaling_factor": float(config["scaling_factor"]),
-            "latent_channels": int(config["latent_channels"]), "image_size": int(config["sample_size"]),
-            "out_channels": int(config["out_channels"])}
-
-
-@pytest.mark.parametrize("cls_name", ["VQModel", "AutoencoderKL"])
-def test_decoder_equals_the_pipeline_decode_and_its_onnx(tmp_path, cls_name):
+@pytest.mark.parametrize("cls_name,pipeline", [("VQModel", "ldm_pipeline_dir"), ("AutoencoderKL", "kl_pipeline_dir")])
+def test_decoder_equals_the_pipeline_decode_and_its_onnx(tmp_path, cls_name, pipeline, request):
     import diffusers
 
     from tdqrt.calibration.models.autoencoder import LatentDecoder
+    from tdqrt.calibration.models.sources import autoencoder_record
     from tdqrt.engines.ort import create_session
     from tdqrt.export.decoder import export_decoder
 
-    record = autoencoder_record_for_tests(_save_autoencoder(tmp_path / "ae", cls_name))
+    folder = request.getfixturevalue(pipeline) / ("vqvae" if cls_name == "VQModel" else "vae")
+    record = autoencoder_record(folder)
     decoder = LatentDecoder.from_record(record)
     channels = record["latent_channels"]
     latents = torch.randn(3, channels, LATENT, LATENT, generator=torch.Generator().manual_seed(1))
@@ -82,27 +55,19 @@ def test_decoder_equals_the_pipeline_decode_and_its_onnx(tmp_path, cls_name):
 
 
 @pytest.fixture(scope="module")
-def latent_model(tmp_path_factory):
-    """A tiny latent model: a diffusers UNet on 3x8x8 VQ latents (FP checkpoint with the autoencoder record),
-    min-max W8A8 on a tiny calibration set, exported (trt flavour, no FP reference) to a bundle."""
-    from tdqrt.calibration.checkpoint import save_fp_checkpoint
-    from tdqrt.calibration.models import DiffusersUNet
+def latent_model(ldm_pipeline_dir, tmp_path_factory):
+    """A copy of the tiny LDMPipeline folder (a diffusers UNet on 3x8x8 VQ latents; the tests below change its
+    autoencoder), min-max W8A8 on a tiny calibration set, exported (trt flavour, no FP reference) to a bundle."""
+    from tdqrt.calibration.models.sources import autoencoder_record
     from tdqrt.calibration.quant.api import CalibrateConfig, calibrate
     from tdqrt.calibration.quant.calib_set import CalibSetConfig
     from tdqrt.export.bundle import export_bundle
     from tdqrt.export.exporter import ExportConfig
     from tdqrt.runtime.sampling import SamplerConfig
-    from tdqrt.runtime.schedules import ScheduleConfig
 
     root = tmp_path_factory.mktemp("latent")
-    record = autoencoder_record_for_tests(_save_autoencoder(root / "vqvae", "VQModel"))
-    torch.manual_seed(0)
-    unet = DiffusersUNet.from_config({
-        "sample_size": LATENT, "in_channels": 3, "out_channels": 3, "block_out_channels": [8, 16],
-        "layers_per_block": 1, "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-        "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "norm_num_groups": 4, "attention_head_dim": 8}).eval()
-    fp = save_fp_checkpoint(root / "fp", unet, ScheduleConfig(num_train_timesteps=100), data={"name": "random"},
-                            training={"steps": 0}, ema=False, autoencoder=record)
+    fp = shutil.copytree(ldm_pipeline_dir, root / "pipeline")
+    record = autoencoder_record(fp / "vqvae")
     calib = CalibSetConfig(num=4, keep_steps=2, batch=4, sampler=SamplerConfig(steps=4))
     quant = calibrate(fp, root / "q", CalibrateConfig(calib_set=calib), progress=False)
     bundle = export_bundle(quant, root / "bundle", ExportConfig(polygraphy=False, fp_reference=False))
@@ -212,7 +177,7 @@ def test_changed_or_missing_autoencoder_is_refused(latent_model, tmp_path, capsy
     try:
         assert main(["export", "--quant", str(latent_model["quant"]), "--out", str(out), "--no-polygraphy"]) == 2
         err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and "missing" in err and str(weights) in err
+        assert len(err.splitlines()) == 1 and "missing" in err and str(folder) in err
         assert not out.exists()
         # the bundle is self-contained: it still samples without the autoencoder folder
         assert main(["sample", "--model", str(latent_model["bundle"]), "--out", str(samples), "--num", "2",

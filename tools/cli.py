@@ -27,6 +27,9 @@ from tdqrt.engines.errors import TdqrtError
 EXPORT_TARGETS = ("trt", "ort-cpu")
 SPACINGS = ("uniform", "quadratic", "scheduler")  # = runtime.sampling.SPACINGS (test_cli checks), no torch import
 CALIBRATION_METHODS = ("minmax", "mse", "brecq", "tdq-ptq", "tdq-qat")  # = methods.METHODS (test_cli checks), no torch import
+# What every FP --model / --fp takes (tdqrt.calibration.checkpoint.load_fp_checkpoint)
+FP_MODEL = ("FP model: a `tdqrt train` or `tdqrt import` directory (model.json), a diffusers pipeline folder "
+            "(model_index.json) or a UNet2DModel folder (config.json)")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -134,7 +137,7 @@ def _add_bench_parsers(sub) -> None:
         p.set_defaults(run=_run_bench)
 
     p = _command(kinds, "unet", "UNet step latency per backend (torch FP32/FP16/fake-quant, ORT FP/INT8)")
-    p.add_argument("--model", type=Path, default=None, help="FP checkpoint directory")
+    p.add_argument("--model", type=Path, default=None, help=FP_MODEL)
     p.add_argument("--preset", default=None, help="random weights of this architecture instead of --model")
     p.add_argument("--image-size", type=int, default=32, help="--preset only: image side")
     p.add_argument("--channels", type=int, default=3, help="--preset only: image channels")
@@ -150,7 +153,8 @@ def _add_bench_parsers(sub) -> None:
     common(p, warmup=3, repeats=10, thread_list=True)
 
     p = _command(kinds, "loop", "sampling throughput with D² off/on, loop overhead and D² update share")
-    p.add_argument("--model", required=True, type=Path, help="FP or quantized checkpoint, or bundle directory")
+    p.add_argument("--model", required=True, type=Path,
+                   help=f"{FP_MODEL}, a quantized checkpoint (quant.json) or a bundle directory")
     p.add_argument("--batch", type=int, nargs="+", default=[64], help="batch sizes")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     _add_sampler_args(p)
@@ -158,7 +162,7 @@ def _add_bench_parsers(sub) -> None:
     common(p, warmup=1, repeats=5)
 
     p = _command(kinds, "calibrate", "calibration wall time and peak memory per method, and of D² collection")
-    p.add_argument("--model", required=True, type=Path, help="FP checkpoint directory")
+    p.add_argument("--model", required=True, type=Path, help=FP_MODEL)
     _add_quant_args(p, methods=True)
     p.add_argument("--option", action="append", default=[], metavar="METHOD:KEY=VALUE",
                    help="method option override (e.g. brecq:iters_w=50); repeatable")
@@ -197,8 +201,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     p.set_defaults(run=_run_train)
 
+    p = _command(sub, "import", "reference a diffusers pipeline or UNet2DModel folder as a tdqrt model directory "
+                                "(by path and sha256, nothing copied)")
+    p.add_argument("src", type=Path, help="diffusers pipeline folder (model_index.json) or UNet2DModel folder "
+                                          "(config.json + weights)")
+    p.add_argument("--out", required=True, type=Path,
+                   help="model directory to write: model.json (the source's path, weights sha256 and scheduler "
+                        "config), import_config.json")
+    p.add_argument("--scheduler-config", type=Path, default=None,
+                   help="a diffusers scheduler_config.json giving the schedule (default: the folder's own: "
+                        "scheduler/scheduler_config.json, or scheduler_config.json beside a UNet folder)")
+    p.set_defaults(run=_run_import)
+
     p = _command(sub, "calibrate", "quantize an FP model (minmax, mse, brecq, tdq-ptq, tdq-qat)")
-    p.add_argument("--model", required=True, type=Path, help="FP model directory (model.json)")
+    p.add_argument("--model", required=True, type=Path, help=FP_MODEL)
     p.add_argument("--out", required=True, type=Path,
                    help="quantized checkpoint directory to write: quant.safetensors, quant.json, scales.png (and "
                         "the calibration set in calib/ unless --calib is given)")
@@ -215,7 +231,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "sample", "sample a model to samples.npz + grid.png")
     p.add_argument("--model", type=Path, default=None,
-                   help="FP (model.json) or quantized (quant.json) model directory, a bundle (ONNX Runtime) or a "
+                   help=f"{FP_MODEL}, a quantized model directory (quant.json), a bundle (ONNX Runtime) or a "
                         "TensorRT .plan/.engine file")
     p.add_argument("--engine", type=Path, default=None,
                    help="TensorRT plan from `tdqrt build` (its bundle: --model, default the one in engine.json); "
@@ -236,7 +252,7 @@ def _parser() -> argparse.ArgumentParser:
     p = _command(sub, "d2-stats", "collect D²/PTQD quantization-error statistics (FP vs quantized)")
     p.add_argument("--quant", required=True, type=Path, help="quantized model directory (`tdqrt calibrate --out`)")
     p.add_argument("--fp", type=Path, default=None,
-                   help="the FP model it was calibrated from, if it moved (default: the path in quant.json)")
+                   help=f"{FP_MODEL} it was calibrated from, if it moved (default: the path in quant.json)")
     p.add_argument("--out", required=True, type=Path, help="statistics directory to write: d2.npz, d2.json, d2.png")
     p.add_argument("--num", type=int, default=256, help="trajectories")
     p.add_argument("--batch", type=int, default=64, help="trajectories per model call")
@@ -252,7 +268,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="bundle directory to write: unet.onnx, unet_fp.onnx, manifest.json, lint.json (and d2.npz, "
                         "d2.json with --d2-stats; decoder.onnx for a latent model)")
     p.add_argument("--d2-stats", type=Path, default=None, help="D² statistics directory to ship in the bundle")
-    p.add_argument("--fp", type=Path, default=None, help="FP model directory if it moved (default: the path in quant.json)")
+    p.add_argument("--fp", type=Path, default=None,
+                   help=f"{FP_MODEL}, if it moved (default: the path in quant.json)")
     p.add_argument("--target", default="trt", metavar="{" + ",".join(EXPORT_TARGETS) + "}",
                    help="graph flavour: trt (TensorRT) or ort-cpu (ONNX Runtime x86 CPU: uint8 activations and a "
                         "Q/DQ after every conv, fused into QLinearConv)")
@@ -301,7 +318,7 @@ def _parser() -> argparse.ArgumentParser:
     p = _command(sub, "validate", "check a bundle's ONNX graphs against its torch models (Polygraphy Comparator)")
     p.add_argument("bundle", type=Path, help="bundle directory written by `tdqrt export`")
     p.add_argument("--quant", type=Path, default=None, help="quantized model directory (default: the bundle's source)")
-    p.add_argument("--fp", type=Path, default=None, help="FP model directory (default: the bundle's source)")
+    p.add_argument("--fp", type=Path, default=None, help=f"{FP_MODEL} (default: the bundle's source)")
     p.add_argument("--calib", type=Path, default=None, help="calibration set (default: the one in quant.json)")
     p.add_argument("--timesteps", type=int, default=5, help="timesteps from the calibration set")
     p.add_argument("--per-timestep", type=int, default=5, help="samples per timestep")
@@ -412,6 +429,18 @@ def _parse_options(pairs: list[str]) -> dict:
         except json.JSONDecodeError:
             options[key] = value
     return options
+
+
+def _run_import(args: argparse.Namespace) -> int:
+    from tdqrt.calibration.models.sources import import_model, open_source
+
+    out = import_model(args.src, args.out, scheduler_config=args.scheduler_config)
+    fp = open_source(out)
+    ae = fp.card["autoencoder"]
+    print(f"{args.src} imported to {out} ({fp.card['source']['pipeline'] or 'UNet2DModel folder'}, "
+          f"{fp.model.in_channels}×{fp.model.image_size}² {'latents, ' + ae['class'] if ae else 'pixels'}, "
+          f"UNet sha256 {fp.sha256[:12]}); pass it as --model")
+    return 0
 
 
 def _run_calibrate(args: argparse.Namespace) -> int:
@@ -644,7 +673,7 @@ def _output_folder(args: argparse.Namespace) -> Optional[Path]:
         from tdqrt.tools.extractor import default_extractor_dir
 
         return default_extractor_dir(args.data)
-    if args.command in ("train", "calibrate", "sample", "d2-stats", "export", "extractor", "demo"):
+    if args.command in ("train", "import", "calibrate", "sample", "d2-stats", "export", "extractor", "demo"):
         return args.out
     if args.command in ("build", "validate"):  # they write into the bundle unless told otherwise
         return args.out if args.out is not None else args.bundle

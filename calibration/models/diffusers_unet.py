@@ -144,7 +144,9 @@ class DiffusersUNet(nn.Module):
             raise ConfigError(f"{str(path)!r} holds no config.json (nor unet/config.json); expected a folder "
                               "written by UNet2DModel.save_pretrained or a diffusers pipeline")
         try:
-            unet = _unet2d_class().from_pretrained(folder, subfolder=subfolder, local_files_only=True)
+            # low_cpu_mem_usage=False: the default needs `accelerate` and logs a warning on every load without it
+            unet = _unet2d_class().from_pretrained(folder, subfolder=subfolder, local_files_only=True,
+                                                   low_cpu_mem_usage=False)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"could not load a UNet2DModel from {str(path)!r}: {exc}") from exc
         return cls(unet, num_classes)

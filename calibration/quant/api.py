@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from tdqrt.calibration.checkpoint import CARD_FILE, FPCheckpoint, load_fp_checkpoint
+from tdqrt.calibration.models.sources import COMPONENT_CONFIG, PIPELINE_INDEX
 from tdqrt.calibration.quant.brecq import finished_units
 from tdqrt.calibration.quant.calib_set import CalibrationSet, CalibSetConfig, collect_calibration_set
 from tdqrt.calibration.quant.checkpoint import QUANT_CARD, load_quant_checkpoint, save_quant_checkpoint
@@ -36,13 +37,16 @@ class CalibrateConfig:
 
 
 def load_model_dir(path: str | Path, *, device: str = "cpu") -> FPCheckpoint:
-    """Open ``path`` as a quantized checkpoint (``quant.json``) or an FP one (``model.json``)."""
+    """Open ``path`` as a quantized checkpoint (``quant.json``) or an FP one (``model.json``, a diffusers pipeline or
+    UNet2DModel folder, a ``tdqrt import`` directory: see :func:`load_fp_checkpoint`)."""
     path = Path(path)
     if (path / QUANT_CARD).is_file():
         return load_quant_checkpoint(path, device=device)
-    if (path / CARD_FILE).is_file() or not path.is_dir():
-        return load_fp_checkpoint(path, device=device)
-    raise ArtifactError(f"{path} holds neither {CARD_FILE} (FP model) nor {QUANT_CARD} (quantized model)")
+    if path.is_dir() and not any((path / f).is_file() for f in (CARD_FILE, PIPELINE_INDEX, COMPONENT_CONFIG)):
+        raise ArtifactError(f"{path} holds no model: expected {CARD_FILE} (FP model or `tdqrt import` output), "
+                            f"{QUANT_CARD} (quantized model), {PIPELINE_INDEX} (a diffusers pipeline folder) or "
+                            f"{COMPONENT_CONFIG} (a UNet2DModel folder)")
+    return load_fp_checkpoint(path, device=device)
 
 
 def _finished_units(job: CalibrationJob) -> Optional[str]:

@@ -3,7 +3,8 @@
 The safetensors file holds the frozen quantized model's state: int8 weight codes and per-channel weight scales
 of every quantized layer, its activation scale table ``[T]`` (together the ``[T, L]`` table), TDQ generator
 weights where the method has them (to regenerate scales for other schedules), biases and the float layers.
-``quant.json`` holds the architecture, the schedule, the FP checkpoint it came from (path + sha256), the
+``quant.json`` holds the architecture, the schedule, the FP checkpoint it came from (path + sha256) and its
+autoencoder record when it is a latent model (``autoencoder``, from the FP card; None in pixel space), the
 ``QuantConfig``, the method options, the quantized layer names in table-column order and the calibration set
 description. Loading rebuilds a model whose outputs equal the in-memory one bit for bit.
 """
