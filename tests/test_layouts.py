@@ -2,12 +2,12 @@
 flavours: multi-head attention (``attention_head_dim`` below the channel count) and one head over all channels,
 ``norm_num_groups`` 2/4/8, ``resnet_time_scale_shift="scale_shift"``, ``time_embedding_type`` positional (both
 ``flip_sin_to_cos``) and fourier, mid blocks with and without attention (``add_attention``), 1/3/4-channel inputs,
-and sizes 8, 32 (three levels), 64 and — graph only — 256.
+score-SDE (NCSN++) skip blocks, and sizes 8, 32 (three levels), 64 and — graph only — 256.
 
 Per layout: the quantized layers are exactly the Conv2d/Linear layers the keep-float defaults
 (:data:`tdqrt.calibration.quant.config.DEFAULT_KEEP_FLOAT`) leave, found by module role (the UNet's first and last
-conv, the timestep-embedding MLP, every ResNet block's timestep projection, the class embedding), not by name
-patterns or counts; the ``trt`` and ``ort-cpu`` graphs lint clean and pass the teacher-forced per-layer check
+conv, the skip blocks' image-space convs, the timestep-embedding MLP, every ResNet block's timestep projection, the
+class embedding), not by name patterns or counts; the ``trt`` and ``ort-cpu`` graphs lint clean and pass the teacher-forced per-layer check
 ``tdqrt validate`` uses (:class:`tdqrt.tools.layer_check.LayerCheck`: every activation code is ``Q(x; s_t)`` of
 ONNX Runtime's own layer input, every layer output is recomputed from the codes in float64, and the torch model with
 its layer outputs forced to ORT's gives ORT's layer inputs and ε); free-running ORT is compared as in
@@ -48,16 +48,19 @@ ORT_CPU_WBITS = U8S8_SAFE_WEIGHT_BITS if u8s8_saturates() else 8
 
 _TWO_LEVELS = dict(block_out_channels=[8, 16], layers_per_block=1)
 LAYOUTS = {
-    # two heads of 4 channels at the 16-channel level; GroupNorm of 8 groups; FiLM-style scale/shift ResNets
-    "heads-scale_shift-3ch": dict(_TWO_LEVELS, sample_size=8, in_channels=3, out_channels=3, norm_num_groups=8,
+    # two heads of 4 channels at the 16-channel level; GroupNorm of 8 groups; FiLM-style scale/shift ResNets;
+    # 4 channels (a latent); class-conditional (3 classes + the null class)
+    "heads-scale_shift-4ch": dict(_TWO_LEVELS, sample_size=8, in_channels=4, out_channels=4, norm_num_groups=8,
+                                  num_class_embeds=4,
                                   attention_head_dim=4, resnet_time_scale_shift="scale_shift",
                                   down_block_types=["DownBlock2D", "AttnDownBlock2D"],
                                   up_block_types=["AttnUpBlock2D", "UpBlock2D"]),
-    # Gaussian Fourier timestep embedding (float timesteps, log); 4 channels (a latent); mid block without attention
-    "fourier-4ch-no_mid_attention": dict(_TWO_LEVELS, sample_size=8, in_channels=4, out_channels=4,
-                                         norm_num_groups=2, time_embedding_type="fourier", add_attention=False,
-                                         down_block_types=["DownBlock2D", "DownBlock2D"],
-                                         up_block_types=["UpBlock2D", "UpBlock2D"]),
+    # score-SDE (NCSN++) style: Gaussian Fourier timestep embedding (float timesteps, log) and skip blocks with
+    # their image-space skip convs (diffusers builds those for 3 channels only); mid block without attention
+    "fourier-skip-3ch-no_mid_attention": dict(_TWO_LEVELS, sample_size=8, in_channels=3, out_channels=3,
+                                              norm_num_groups=2, time_embedding_type="fourier", add_attention=False,
+                                              down_block_types=["SkipDownBlock2D", "SkipDownBlock2D"],
+                                              up_block_types=["SkipUpBlock2D", "SkipUpBlock2D"]),
     # 32×32, three levels, one head over all channels (attention_head_dim None) at 16×16, cos-first embedding
     "32px-3levels-1ch": dict(sample_size=32, in_channels=1, out_channels=1, block_out_channels=[8, 16, 16],
                              layers_per_block=1, norm_num_groups=4, attention_head_dim=None, flip_sin_to_cos=True,
@@ -70,7 +73,7 @@ LAYOUTS = {
 }
 # Fourier embeddings take log(timestep): calibrate those on a grid without t = 0 (steps_offset 1), as diffusers'
 # scheduler configs with steps_offset do.
-OFFSET = {"fourier-4ch-no_mid_attention"}
+OFFSET = {"fourier-skip-3ch-no_mid_attention"}
 
 
 def _build(name: str) -> DiffusersUNet:
@@ -81,12 +84,14 @@ def _build(name: str) -> DiffusersUNet:
 def _kept_by_role(model: DiffusersUNet) -> set[str]:
     """Names of the Conv2d/Linear layers the keep-float defaults promise to leave in float, found by role: the
     UNet's ``conv_in``/``conv_out``, everything in its timestep (and class) embedding, each ResNet block's
-    timestep projection."""
+    timestep projection, and the image-space convs of skip blocks (the blocks ``UNet2DModel.forward`` passes the
+    skip sample to: those with a ``skip_conv``)."""
     from diffusers.models.resnet import ResnetBlock2D
 
     unet = model.unet
     roles = [unet.conv_in, unet.conv_out, unet.time_embedding]
     roles += [m.time_emb_proj for m in unet.modules() if isinstance(m, ResnetBlock2D) and m.time_emb_proj is not None]
+    roles += [b.skip_conv for b in [*unet.down_blocks, *unet.up_blocks] if getattr(b, "skip_conv", None) is not None]
     if unet.class_embedding is not None:
         roles.append(unet.class_embedding)
     ids = {id(sub) for r in roles for sub in r.modules()}
@@ -105,9 +110,9 @@ def layout(request, tmp_path_factory):
     model = _build(name)
     root = tmp_path_factory.mktemp(name)
     schedule = ScheduleConfig(steps_offset=1 if name in OFFSET else 0)
-    sampler = SamplerConfig(steps=4, spacing="scheduler" if name in OFFSET else "uniform")
+    sampler = SamplerConfig(steps=2, spacing="scheduler" if name in OFFSET else "uniform")
     calib = collect_calibration_set(model, NoiseSchedule(schedule), CalibSetConfig(
-        num=4, keep_steps=4, batch=4, sampler=sampler), root / "calib", progress=False)
+        num=2, keep_steps=2, batch=2, sampler=sampler), root / "calib", progress=False)
     spec = method_spec("minmax")
     models = {}
     for target, wbits in (("trt", 8), ("ort-cpu", ORT_CPU_WBITS)):
@@ -120,18 +125,23 @@ def layout(request, tmp_path_factory):
     return name, model, calib, models
 
 
-def _feeds(calib, qm, per_timestep: int = 2):
-    """Calibration inputs: ``(timestep, x, t, feed)`` for the first and the last timestep of the set."""
+def _feeds(calib, per_timestep: int = 2):
+    """Calibration inputs: ``(timestep, x, t, y, feed)`` for the first and the last timestep of the set."""
     for ts in (calib.timesteps[0], calib.timesteps[-1]):
         rows = np.flatnonzero(calib.t == ts)[:per_timestep]
-        x, t, _ = calib.get(rows)
-        yield ts, x, t, {"sample": x.numpy(), "timestep": t.numpy()}
+        x, t, y = calib.get(rows)
+        feed = {"sample": x.numpy(), "timestep": t.numpy()}
+        if y is not None:
+            feed["class_labels"] = y.numpy()
+        yield ts, x, t, y, feed
 
 
 def test_keep_float_defaults_by_role(layout):
     name, model, _, models = layout
     kept = _kept_by_role(model)
     assert {"unet.conv_in", "unet.conv_out", "unet.time_embedding.linear_1"} <= kept
+    if "skip" in name:
+        assert {"unet.down_blocks.0.skip_conv", "unet.up_blocks.0.skip_conv"} <= kept
     for qm in models.values():
         quantized = {n for n, m in qm.model.named_modules() if isinstance(m, QuantLayer)}
         assert quantized == set(qm.layer_names) == _weighted(model) - kept, name
@@ -154,19 +164,19 @@ def test_export_lints_and_matches_fake_quant(layout, target, tmp_path):
     assert set(exported.layers) == set(qm.layer_names)
     size, ch = LAYOUTS[name]["sample_size"], LAYOUTS[name]["in_channels"]
     assert exported.signature["inputs"][0]["shape"] == ["batch", ch, size, size]
-    assert exported.signature["inputs"][1]["dtype"] == "int64"
+    assert [i["dtype"] for i in exported.signature["inputs"][1:]] == ["int64"] * (1 + bool(fp.num_classes))
     report = lint_model(exported.model, target, polygraphy=False)
     assert report and not report.warnings, report.format()
     path = tmp_path / "unet.onnx"
     save_onnx(exported.model, path)
     check = LayerCheck(path, qm, target=target, config=ValidateConfig(), output_grids=exported.plan.output_grids)
     sess = create_session(path, ["CPUExecutionProvider"])
-    for ts, x, t, feed in _feeds(calib, qm):
+    for ts, x, t, y, feed in _feeds(calib):
         check.run(feed, ts)
         out = sess.run(None, feed)[0]
         with torch.no_grad():
-            ref = qm(x, t).numpy()
-            fp_eps = fp(x, t).numpy()
+            ref = qm(x, t, y).numpy()
+            fp_eps = fp(x, t, y).numpy()
         assert np.isfinite(out).all()
         if target == "trt":
             assert np.linalg.norm(out - ref) / np.linalg.norm(ref) <= 0.5, (name, ts)
@@ -181,8 +191,8 @@ def test_fourier_timesteps_are_float_noise_levels(tmp_path):
     """diffusers' Gaussian Fourier embedding: the adapter equals ``UNet2DModel`` with int64 timesteps bit for bit,
     the exported graph casts the int64 ``timestep`` input to float before ``Log`` (ONNX has no integer Log) and
     matches torch, and timestep 0 (log 0: NaN in diffusers) is refused with one clear line."""
-    model = _build("fourier-4ch-no_mid_attention")
-    x, t = torch.randn(2, 4, 8, 8), torch.tensor([1, 999])
+    model = _build("fourier-skip-3ch-no_mid_attention")
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([1, 999])
     with torch.no_grad():
         assert torch.equal(model(x, t), model.unet(x, t).sample)
     with pytest.raises(ConfigError, match="timestep 0"):
