@@ -17,7 +17,7 @@ ONNX Runtime's U8S8 kernels saturate).
 
 Image size changes no decision here: the keep-float rule and the Q/DQ plan look at module names and types only, and
 every quantizer is per tensor (activations) or per output channel (weights), so a layer's plan is the same at any
-resolution; only the traced shapes change. 32 and 64 run end to end; 256 (minutes of calibration and ORT on one
+resolution; only the traced shapes change. 32 and 64 run end to end; 256 (about a minute of calibration and ORT on one
 core even at 8 channels) is checked as a graph: plan, layer set, signature and lint.
 """
 from __future__ import annotations
