@@ -51,8 +51,7 @@ LAYOUTS = {
     # two heads of 4 channels at the 16-channel level; GroupNorm of 8 groups; FiLM-style scale/shift ResNets;
     # 4 channels (a latent); class-conditional (3 classes + the null class)
     "heads-scale_shift-4ch": dict(_TWO_LEVELS, sample_size=8, in_channels=4, out_channels=4, norm_num_groups=8,
-                                  num_class_embeds=4,
-                                  attention_head_dim=4, resnet_time_scale_shift="scale_shift",
+                                  num_class_embeds=4, attention_head_dim=4, resnet_time_scale_shift="scale_shift",
                                   down_block_types=["DownBlock2D", "AttnDownBlock2D"],
                                   up_block_types=["AttnUpBlock2D", "UpBlock2D"]),
     # score-SDE (NCSN++) style: Gaussian Fourier timestep embedding (float timesteps, log) and skip blocks with
