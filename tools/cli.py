@@ -222,7 +222,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-granularity", choices=("channel", "tensor"), default="channel",
                    help="one weight scale per output channel or per tensor")
     p.add_argument("--keep-float", nargs="*", default=None,
-                   help="module-name patterns left in float (default: first/last conv, time and class embeddings)")
+                   help="module-name patterns left in float (default: first/last conv and diffusers' skip_conv, time "
+                        "and class embeddings)")
     _add_calib_set_args(p)
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="method option (e.g. iters_w=2000); repeatable")

@@ -6,6 +6,12 @@ downloads models. ``diffusers`` is imported on first use, so importing this modu
 
 Class-conditional models use ``num_class_embeds = num_classes + 1``; the last index is the null class used
 for classifier-free guidance and for ``y=None``, exactly like the built-in UNet.
+
+``time_embedding_type="fourier"`` (diffusers' ``GaussianFourierProjection``, the score-SDE convention) takes
+``log(timestep)`` and divides the output by the timestep: the timestep is a positive noise level. The adapter hands
+such a model its timesteps as float32 — what ``torch.log`` of diffusers' int64 timesteps computes anyway, and what
+ONNX's ``Log`` and ``Div`` need in the exported graph (they take no integers) — and refuses timestep 0, where
+diffusers itself returns NaN.
 """
 from __future__ import annotations
 
@@ -97,6 +103,7 @@ class DiffusersUNet(nn.Module):
         self.null_label: Optional[int] = num_classes if num_classes else None
         self.image_size = size
         self.in_channels = config["in_channels"]
+        self.float_timesteps = config.get("time_embedding_type") == "fourier"
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.num_classes and y is None:
@@ -104,6 +111,13 @@ class DiffusersUNet(nn.Module):
         elif not self.num_classes and y is not None:
             raise ConfigError("labels y were given to an unconditional diffusers UNet; pass y=None "
                               "or build the model with num_classes > 0")
+        if self.float_timesteps:
+            if not torch.jit.is_tracing() and bool((t <= 0).any()):
+                raise ConfigError("this UNet2DModel has time_embedding_type='fourier': it takes log(timestep) and "
+                                  "divides its output by the timestep, so timestep 0 gives NaN (in diffusers too); "
+                                  "sample with timesteps >= 1 (spacing 'scheduler' with a scheduler config whose "
+                                  "steps_offset is >= 1)")
+            t = t.float()
         return self.unet(x, t, class_labels=y).sample
 
     def spec(self) -> dict[str, Any]:

@@ -9,10 +9,16 @@ from tdqrt.engines.config import check_choice, check_int, check_real, config_fro
 
 # Kept in float by default, as TensorRT deployments and the papers (Q-Diffusion, TDQ) do:
 # the first and last conv, the timestep-embedding MLP and the per-ResBlock timestep projections, and the class
-# embedding. Patterns are fnmatch-style on module names and cover the built-in UNet and diffusers' UNet2DModel.
+# embedding. Patterns are fnmatch-style on module names and cover the built-in UNet and diffusers' UNet2DModel,
+# whatever its blocks: in the score-SDE (NCSN++) skip blocks (``SkipDownBlock2D``, ``AttnSkipUpBlock2D``, ...) the
+# ``skip_conv`` layers play the first and last conv's part (down: a conv of the downsampled input image; up: a
+# conv whose output is summed into the model output), so they stay in float too. Embeddings without a Linear
+# (sinusoidal, Gaussian Fourier, learned ``nn.Embedding``), GroupNorm and attention's softmax/matmuls are never
+# quantized anyway (see ``QuantConfig``).
 DEFAULT_KEEP_FLOAT = (
     "*conv_in",
     "*conv_out",
+    "*skip_conv",
     "*time_embed*",
     "*temb_proj",
     "*time_emb_proj",
