@@ -741,7 +741,8 @@ def lint_model(model_or_path, target: str = "trt", *, polygraphy: bool = True, c
 
 
 def lint_bundle(path: Union[str, os.PathLike], *, polygraphy: bool = True, target: Optional[str] = None) -> LintReport:
-    """Verify a bundle (hashes, format) and lint every ONNX model in it with the target its manifest names."""
+    """Verify a bundle (hashes, format) and lint every ONNX model in it with the target its manifest names (the
+    float ``decoder.onnx`` of a latent model too: it must pass the checker, shape inference and Polygraphy)."""
     from tdqrt.engines.bundle import open_bundle
 
     bundle = open_bundle(path)
@@ -752,6 +753,8 @@ def lint_bundle(path: Union[str, os.PathLike], *, polygraphy: bool = True, targe
         p = bundle.onnx_path(role)
         if p is not None:
             rep.merge(lint_model(p, target, polygraphy=polygraphy, file=p.name))
+    if bundle.decoder_path is not None:
+        rep.merge(lint_model(bundle.decoder_path, target, polygraphy=polygraphy, file=bundle.decoder_path.name))
     return rep
 
 

@@ -57,6 +57,7 @@ import torch
 
 from tdqrt.calibration.checkpoint import CARD_FILE
 from tdqrt.calibration.models import PRESET_NAMES, model_from_preset
+from tdqrt.calibration.models.sources import source_kind
 from tdqrt.calibration.quant.api import CalibrateConfig, calibrate
 from tdqrt.calibration.quant.calib_set import CalibSetConfig, collect_calibration_set
 from tdqrt.calibration.quant.checkpoint import QUANT_CARD
@@ -326,6 +327,14 @@ def _check_batches(batches: Sequence[int]) -> tuple[int, ...]:
     return _check_sizes("batches", batches, "--batch", "--batch 1 16 64")
 
 
+def _check_fp_model(path: Optional[str]) -> None:
+    """``--model`` must be an FP model: a tdqrt checkpoint or import directory, or a diffusers folder."""
+    if path is not None and not Path(path, CARD_FILE).is_file() and source_kind(path) is None:
+        raise ConfigError(f"--model {path} is not an FP model (no model.json, model_index.json or config.json there); "
+                          "pass a `tdqrt train` or `tdqrt import` directory, or a diffusers pipeline or UNet2DModel "
+                          "folder")
+
+
 def _check_dir(path: Optional[str], what: str, flag: str, marker: str) -> None:
     if path is not None and not Path(path, marker).is_file():
         raise ConfigError(f"{flag} {path} is not {what} (no {marker} there); pass the directory the matching "
@@ -375,7 +384,7 @@ class UnetBenchConfig:
             raise ConfigError("give either --model (a trained checkpoint) or --preset (random weights), not both")
         if self.preset is not None and self.preset not in PRESET_NAMES:
             check_choice("UnetBenchConfig.preset", self.preset, list(PRESET_NAMES), flag="--preset")
-        _check_dir(self.model, "an FP checkpoint", "--model", CARD_FILE)
+        _check_fp_model(self.model)
         _check_dir(self.quant, "a quantized checkpoint", "--quant", QUANT_CARD)
         for b in self.bundles:
             if not is_bundle_dir(b):
@@ -701,7 +710,7 @@ class CalibrateBenchConfig:
 
     def __post_init__(self) -> None:
         _check_common(self, has_warmup=False)
-        _check_dir(self.model, "an FP checkpoint", "--model", CARD_FILE)
+        _check_fp_model(self.model)
         if isinstance(self.calib_set, Mapping):
             object.__setattr__(self, "calib_set", config_from_dict(CalibSetConfig, self.calib_set))
         if isinstance(self.d2, Mapping):
