@@ -29,6 +29,7 @@ from typing import Any, Optional
 import torch
 
 from tdqrt.calibration.checkpoint import CARD_FILE, FPCheckpoint
+from tdqrt.calibration.models.autoencoder import AUTOENCODER_CLASSES
 from tdqrt.calibration.models.diffusers_unet import DiffusersUNet
 from tdqrt.engines.artifacts import atomic_dir, read_json, sha256_file, versions, write_json_atomic
 from tdqrt.engines.errors import ArtifactError, ConfigError
@@ -43,7 +44,6 @@ COMPONENT_CONFIG = "config.json"
 SCHEDULER_CONFIG = "scheduler_config.json"
 WEIGHTS_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")  # diffusers' preference
 UNET_CLASS = "UNet2DModel"
-AUTOENCODER_CLASSES = ("VQModel", "AutoencoderKL")
 AUTOENCODER_KEYS = ("vqvae", "vae")
 SUPPORTED = (f"supported: DDPMPipeline/DDIMPipeline/LDMPipeline folders, pipelines of a {UNET_CLASS} (unet/), a "
              f"scheduler (scheduler/) and optionally a VQModel/AutoencoderKL (vae/ or vqvae/), or a bare "
