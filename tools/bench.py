@@ -330,9 +330,9 @@ def _check_batches(batches: Sequence[int]) -> tuple[int, ...]:
 def _check_fp_model(path: Optional[str]) -> None:
     """``--model`` must be an FP model: a tdqrt checkpoint or import directory, or a diffusers folder."""
     if path is not None and not Path(path, CARD_FILE).is_file() and source_kind(path) is None:
-        raise ConfigError(f"--model {path} is not an FP model (no model.json, model_index.json or config.json there); "
-                          "pass a `tdqrt train` or `tdqrt import` directory, or a diffusers pipeline or UNet2DModel "
-                          "folder")
+        raise ConfigError(f"--model {path} is not an FP checkpoint nor a diffusers model folder (no model.json, "
+                          "model_index.json or config.json there); pass a `tdqrt train` or `tdqrt import` directory, "
+                          "or a diffusers pipeline or UNet2DModel folder")
 
 
 def _check_dir(path: Optional[str], what: str, flag: str, marker: str) -> None:
