@@ -269,13 +269,13 @@ def _open(layout: SourceLayout, scheduler: dict, scheduler_name: str, device: st
 def _cond_unet(layout: SourceLayout, text: dict):
     """The ``DiffusersCondUNet`` of a text-to-image pipeline's ``unet/``, conditioned on ``text["max_length"]``
     tokens of width ``text["hidden_size"]`` (refused in one line when its cross-attention has another width)."""
-    from tdqrt.calibration.models.diffusers_unet import DiffusersCondUNet
-
     width = read_json(layout.unet_dir / COMPONENT_CONFIG).get("cross_attention_dim")
     if width != text["hidden_size"]:
         raise ConfigError(f"{layout.unet_dir / COMPONENT_CONFIG}: cross_attention_dim={width} does not match the "
                           f"text encoder's hidden_size={text['hidden_size']} in {text['path']}; the UNet and the text "
                           "encoder come from different models")
+    from tdqrt.calibration.models.diffusers_unet import DiffusersCondUNet
+
     return DiffusersCondUNet.from_pretrained(layout.unet_dir, cond_length=text["max_length"])
 
 

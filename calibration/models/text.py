@@ -142,12 +142,11 @@ class TextEncoder:
         import transformers
 
         try:
-            model = getattr(transformers, record["class"]).from_pretrained(str(folder), local_files_only=True,
-                                                                           dtype=torch.float32)
+            model = getattr(transformers, record["class"]).from_pretrained(str(folder), local_files_only=True)
         except (OSError, ValueError, RuntimeError) as exc:
             raise ArtifactError(f"{folder} cannot be loaded as a transformers {record['class']} "
                                 f"({type(exc).__name__}: {str(exc)[:300]})") from exc
-        return cls(_load_tokenizer(tok_folder), model.to(device))
+        return cls(_load_tokenizer(tok_folder), model.float().to(device))  # float32 whatever dtype was saved
 
     @property
     def device(self) -> torch.device:
