@@ -132,6 +132,11 @@ def test_long_prompts_are_truncated_with_a_warning(sd_pipeline_dir):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         torch.testing.assert_close(out[1], encoder.encode([cut])[0], rtol=0, atol=1e-6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, uncond = encoder.encode_set(PromptSet(("a cat",), long))
+    assert [str(w.message).split(" has ")[0] for w in caught] == ["the negative prompt"]
+    torch.testing.assert_close(uncond, out[1], rtol=0, atol=1e-6)
 
 
 def test_changed_or_missing_text_encoder_files_are_refused(sd_pipeline_dir, tmp_path):

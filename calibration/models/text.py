@@ -140,32 +140,40 @@ class TextEncoder:
         _check_unchanged("tokenizer folder", tok_folder, tokenizer_sha256(tok_folder) if tok_folder.is_dir() else None,
                          record["tokenizer_sha256"])
         import transformers
+        from transformers.utils import logging as transformers_logging
 
+        bar = transformers_logging.is_progress_bar_enabled()
+        transformers_logging.disable_progress_bar()  # one weights file: its loading bar is noise on the CLI
         try:
             model = getattr(transformers, record["class"]).from_pretrained(str(folder), local_files_only=True)
         except (OSError, ValueError, RuntimeError) as exc:
             raise ArtifactError(f"{folder} cannot be loaded as a transformers {record['class']} "
                                 f"({type(exc).__name__}: {str(exc)[:300]})") from exc
+        finally:
+            if bar:
+                transformers_logging.enable_progress_bar()
         return cls(_load_tokenizer(tok_folder), model.float().to(device))  # float32 whatever dtype was saved
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _warn_truncated(self, prompts: Sequence[str], first: int) -> None:
-        """diffusers' truncation warning, one line per prompt: which prompt and how many tokens are dropped."""
+    def _warn_truncated(self, prompts: Sequence[str], first: int, what: Optional[str]) -> None:
+        """diffusers' truncation warning, one line per prompt: which prompt (``what``, else its index) and how many
+        tokens are dropped."""
         for i, ids in enumerate(self.tokenizer(list(prompts), verbose=False).input_ids):
             if len(ids) > self.max_length:
-                warnings.warn(f"prompt {first + i} has {len(ids) - self.max_length} token(s) more than the text "
+                warnings.warn(f"{what or f'prompt {first + i}'} has {len(ids) - self.max_length} token(s) more than the text "
                               f"encoder's {self.max_length} (start and end included); they are dropped, as "
                               "diffusers' StableDiffusionPipeline does", stacklevel=3)
 
     @torch.no_grad()
-    def encode(self, prompts: Sequence[str]) -> torch.Tensor:
+    def encode(self, prompts: Sequence[str], *, what: Optional[str] = None) -> torch.Tensor:
         """``[P, L, D]`` float32 embeddings of ``prompts``: tokenized to ``L = max_length`` tokens
         (``padding="max_length"``, ``truncation=True``; longer prompts are truncated with a warning), the text
         encoder's last hidden state, with the attention mask only where the text encoder's config asks for it
-        (``use_attention_mask``), as ``StableDiffusionPipeline.encode_prompt`` does."""
+        (``use_attention_mask``), as ``StableDiffusionPipeline.encode_prompt`` does. ``what`` names the prompts in
+        the truncation warning (default: "prompt INDEX")."""
         prompts = list(prompts)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ConfigError(f"encode takes a non-empty list of prompt strings, got {prompts!r}")
@@ -173,7 +181,7 @@ class TextEncoder:
         out = []
         for start in range(0, len(prompts), ENCODE_BATCH):
             chunk = prompts[start:start + ENCODE_BATCH]
-            self._warn_truncated(chunk, start)
+            self._warn_truncated(chunk, start, what)
             tokens = self.tokenizer(chunk, padding="max_length", max_length=self.max_length, truncation=True,
                                     return_tensors="pt")
             mask = tokens.attention_mask.to(self.device) if use_mask else None
@@ -183,7 +191,7 @@ class TextEncoder:
     def encode_set(self, prompts: "PromptSet") -> tuple[torch.Tensor, torch.Tensor]:
         """``(cond [P, L, D], uncond [L, D])`` of a prompt set: the prompts' embeddings and the negative prompt's
         (``""`` when none was given), the pair classifier-free guidance combines."""
-        return self.encode(prompts.prompts), self.encode([prompts.negative])[0]
+        return self.encode(prompts.prompts), self.encode([prompts.negative], what="the negative prompt")[0]
 
 
 @dataclass(frozen=True)
