@@ -15,7 +15,15 @@ Kinds (``KINDS``):
 * ``kl``: a latent pipeline with an ``AutoencoderKL`` under ``vae/`` (4 latent channels, scaling_factor 0.5), an 8×8
   4-channel UNet and a ``DDIMScheduler``; saved as an ``LDMPipeline`` whose ``vqvae/`` is renamed ``vae/`` in the
   folder and in model_index.json (the layout of latent pipelines with a KL autoencoder; diffusers' LDMPipeline
-  itself only takes ``vqvae``, so tests build that pipeline from the components).
+  itself only takes ``vqvae``, so tests build that pipeline from the components);
+* ``sd``: ``StableDiffusionPipeline`` — a ``CLIPTextModel`` (hidden size 16, 2 layers, 2 heads, 16 positions) in
+  ``text_encoder/``, a ``CLIPTokenizer`` built from a vocab.json + merges.txt written here (the special tokens, every
+  lowercase letter and a few punctuation marks as pieces and word ends, and merges for the words of ``WORDS``;
+  ``model_max_length`` 16, the text encoder's positions) in ``tokenizer/``, an 8×8 4-channel
+  ``UNet2DConditionModel`` with cross-attention (dim 16) in ``unet/``, an ``AutoencoderKL`` (8×8×4 latents <->
+  16×16×3 pixels, scaling_factor 0.18215 as Stable Diffusion's) in ``vae/`` and Stable Diffusion's
+  ``DDIMScheduler`` (scaled_linear 0.00085–0.012, epsilon, steps_offset 1); no safety checker;
+* ``sd-v``: the same with a v_prediction scheduler (the Stable Diffusion 2.x convention).
 """
 from __future__ import annotations
 
@@ -33,6 +41,18 @@ TINY_UNET2D = {"sample_size": 16, "block_out_channels": [8, 16], "layers_per_blo
 TINY_AUTOENCODER = {"in_channels": 3, "out_channels": 3, "block_out_channels": [8, 16], "layers_per_block": 1,
                     "down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2,
                     "norm_num_groups": 4, "sample_size": 16}
+# A text-to-image UNet: cross-attention in the first level, 8×8×4 latents, 16-wide text embeddings.
+TINY_UNET2D_CONDITION = {"sample_size": 8, "in_channels": 4, "out_channels": 4, "block_out_channels": [8, 16],
+                         "layers_per_block": 1, "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+                         "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "norm_num_groups": 4,
+                         "cross_attention_dim": 16, "attention_head_dim": 4}
+TEXT_LENGTH = 16  # tokens per prompt: the tokenizer's model_max_length and the text encoder's positions
+TINY_CLIP_TEXT = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                  "max_position_embeddings": TEXT_LENGTH, "projection_dim": 16}
+SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
+# Words that tokenize to one piece each; any other lowercase word falls apart into letters.
+WORDS = ("a", "an", "the", "of", "in", "on", "with", "and", "photo", "painting", "drawing", "cat", "dog", "car",
+         "house", "tree", "red", "blue", "green", "small", "big", "blurry", "low", "quality", "sky", "city", "night")
 
 
 def _unet(seed: int, **overrides):
@@ -86,7 +106,67 @@ def kl(out: Path) -> Path:
     return out
 
 
-KINDS = {"ddpm": ddpm, "ddim": ddim, "ldm": ldm, "kl": kl}
+def _clip_vocab() -> tuple[dict[str, int], list[str]]:
+    """CLIP's BPE pieces for ``WORDS``: single characters (alone and as word ends, ``</w>``) and the merges that
+    build each word left to right, as CLIP's merges.txt does for its words."""
+    pieces = list(SPECIAL_TOKENS)
+    for char in "abcdefghijklmnopqrstuvwxyz0123456789,.!?'-":
+        pieces += [char, char + "</w>"]
+    merges = []
+    for word in WORDS:
+        for i in range(1, len(word)):
+            right = word[i] + ("</w>" if i == len(word) - 1 else "")
+            merged = word[:i + 1] + ("</w>" if i == len(word) - 1 else "")
+            if merged not in pieces:
+                pieces.append(merged)
+                merges.append(f"{word[:i]} {right}")
+    return {piece: i for i, piece in enumerate(pieces)}, merges
+
+
+def _clip_tokenizer(folder: Path):
+    """A ``CLIPTokenizer`` read from the vocab.json + merges.txt written into ``folder`` (CLIP's file formats)."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = _clip_vocab()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return CLIPTokenizer.from_pretrained(folder, model_max_length=TEXT_LENGTH)
+
+
+def _stable_diffusion(out: Path, prediction_type: str) -> Path:
+    import tempfile
+
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = _clip_tokenizer(Path(tmp))
+    vocab = tokenizer.get_vocab()
+    torch.manual_seed(6)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_CLIP_TEXT, vocab_size=len(vocab),
+                                                bos_token_id=vocab[SPECIAL_TOKENS[0]],
+                                                eos_token_id=vocab[SPECIAL_TOKENS[1]],
+                                                pad_token_id=vocab[SPECIAL_TOKENS[1]])).eval()
+    unet = UNet2DConditionModel(**TINY_UNET2D_CONDITION).eval()
+    vae = AutoencoderKL(**TINY_AUTOENCODER, latent_channels=4).eval()
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                            safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(out)
+    return out
+
+
+def sd(out: Path) -> Path:
+    return _stable_diffusion(out, "epsilon")
+
+
+def sd_v(out: Path) -> Path:
+    return _stable_diffusion(out, "v_prediction")
+
+
+KINDS = {"ddpm": ddpm, "ddim": ddim, "ldm": ldm, "kl": kl, "sd": sd, "sd-v": sd_v}
 
 
 def build(kind: str, out: Path) -> Path:

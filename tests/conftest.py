@@ -161,3 +161,11 @@ def kl_pipeline_dir(tmp_path_factory):
     """A latent pipeline folder with an AutoencoderKL under vae/ (8×8×4 latents <-> 16×16×3 pixels, scaling_factor
     0.5); diffusers' LDMPipeline cannot load this layout itself (it takes ``vqvae``), each component loads alone."""
     return _pipeline("kl", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def sd_pipeline_dir(tmp_path_factory):
+    """A ``StableDiffusionPipeline`` folder (text_encoder/ CLIPTextModel, tokenizer/ CLIPTokenizer with 16 tokens per
+    prompt, unet/ UNet2DConditionModel with 16-wide cross-attention, vae/ AutoencoderKL, scheduler/ DDIMScheduler):
+    8×8×4 latents <-> 16×16×3 pixels, epsilon prediction, no safety checker."""
+    return _pipeline("sd", tmp_path_factory)

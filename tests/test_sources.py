@@ -211,35 +211,13 @@ def test_a_folder_without_a_model_is_refused(tmp_path, capsys):
                  "config.json")
 
 
-@pytest.fixture
-def text_to_image_unet(tmp_path):
-    """A tiny UNet2DConditionModel saved with save_pretrained (what Stable Diffusion pipelines hold)."""
-    from diffusers import UNet2DConditionModel
-
-    folder = tmp_path / "sd" / "unet"
-    UNet2DConditionModel(sample_size=8, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
-                         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8,
-                         attention_head_dim=2).save_pretrained(folder)
-    return folder
-
-
-def test_text_to_image_and_transformer_pipelines_are_refused(text_to_image_unet, ddpm_pipeline_dir, tmp_path,
-                                                             capsys):
-    pipe = text_to_image_unet.parent
+def test_transformer_pipelines_are_refused(ddpm_pipeline_dir, tmp_path, capsys):
+    pipe = tmp_path / "dit"
     shutil.copytree(ddpm_pipeline_dir / "scheduler", pipe / "scheduler")
-    (pipe / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-        "scheduler": ["diffusers", "DDPMScheduler"], "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"]}))
-    out = tmp_path / "out"
-    for model in (pipe, text_to_image_unet):  # the pipeline and its bare unet/ folder
-        _refused(capsys, ["calibrate", "--model", str(model), "--out", str(out)], out, "UNet2DConditionModel",
-                 "text-to-image", "not support yet", "supported: DDPMPipeline")
-        _refused(capsys, ["import", str(model), "--out", str(out)], out, "UNet2DConditionModel")
     (pipe / "model_index.json").write_text(json.dumps({
         "_class_name": "DiTPipeline", "transformer": ["diffusers", "DiTTransformer2DModel"],
         "scheduler": ["diffusers", "DDPMScheduler"], "vae": ["diffusers", "AutoencoderKL"]}))
+    out = tmp_path / "out"
     _refused(capsys, ["calibrate", "--model", str(pipe), "--out", str(out)], out, "DiTPipeline has no unet",
              "transformer=DiTTransformer2DModel", "supported: ")
 

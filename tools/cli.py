@@ -34,11 +34,14 @@ FP_MODEL = ("FP model: a `tdqrt train` or `tdqrt import` directory (model.json),
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """argparse's "(default: X)" after every option help, except where there is nothing to show: no default
-    (None, the help says what happens then), an on/off switch, or an empty repeatable list."""
+    (None, the help says what happens then), an on/off switch, or an empty repeatable list; an empty text default
+    shows as ``""``."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         if action.default is None or action.nargs == 0 or action.default == []:
             return action.help or ""
+        if action.default == "":
+            return f'{action.help or ""} (default: "")'
         return super()._get_help_string(action)
 
 
@@ -103,6 +106,31 @@ def _calib_set_from_args(args: argparse.Namespace):
 
     return CalibSetConfig(num=args.calib_num, keep_steps=args.calib_keep, seed=args.seed,
                           sampler=SamplerConfig(kind="ddim", steps=args.calib_steps))
+
+
+def _add_prompt_args(p: argparse.ArgumentParser) -> None:
+    """Prompts of a text-to-image model (tdqrt.calibration.models.text.PromptSet)."""
+    g = p.add_argument_group("prompts (text-to-image models)")
+    g.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                   help="a prompt; repeat for several (taken before those of --prompts)")
+    g.add_argument("--prompts", type=Path, default=None, metavar="FILE",
+                   help="a UTF-8 text file of prompts, one a line (blank lines ignored)")
+    g.add_argument("--negative-prompt", default="", metavar="TEXT",
+                   help='negative prompt of classifier-free guidance ("": none, the unconditional embedding)')
+
+
+def _prompts_from_args(args: argparse.Namespace):
+    """The ``PromptSet`` of --prompt / --prompts / --negative-prompt, or None when no prompt was given (a model
+    without text conditioning); a negative prompt without prompts is refused."""
+    if args.prompt is None and args.prompts is None:
+        if args.negative_prompt:
+            from tdqrt.engines.errors import ConfigError
+
+            raise ConfigError("--negative-prompt needs prompts: add --prompt TEXT or --prompts FILE")
+        return None
+    from tdqrt.calibration.models.text import PromptSet
+
+    return PromptSet.from_sources(args.prompt or (), args.prompts, args.negative_prompt)
 
 
 def _add_quant_args(p: argparse.ArgumentParser, *, methods: bool) -> None:

@@ -7,6 +7,10 @@ Every ``--model`` that takes a tdqrt FP checkpoint also takes, through :func:`op
   ``scheduler/``), ``LDMPipeline`` (``vqvae/`` + ``unet/`` + ``scheduler/``) and any pipeline whose components are a
   ``UNet2DModel`` under ``unet``, a scheduler under ``scheduler`` and optionally a ``VQModel`` / ``AutoencoderKL``
   under ``vae`` or ``vqvae``. The component classes are read from ``model_index.json``;
+* a **StableDiffusionPipeline folder** (Stable Diffusion 1.x/2.x): a ``CLIPTextModel`` under ``text_encoder``, its
+  tokenizer under ``tokenizer``, a ``UNet2DConditionModel`` under ``unet``, an ``AutoencoderKL`` under ``vae`` and a
+  scheduler; its safety checker, feature extractor and image encoder, if any, are not used. SDXL folders (a second
+  text encoder, ``added_cond_kwargs``) are refused;
 * a bare **UNet2DModel folder** (``config.json`` + weights, as ``UNet2DModel.save_pretrained`` writes it) with its
   schedule from a ``scheduler_config.json`` beside it or in ``../scheduler/``;
 * a directory written by :func:`import_model` (``tdqrt import``), which references such a folder by path and
@@ -17,7 +21,10 @@ Weights are read locally only (``local_files_only=True``; tdqrt never downloads)
 a :class:`~tdqrt.calibration.models.diffusers_unet.DiffusersUNet`; the schedule is
 ``ScheduleConfig.from_diffusers`` of the scheduler config. The autoencoder of a latent pipeline is not loaded here:
 its description (:func:`autoencoder_record`) goes into the card as ``card["autoencoder"]`` for the stages that
-decode latents. Whatever does not fit is refused in one line naming what was found and what is supported.
+decode latents; likewise the text encoder of a Stable Diffusion folder (:func:`~tdqrt.calibration.models.text.
+text_encoder_record`) goes into ``card["text_encoder"]`` (None for other models), and its UNet becomes a
+``DiffusersCondUNet`` (``eps = model(x, t, text_embeddings)``). Whatever does not fit is refused in one line naming
+what was found and what is supported.
 """
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ import torch
 from tdqrt.calibration.checkpoint import CARD_FILE, FPCheckpoint
 from tdqrt.calibration.models.autoencoder import AUTOENCODER_CLASSES
 from tdqrt.calibration.models.diffusers_unet import DiffusersUNet
+from tdqrt.calibration.models.text import text_encoder_record
 from tdqrt.engines.artifacts import atomic_dir, read_json, sha256_file, versions, write_json_atomic
 from tdqrt.engines.errors import ArtifactError, ConfigError
 from tdqrt.runtime.schedules import ScheduleConfig
@@ -44,16 +52,24 @@ COMPONENT_CONFIG = "config.json"
 SCHEDULER_CONFIG = "scheduler_config.json"
 WEIGHTS_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")  # diffusers' preference
 UNET_CLASS = "UNet2DModel"
+COND_UNET_CLASS = "UNet2DConditionModel"
+TEXT_PARTS = ("text_encoder", "tokenizer")  # what a text-to-image pipeline needs besides unet, vae and scheduler
+UNUSED_PARTS = ("safety_checker", "feature_extractor", "image_encoder")  # Stable Diffusion parts tdqrt does not use
+SDXL_PARTS = ("text_encoder_2", "tokenizer_2")
 AUTOENCODER_KEYS = ("vqvae", "vae")
 SUPPORTED = (f"supported: DDPMPipeline/DDIMPipeline/LDMPipeline folders, pipelines of a {UNET_CLASS} (unet/), a "
-             f"scheduler (scheduler/) and optionally a VQModel/AutoencoderKL (vae/ or vqvae/), or a bare "
-             f"{UNET_CLASS} folder")
+             f"scheduler (scheduler/) and optionally a VQModel/AutoencoderKL (vae/ or vqvae/), a bare "
+             f"{UNET_CLASS} folder, or a StableDiffusionPipeline folder (SD 1.x/2.x: text_encoder/, tokenizer/, "
+             f"a {COND_UNET_CLASS} in unet/, vae/, scheduler/)")
+SDXL_REFUSAL = ("is a Stable Diffusion XL model (a second text encoder and added time/text conditioning), which "
+                "tdqrt does not support; Stable Diffusion 1.x/2.x pipeline folders are supported")
 
 
 @dataclass(frozen=True)
 class SourceLayout:
     """Where the parts of a diffusers folder are: ``kind`` is ``"pipeline"`` or ``"unet-folder"``;
-    ``scheduler_file`` is None for a bare UNet folder without a scheduler config beside it."""
+    ``scheduler_file`` is None for a bare UNet folder without a scheduler config beside it; ``text`` is True for a
+    text-to-image pipeline (its ``text_encoder/`` and ``tokenizer/`` are under ``root``)."""
 
     kind: str
     root: Path
@@ -61,6 +77,7 @@ class SourceLayout:
     unet_dir: Path
     scheduler_file: Optional[Path]
     autoencoder_dir: Optional[Path]
+    text: bool = False
 
 
 def source_kind(path: str | Path) -> Optional[str]:
@@ -104,10 +121,17 @@ def _pipeline_layout(root: Path) -> SourceLayout:
         found = ", ".join(f"{k}={v}" for k, v in components.items()) or "none"
         raise ConfigError(f"{root / PIPELINE_INDEX}: {name} has no unet component (components: {found}); "
                           f"tdqrt quantizes {UNET_CLASS} denoisers only; {SUPPORTED}")
-    if unet == "UNet2DConditionModel":
-        raise ConfigError(f"{root / PIPELINE_INDEX}: {name} has a UNet2DConditionModel unet (a text-to-image "
-                          f"model), which tdqrt does not support yet; {SUPPORTED}")
-    if unet != UNET_CLASS:
+    text = unet == COND_UNET_CLASS
+    if text:
+        sdxl = [k for k in SDXL_PARTS if k in components]
+        if sdxl or read_json(root / "unet" / COMPONENT_CONFIG).get("addition_embed_type") is not None:
+            raise ConfigError(f"{root / PIPELINE_INDEX}: {name} {SDXL_REFUSAL}")
+        missing = [k for k in TEXT_PARTS if k not in components]
+        if missing:
+            raise ConfigError(f"{root / PIPELINE_INDEX}: {name} has a {COND_UNET_CLASS} but no {' or '.join(missing)}"
+                              f"; tdqrt encodes prompts with the pipeline's own text encoder; {SUPPORTED}")
+        components = {k: v for k, v in components.items() if k not in (*TEXT_PARTS, *UNUSED_PARTS)}
+    elif unet != UNET_CLASS:
         raise ConfigError(f"{root / PIPELINE_INDEX}: {name}'s unet is a {unet}, tdqrt quantizes {UNET_CLASS} only; "
                           f"{SUPPORTED}")
     if "scheduler" not in components:
@@ -134,8 +158,10 @@ def _pipeline_layout(root: Path) -> SourceLayout:
         if not (root / part / wanted).is_file():
             raise ArtifactError(f"{root / part / wanted} is missing, though {root / PIPELINE_INDEX} names its "
                                 f"{components[part]} there; download or save the whole pipeline folder again")
+    if text and autoencoder_dir is None:
+        raise ConfigError(f"{root / PIPELINE_INDEX}: {name} has a {COND_UNET_CLASS} but no vae; {SUPPORTED}")
     return SourceLayout("pipeline", root, name, root / "unet", root / "scheduler" / SCHEDULER_CONFIG,
-                        autoencoder_dir)
+                        autoencoder_dir, text)
 
 
 def _unet_folder_layout(root: Path) -> SourceLayout:
@@ -156,11 +182,15 @@ def source_layout(path: str | Path) -> SourceLayout:
                         f"({UNET_CLASS} folder); pass a folder written by save_pretrained; {SUPPORTED}")
 
 
-def _check_unet_class(unet_dir: Path) -> None:
+def _check_unet_class(layout: SourceLayout) -> None:
+    unet_dir = layout.unet_dir
     found = read_json(unet_dir / COMPONENT_CONFIG).get("_class_name")
-    if found == "UNet2DConditionModel":
-        raise ConfigError(f"{unet_dir / COMPONENT_CONFIG} is a UNet2DConditionModel (a text-to-image UNet), which "
-                          f"tdqrt does not support yet; {SUPPORTED}")
+    if layout.text:
+        return  # _pipeline_layout checked model_index.json's class; the adapter checks the config it loads
+    if found == COND_UNET_CLASS:
+        raise ConfigError(f"{unet_dir / COMPONENT_CONFIG} is a {COND_UNET_CLASS} (a text-to-image UNet) without its "
+                          "text encoder; pass the StableDiffusionPipeline folder that holds it (with text_encoder/ "
+                          f"and tokenizer/); {SUPPORTED}")
     if found != UNET_CLASS:
         raise ConfigError(f"{unet_dir / COMPONENT_CONFIG} describes a {found}, not a {UNET_CLASS}; {SUPPORTED}")
 
@@ -212,10 +242,11 @@ def _open(layout: SourceLayout, scheduler: dict, scheduler_name: str, device: st
     """Load the UNet of ``layout`` with the schedule of the scheduler config ``scheduler`` (``scheduler_name`` in
     the card, ``where`` in messages)."""
     schedule = ScheduleConfig.from_diffusers(scheduler, source=where)
-    _check_unet_class(layout.unet_dir)
-    weights = _weights_file(layout.unet_dir, UNET_CLASS)
+    _check_unet_class(layout)
+    weights = _weights_file(layout.unet_dir, COND_UNET_CLASS if layout.text else UNET_CLASS)
     autoencoder = None if layout.autoencoder_dir is None else autoencoder_record(layout.autoencoder_dir)
-    model = DiffusersUNet.from_pretrained(layout.unet_dir)
+    text = text_encoder_record(layout.root) if layout.text else None
+    model = DiffusersUNet.from_pretrained(layout.unet_dir) if text is None else _cond_unet(layout, text)
     if autoencoder is not None and model.in_channels != autoencoder["latent_channels"]:
         raise ConfigError(f"{layout.unet_dir / COMPONENT_CONFIG}: in_channels={model.in_channels} does not match "
                           f"the {autoencoder['class']}'s latent_channels={autoencoder['latent_channels']} in "
@@ -230,8 +261,22 @@ def _open(layout: SourceLayout, scheduler: dict, scheduler_name: str, device: st
                    "unet": {"file": weights.relative_to(layout.root).as_posix(), "sha256": digest},
                    "scheduler": scheduler_name},
         "autoencoder": autoencoder,
+        "text_encoder": text,
     }
     return FPCheckpoint(model, schedule, card, layout.root, digest)
+
+
+def _cond_unet(layout: SourceLayout, text: dict):
+    """The ``DiffusersCondUNet`` of a text-to-image pipeline's ``unet/``, conditioned on ``text["max_length"]``
+    tokens of width ``text["hidden_size"]`` (refused in one line when its cross-attention has another width)."""
+    width = read_json(layout.unet_dir / COMPONENT_CONFIG).get("cross_attention_dim")
+    if width != text["hidden_size"]:
+        raise ConfigError(f"{layout.unet_dir / COMPONENT_CONFIG}: cross_attention_dim={width} does not match the "
+                          f"text encoder's hidden_size={text['hidden_size']} in {text['path']}; the UNet and the text "
+                          "encoder come from different models")
+    from tdqrt.calibration.models.diffusers_unet import DiffusersCondUNet
+
+    return DiffusersCondUNet.from_pretrained(layout.unet_dir, cond_length=text["max_length"])
 
 
 def _relative(file: Path, root: Path) -> str:
@@ -251,13 +296,18 @@ def _open_import(path: Path, device: str | torch.device) -> FPCheckpoint:
     layout = source_layout(source["path"])
     fp = _open(layout, card["scheduler_config"], source["scheduler"], device,
                f"{path / CARD_FILE} scheduler_config")
-    ae = fp.card["autoencoder"]
-    checks = [("UNet", source["unet"]["sha256"], fp.sha256, layout.root / source["unet"]["file"]),
-              ("autoencoder", (card["autoencoder"] or {}).get("sha256"), ae and ae["sha256"],
+    ae, te = fp.card["autoencoder"], fp.card["text_encoder"]
+    checks = [("UNet weights", source["unet"]["sha256"], fp.sha256, layout.root / source["unet"]["file"]),
+              ("autoencoder weights", (card["autoencoder"] or {}).get("sha256"), ae and ae["sha256"],
                layout.root / PIPELINE_INDEX if ae is None else Path(ae["path"]) / ae["weights"])]
+    if te is not None:  # a text-to-image pipeline: its text encoder and tokenizer too
+        then = card.get("text_encoder") or {}
+        checks += [("text encoder weights", then.get("sha256"), te["sha256"], Path(te["path"]) / te["weights"]),
+                   ("tokenizer files", then.get("tokenizer_sha256"), te["tokenizer_sha256"],
+                    Path(te["tokenizer_path"]))]
     for what, then, now, file in checks:
         if then != now:
-            raise ArtifactError(f"the {what} weights {file} changed since `tdqrt import` (sha256 {str(now)[:12]}… vs "
+            raise ArtifactError(f"the {what} {file} changed since `tdqrt import` (sha256 {str(now)[:12]}… vs "
                                 f"{str(then)[:12]}… recorded in {path / CARD_FILE}); {rerun}")
     fp.card["imported"] = {"path": str(path.resolve())}
     fp.path = path
@@ -282,7 +332,8 @@ def open_source(path: str | Path, *, device: str | torch.device = "cpu") -> FPCh
 
 def import_model(src: str | Path, out: str | Path, scheduler_config: Optional[str | Path] = None) -> Path:
     """Write the tdqrt model directory ``out`` that references the diffusers folder ``src`` (nothing copied):
-    ``model.json`` records the folder, the sha256 of its UNet and autoencoder weights and the scheduler config's
+    ``model.json`` records the folder, the sha256 of its UNet, autoencoder and text encoder weights (and tokenizer
+    files) and the scheduler config's
     content (``scheduler_config``, a ``scheduler_config.json`` file, replaces the folder's own or supplies one for a
     bare UNet folder); ``import_config.json`` records the arguments. The source is opened first, so a folder that
     does not load is refused before anything is written, and ``out`` appears complete or not at all (written
@@ -295,7 +346,7 @@ def import_model(src: str | Path, out: str | Path, scheduler_config: Optional[st
         scheduler = _read_scheduler(layout)
         name, where = _relative(layout.scheduler_file, layout.root), str(layout.scheduler_file)
     fp = _open(layout, scheduler, name, "cpu", where)
-    ae = fp.card["autoencoder"]
+    ae, te = fp.card["autoencoder"], fp.card["text_encoder"]
     out = Path(out)
     with atomic_dir(out) as tmp:
         write_json_atomic(tmp / IMPORT_CONFIG, {"src": str(layout.root),
@@ -305,6 +356,8 @@ def import_model(src: str | Path, out: str | Path, scheduler_config: Optional[st
             "version": IMPORT_VERSION,
             "source": fp.card["source"],
             "autoencoder": None if ae is None else {k: ae[k] for k in ("path", "weights", "sha256")},
+            "text_encoder": None if te is None else {k: te[k] for k in ("path", "weights", "sha256",
+                                                                        "tokenizer_path", "tokenizer_sha256")},
             "scheduler_config": scheduler,
             "model": fp.card["model"],
             "schedule": fp.card["schedule"],
