@@ -1,0 +1,274 @@
+"""Text-conditioned UNets (diffusers ``UNet2DConditionModel``, the Stable Diffusion 1.x/2.x UNet) through every stage,
+on a tiny random model conditioned on random "text embeddings" ``[B, L, D]`` (no text encoder here).
+
+Tolerances are the ones tests/test_export.py and tests/test_validate.py use for the label models.
+"""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from _scripts import load_script
+from tdqrt.calibration.checkpoint import load_fp_checkpoint, save_fp_checkpoint
+from tdqrt.calibration.models import DiffusersCondUNet, build_model
+from tdqrt.calibration.quant.api import CalibrateConfig, calibrate, load_model_dir
+from tdqrt.calibration.quant.calib_set import (COND_FILE, CalibSetConfig, calibration_feeds,
+                                               collect_calibration_set)
+from tdqrt.calibration.quant.config import QuantConfig
+from tdqrt.engines.bundle import open_bundle
+from tdqrt.engines.errors import ConfigError, DataError
+from tdqrt.engines.ort import OrtDenoiser
+from tdqrt.export.bundle import export_bundle
+from tdqrt.export.exporter import ExportConfig
+from tdqrt.export.lint import lint_bundle
+from tdqrt.runtime.sampling import SamplerConfig, guided_eps, sample
+from tdqrt.runtime.schedules import NoiseSchedule, ScheduleConfig
+from tdqrt.tools.validate import ValidateConfig, validate_models
+
+L, D, P = 5, 16, 3  # tokens, width, prompts
+CONFIG = {"sample_size": 8, "in_channels": 3, "out_channels": 3, "block_out_channels": [8, 16],
+          "layers_per_block": 1, "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+          "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "cross_attention_dim": D, "attention_head_dim": 4,
+          "norm_num_groups": 4}
+CALIB = CalibSetConfig(num=4, keep_steps=3, batch=4, sampler=SamplerConfig(steps=4, guidance_scale=3.0))
+FAST = {"iters_w": 0, "iters_a": 0, "batch": 8, "num_samples": 16, "hidden": 16, "layers": 1, "fit_steps": 5}
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def _model():
+    torch.manual_seed(0)
+    return DiffusersCondUNet.from_config(CONFIG, cond_length=L).eval()
+
+
+def _table():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(P, L, D, generator=g), torch.randn(L, D, generator=g)
+
+
+@pytest.fixture(scope="module")
+def cond_run(tmp_path_factory):
+    """FP checkpoint → calibration set with an embeddings table → minmax and tdq-ptq → bundles."""
+    root = tmp_path_factory.mktemp("cond")
+    fp_dir = save_fp_checkpoint(root / "fp", _model(), ScheduleConfig(), data={"name": "random"},
+                                training={"steps": 0}, ema=False)
+    fp = load_fp_checkpoint(fp_dir)
+    emb, uncond = _table()
+    calib = collect_calibration_set(fp.model, NoiseSchedule(fp.schedule), CALIB, root / "calib", embeddings=emb,
+                                    uncond=uncond, progress=False)
+    quant = {method: calibrate(fp_dir, root / f"q_{method}", CalibrateConfig(
+        quant=QuantConfig(method=method), options=FAST if method == "tdq-ptq" else {}),
+        calib_dir=calib.path, progress=False) for method in ("minmax", "tdq-ptq")}
+    bundles = {method: export_bundle(q, root / f"b_{method}", ExportConfig()) for method, q in quant.items()}
+    return {"root": root, "fp_dir": fp_dir, "fp": fp, "calib": calib, "quant": quant, "bundles": bundles,
+            "emb": emb, "uncond": uncond}
+
+
+def test_adapter_is_the_diffusers_model_and_round_trips():
+    m = _model()
+    x, t, c = torch.randn(2, 3, 8, 8), torch.tensor([10, 900]), torch.randn(2, L, D)
+    with torch.no_grad():
+        eps = m(x, t, c)
+        torch.testing.assert_close(eps, m.unet(x, t, encoder_hidden_states=c).sample, rtol=0, atol=0)
+    assert (m.cond_shape, m.num_classes, m.null_label, m.image_size, m.in_channels) == ((L, D), 0, None, 8, 3)
+    spec = json.loads(json.dumps(m.spec()))
+    assert spec["kind"] == "diffusers-cond" and spec["cond_length"] == L
+    again = build_model(spec)
+    again.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(again.eval()(x, t, c), eps, rtol=0, atol=0)
+    with pytest.raises(DataError, match=r"encoder_hidden_states has shape \(2, 4, 16\)"):
+        m(x, t, torch.randn(2, 4, D))
+    with pytest.raises(DataError, match="conditioned on text embeddings"):
+        m(x, t, None)
+
+
+def test_sdxl_and_other_extra_conditioning_is_refused():
+    with pytest.raises(ConfigError, match="addition_embed_type='text_time'.*SDXL"):
+        DiffusersCondUNet.from_config(CONFIG | {"addition_embed_type": "text_time"})
+    with pytest.raises(ConfigError, match="class_embed_type"):
+        DiffusersCondUNet.from_config(CONFIG | {"class_embed_type": "timestep"})
+
+
+def test_guided_eps_with_embeddings_is_two_separate_calls():
+    m = _model()
+    x, t = torch.randn(3, 3, 8, 8), torch.tensor([5, 400, 999])
+    c, u = torch.randn(3, L, D), torch.randn(L, D)
+    with torch.no_grad():
+        got = guided_eps(m, x, t, c, u, 2.5)
+        eps_c, eps_u = m(x, t, c), m(x, t, u.expand(3, L, D))
+        torch.testing.assert_close(got, eps_u + 2.5 * (eps_c - eps_u), rtol=1e-5, atol=1e-6)
+        per_sample = torch.randn(3, L, D)  # a negative prompt per sample
+        eps_n = m(x, t, per_sample)
+        torch.testing.assert_close(guided_eps(m, x, t, c, per_sample, 2.5), eps_n + 2.5 * (eps_c - eps_n),
+                                   rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="unconditional embedding has shape"):
+        guided_eps(m, x, t, c, torch.randn(L + 1, D), 2.0)
+
+
+def test_calibration_set_stores_the_table_once_with_both_cfg_halves(cond_run):
+    calib, emb, uncond = cond_run["calib"], cond_run["emb"], cond_run["uncond"]
+    kept = len(CALIB.kept_indices())
+    assert len(calib) == CALIB.num * kept * 2  # with CFG both halves of every kept step are UNet inputs
+    table = np.load(calib.path / COND_FILE)
+    assert table.shape == (P + 1, L, D)
+    np.testing.assert_array_equal(table[:P], emb.numpy())
+    np.testing.assert_array_equal(table[P], uncond.numpy())
+    assert isinstance(calib.cond, np.memmap)
+    # no per-sample copy of the embeddings: the y file holds one int64 per sample
+    assert (calib.path / "calib_y.npy").stat().st_size == 128 + 8 * len(calib)  # npy header + int64s
+    meta = calib.meta["embeddings"]
+    assert meta["prompts"] == P and meta["uncond_row"] == P and meta["cond_shape"] == [L, D]
+    from tdqrt.engines.artifacts import sha256_file
+
+    assert meta["sha256"] == sha256_file(calib.path / COND_FILE)
+    rows = np.arange(len(calib)).reshape(CALIB.num, kept, 2)
+    np.testing.assert_array_equal(calib.y[rows[..., 1]], P)  # the uncond half
+    for n in range(CALIB.num):
+        np.testing.assert_array_equal(calib.y[rows[n, :, 0]], n % P)  # trajectory n follows prompt n mod P
+    np.testing.assert_array_equal(calib.x[rows[..., 0]], calib.x[rows[..., 1]])  # same x_t for both halves
+    x, t, y = calib.get(np.array([0, 1, 2]))
+    assert y.dtype == torch.float32 and y.shape == (3, L, D)
+    torch.testing.assert_close(y, torch.from_numpy(table[calib.y[[0, 1, 2]]]))
+
+
+def test_calibration_set_reproduces_the_cfg_trajectory(cond_run):
+    """The stored x_t are the FP sampler's: re-running sample() to the second kept step gives the same x_t."""
+    fp, calib, emb, uncond = cond_run["fp"], cond_run["calib"], cond_run["emb"], cond_run["uncond"]
+    kept = CALIB.kept_indices()
+    seen = {}
+
+    def record(info, x, eps, noise):
+        seen.setdefault(info.index, x.clone())
+        return eps, info.sigma
+
+    sample(fp.model, NoiseSchedule(fp.schedule), CALIB.sampler, sample_indices=[1], seed=CALIB.seed,
+           shape=(3, 8, 8), y=emb[1:2], null_label=uncond, hook=record)
+    row = (1 * len(kept) + 1) * 2
+    np.testing.assert_allclose(calib.x[row], seen[kept[1]][0].numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_calibration_set_refuses_missing_or_misshapen_embeddings(cond_run, tmp_path):
+    fp = cond_run["fp"]
+    schedule = NoiseSchedule(fp.schedule)
+    with pytest.raises(ConfigError, match="needs the prompts' embeddings"):
+        collect_calibration_set(fp.model, schedule, CALIB, tmp_path / "a", progress=False)
+    with pytest.raises(DataError, match="do not fit this UNet"):
+        collect_calibration_set(fp.model, schedule, CALIB, tmp_path / "b", embeddings=torch.randn(2, L, D + 1),
+                                uncond=torch.randn(L, D + 1), progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_quantized_layers_and_keep_float_defaults(cond_run):
+    qm = load_model_dir(cond_run["quant"]["minmax"]).model
+    names = set(qm.layer_names)
+    for role in ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
+                 "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2"):
+        assert f"unet.down_blocks.0.attentions.0.transformer_blocks.0.{role}" in names
+    assert "unet.down_blocks.0.attentions.0.proj_in" in names and "unet.mid_block.attentions.0.proj_out" in names
+    for kept in ("unet.conv_in", "unet.conv_out", "unet.time_embedding.linear_1",
+                 "unet.down_blocks.0.resnets.0.time_emb_proj"):
+        assert kept not in names
+    assert qm.cond_shape == (L, D)
+
+
+@pytest.mark.parametrize("method", ["minmax", "tdq-ptq"])
+def test_bundle_lints_clean_and_runs_like_the_fake_quant_model(cond_run, method):
+    bundle = cond_run["bundles"][method]
+    b = open_bundle(bundle)
+    assert b.cond_shape == (L, D) and b.manifest["model"]["cond_shape"] == [L, D]
+    inputs = {i["name"]: i for i in b.signature("unet")["inputs"]}
+    assert list(inputs) == ["sample", "timestep", "encoder_hidden_states"]
+    assert inputs["encoder_hidden_states"]["shape"] == ["batch", L, D]
+    report = lint_bundle(bundle)  # unet.onnx and unet_fp.onnx, with Polygraphy
+    assert not report.errors and not report.warnings, report.errors + report.warnings
+    qm = load_model_dir(cond_run["quant"][method]).model
+    d = OrtDenoiser(bundle)
+    assert d.cond_shape == (L, D) and d.conditional
+    calib = cond_run["calib"]
+    x, t, y = calib.get(np.arange(0, len(calib), 3))
+    with torch.no_grad():
+        ref = qm(x, t, y)
+    assert _rel(d(x, t, y).numpy(), ref.numpy()) <= 0.5  # tests/test_export.py's free-running bound
+    fp = OrtDenoiser(bundle, role="unet_fp")
+    with torch.no_grad():
+        assert _rel(fp(x, t, y).numpy(), cond_run["fp"].model(x, t, y).numpy()) <= 1e-5
+
+
+def test_ort_denoiser_refuses_wrong_embeddings(cond_run):
+    d = OrtDenoiser(cond_run["bundles"]["minmax"])
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([1, 2])
+    with pytest.raises(DataError, match=r"encoder_hidden_states has shape \(2, 5, 8\), this model takes \[2, 5, 16\]"):
+        d(x, t, torch.randn(2, L, 8))
+    with pytest.raises(DataError, match="conditioned on text embeddings"):
+        d(x, t, None)
+    with pytest.raises(DataError, match="conditioned on text embeddings"):
+        d(x, t, torch.tensor([1, 2]))
+
+
+def test_validate_passes_and_a_planted_scale_fails(cond_run, tmp_path):
+    vm = load_script("validate_margins")
+    bundle = cond_run["bundles"]["minmax"]
+    cfg = ValidateConfig(timesteps=2, per_timestep=3)
+    b = open_bundle(bundle)
+    q = load_model_dir(b.manifest["sources"]["quant_model"]["path"])
+    fp = load_model_dir(b.manifest["sources"]["fp_model"]["path"])
+
+    def run(onnx_path):
+        return validate_models(bundle / "unet_fp.onnx", onnx_path, fp.model, q.model, q.card["calibration"]["path"],
+                               cfg, target="trt")
+
+    good = run(bundle / "unet.onnx")
+    assert good.passed, good.failures
+    assert good.layers["code_errors"] == 0 and good.layers["layers_checked"] == len(q.model.layer_names)
+    nodes = [n for n in vm.activation_quantizers(__import__("onnx").load(str(bundle / "unet.onnx")))
+             if n.name.endswith("/act_quantize")]
+    middle = next(k for k, n in enumerate(nodes) if ".attn2.to_k" in n.name)  # the layer reading the embeddings
+    bad = tmp_path / "bad.onnx"
+    name = vm.tamper(bundle / "unet.onnx", bad, index=middle, factor=4.0)
+    report = run(bad)
+    assert not report.passed
+    assert any(name.split("/")[0] in line for line in report.failures), report.failures
+
+
+def test_calibration_feeds_carry_the_embeddings(cond_run):
+    calib = cond_run["calib"]
+    inputs = {"sample": (np.float32, (None, 3, 8, 8)), "timestep": (np.int64, (None,)),
+              "encoder_hidden_states": (np.float32, (None, L, D))}
+    feeds = calibration_feeds(calib, inputs, timesteps=2, per_timestep=4)
+    table = np.load(calib.path / COND_FILE)
+    for ts, feed in feeds:
+        e = feed["encoder_hidden_states"]
+        assert e.shape == (4, L, D) and all(any(np.array_equal(row, r) for r in table) for row in e)
+    with pytest.raises(DataError, match=r"embeddings of shape \[5, 16\], the model takes \[5, 8\]"):
+        calibration_feeds(calib, inputs | {"encoder_hidden_states": (np.float32, (None, L, 8))}, timesteps=1,
+                          per_timestep=1)
+
+
+def test_sampling_through_onnx_runtime_matches_the_fake_quant_model(cond_run):
+    bundle = cond_run["bundles"]["minmax"]
+    d = OrtDenoiser(bundle)
+    qm = load_model_dir(cond_run["quant"]["minmax"]).model
+    schedule = NoiseSchedule(ScheduleConfig.from_dict(open_bundle(bundle).schedule))
+    cfg = SamplerConfig(kind="ddim", steps=4, guidance_scale=3.0)
+    kw = dict(sample_indices=[0, 1], seed=3, shape=(3, 8, 8), y=cond_run["emb"][:2], null_label=cond_run["uncond"])
+    a = sample(d, schedule, cfg, **kw)
+    b = sample(qm, schedule, cfg, **kw)
+    assert torch.isfinite(a).all()
+    assert _rel(a.numpy(), b.numpy()) <= 5e-2  # tests/test_export.py's sampling bound
+
+
+def test_tensorrt_rtx_builds_a_cfg_doubled_profile(cond_run, tmp_path):
+    pytest.importorskip("tensorrt_rtx")
+    from tdqrt.engines.build import BuildConfig, build_engine
+
+    plan, card = build_engine(cond_run["bundles"]["minmax"], BuildConfig(backend="trt-rtx", max_batch=2),
+                              tmp_path / "unet.trt.plan")
+    assert plan.is_file() and card["build"]["cfg"] is True
+    profile = card["profile"]
+    assert profile["encoder_hidden_states"] == {"min": [1, L, D], "opt": [4, L, D], "max": [4, L, D]}
+    assert profile["sample"]["max"] == [4, 3, 8, 8]
