@@ -305,3 +305,46 @@ def test_d2_statistics_of_the_guided_eps_with_embeddings(cond_run):
                                        rtol=1e-6, atol=1e-6)
     with pytest.raises(ConfigError, match="embeddings"):
         collect_d2_stats(fp, qm, schedule, cfg, batch=4, **(kw | {"embeddings": torch.randn(L, D)}))
+
+
+def test_mse_and_brecq_calibrate_on_the_set_and_tdq_qat_refuses(cond_run, tmp_path):
+    calib = cond_run["calib"]
+    fake_quant = {}
+    for method, options in (("mse", {}), ("brecq", {"iters_w": 2, "iters_a": 1, "batch": 4, "num_samples": 8})):
+        out = calibrate(cond_run["fp_dir"], tmp_path / method, CalibrateConfig(quant=QuantConfig(method=method),
+                                                                               options=options),
+                        calib_dir=calib.path, progress=False)
+        fake_quant[method] = load_model_dir(out).model
+    x, t, y = calib.get(np.arange(6))
+    with torch.no_grad():
+        ref = cond_run["fp"].model(x, t, y)
+        for method, qm in fake_quant.items():
+            assert len(qm.layer_names) == len(load_model_dir(cond_run["quant"]["minmax"]).model.layer_names)
+            assert _rel(qm(x, t, y).numpy(), ref.numpy()) <= 0.5, method  # W8A8 of the FP model, not noise
+    with pytest.raises(ConfigError, match="tdq-qat fine-tunes on training images.*text-conditioned"):
+        calibrate(cond_run["fp_dir"], tmp_path / "qat", CalibrateConfig(quant=QuantConfig(method="tdq-qat")),
+                  calib_dir=calib.path, progress=False)
+
+
+def test_validate_cli_and_the_polygraphy_data_loader_feed_the_embeddings(cond_run, tmp_path):
+    from polygraphy.comparator import RunResults
+
+    from tdqrt.tools.cli import main
+
+    bundle = cond_run["bundles"]["minmax"]
+    assert main(["validate", str(bundle), "--timesteps", "2", "--per-timestep", "3", "--out",
+                 str(tmp_path / "report")]) == 0
+    loader = json.loads((bundle / "manifest.json").read_text())["data_loader"]
+    data = np.load(bundle / loader["inputs"])
+    table = np.load(cond_run["calib"].path / COND_FILE)
+    reference = RunResults.load(str(bundle / loader["reference_outputs"]))["torch_quant"]
+    d = OrtDenoiser(bundle)
+    for k in range(len(loader["timesteps"])):
+        x, t, emb = (data[f"{k}/{name}"] for name in ("sample", "timestep", "encoder_hidden_states"))
+        assert emb.shape[1:] == (L, D) and all(any(np.array_equal(row, r) for r in table) for row in emb)
+        # the shipped fake-quant outputs are the INT8 graph's on these inputs (ONNX Runtime as tdqrt runs it;
+        # `polygraphy run --onnxrt` uses ONNX Runtime's default optimizations, which saturate on CPUs without VNNI:
+        # tdqrt/engines/ort.py)
+        out = d(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(emb)).numpy()
+        per_sample = [_rel(o, r) for o, r in zip(out, reference[k]["eps"])]
+        assert np.median(per_sample) <= 1e-5, per_sample  # tests/test_validate.py's typical-sample bound
