@@ -348,3 +348,15 @@ def test_validate_cli_and_the_polygraphy_data_loader_feed_the_embeddings(cond_ru
         out = d(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(emb)).numpy()
         per_sample = [_rel(o, r) for o, r in zip(out, reference[k]["eps"])]
         assert np.median(per_sample) <= 1e-5, per_sample  # tests/test_validate.py's typical-sample bound
+
+
+def test_fp16_export_takes_fp16_embeddings(cond_run, tmp_path):
+    bundle = export_bundle(cond_run["quant"]["minmax"], tmp_path / "fp16", ExportConfig(dtype="fp16", polygraphy=False))
+    inputs = {i["name"]: i for i in open_bundle(bundle).signature("unet")["inputs"]}
+    assert inputs["encoder_hidden_states"]["dtype"] == "float16"
+    assert not lint_bundle(bundle, polygraphy=False).errors
+    qm = load_model_dir(cond_run["quant"]["minmax"]).model
+    x, t, y = cond_run["calib"].get(np.arange(0, len(cond_run["calib"]), 3))
+    with torch.no_grad():
+        ref = qm(x, t, y)
+    assert _rel(OrtDenoiser(bundle)(x, t, y).numpy(), ref.numpy()) <= 0.25  # tests/test_export.py's fp16 bound
