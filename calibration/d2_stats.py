@@ -97,7 +97,7 @@ def collect_d2_stats(
     shape: Sequence[int],
     num_classes: int = 0,
     null_label: Union[int, Tensor, None] = None,
-    embeddings: Optional[Tensor] = None,
+    embeddings: Union[Tensor, np.ndarray, None] = None,
     device: Union[str, torch.device] = "cpu",
     progress: bool = True,
     outlier_sigma: Optional[float] = 4.0,
@@ -118,8 +118,8 @@ def collect_d2_stats(
         fp_model_sha256, quant_model_sha256: free-form identifiers recorded in the table's settings.
     """
     _check_args(num, batch, shape, num_classes, outlier_sigma)
-    if embeddings is not None and (num_classes or torch.as_tensor(embeddings).ndim != 3):
-        raise invalid("embeddings", tuple(torch.as_tensor(embeddings).shape), "a [P, L, D] table of a text-"
+    if embeddings is not None and (num_classes or len(np.shape(embeddings)) != 3):
+        raise invalid("embeddings", tuple(np.shape(embeddings)), "a [P, L, D] table of a text-"
                       "conditioned model (num_classes 0)", "pass the prompts' embeddings, or no embeddings")
     quant = as_eps_denoiser(quant, schedule)  # sample() converts the FP model's output to ε itself
     stepper = Sampler(schedule, sampler)
@@ -168,7 +168,7 @@ def _filtered_pass(
 def _fp_trajectories(
     fp: Denoiser, quant: Denoiser, schedule: NoiseSchedule, config: SamplerConfig, visit: Visit, *, num: int,
     batch: int, seed: int, shape: Sequence[int], num_classes: int, null_label: Union[int, Tensor, None],
-    embeddings: Optional[Tensor], device, progress: bool, desc: str,
+    embeddings: Union[Tensor, np.ndarray, None], device, progress: bool, desc: str,
 ) -> None:
     """Run ``sample(fp, ...)`` for samples ``0 .. num-1`` in batches; at every step call ``visit(step, ε̂, ε)`` with
     the quantized model's guided ε̂ on the step's x_t. The hook leaves ε and σ_t as they are, so the trajectories
@@ -179,7 +179,9 @@ def _fp_trajectories(
         for start in starts:
             indices = list(range(start, min(start + batch, num)))
             if embeddings is not None:
-                y = torch.as_tensor(embeddings)[[i % len(embeddings) for i in indices]].to(device, torch.float32)
+                rows = [i % len(embeddings) for i in indices]  # a tensor, or an array (memory-mapped: rows only)
+                y = (embeddings[rows] if torch.is_tensor(embeddings) else torch.from_numpy(
+                    np.asarray(embeddings[rows], np.float32))).to(device, torch.float32)
             else:
                 y = torch.tensor([i % num_classes for i in indices], device=device) if num_classes > 0 else None
 

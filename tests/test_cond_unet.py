@@ -58,8 +58,10 @@ def cond_run(tmp_path_factory):
                                 training={"steps": 0}, ema=False)
     fp = load_fp_checkpoint(fp_dir)
     emb, uncond = _table()
-    quant = {"minmax": calibrate(fp_dir, root / "q_minmax", CalibrateConfig(calib_set=CALIB), embeddings=emb,
-                                 uncond=uncond, progress=False)}  # collects the set into q_minmax/calib
+    np.save(root / "emb.npy", emb.numpy())  # a memory-mapped table, as a caller with many prompts would pass
+    quant = {"minmax": calibrate(fp_dir, root / "q_minmax", CalibrateConfig(calib_set=CALIB),
+                                 embeddings=np.load(root / "emb.npy", mmap_mode="r"), uncond=uncond,
+                                 progress=False)}  # collects the set into q_minmax/calib
     calib = CalibrationSet(root / "q_minmax" / "calib")
     quant["tdq-ptq"] = calibrate(fp_dir, root / "q_tdq", CalibrateConfig(quant=QuantConfig(method="tdq-ptq"),
                                                                         options=FAST),
@@ -287,7 +289,8 @@ def test_d2_statistics_of_the_guided_eps_with_embeddings(cond_run):
     emb, uncond = cond_run["emb"], cond_run["uncond"]
     kw = dict(num=4, seed=5, shape=(3, 8, 8), null_label=uncond, embeddings=emb, progress=False, outlier_sigma=None)
     table = collect_d2_stats(fp, qm, schedule, cfg, batch=4, **kw)
-    again = collect_d2_stats(fp, qm, schedule, cfg, batch=3, **kw)  # trajectories do not depend on the batching
+    memmap = np.load(cond_run["root"] / "emb.npy", mmap_mode="r")
+    again = collect_d2_stats(fp, qm, schedule, cfg, batch=3, **(kw | {"embeddings": memmap}))  # nor on the batching
     # up to float32 rounding: torch's CPU kernels sum in a batch-size dependent order (measured rel. diff. 7e-5)
     np.testing.assert_allclose(again.moments_raw, table.moments_raw, rtol=5e-4, atol=1e-5)
     pairs = {}
@@ -360,3 +363,15 @@ def test_fp16_export_takes_fp16_embeddings(cond_run, tmp_path):
     with torch.no_grad():
         ref = qm(x, t, y)
     assert _rel(OrtDenoiser(bundle)(x, t, y).numpy(), ref.numpy()) <= 0.25  # tests/test_export.py's fp16 bound
+
+
+def test_the_embeddings_table_is_copied_in_chunks(tmp_path):
+    from tdqrt.calibration.quant.calib_set import write_embeddings_table
+
+    emb, uncond = np.random.default_rng(0).standard_normal((5, L, D)), torch.randn(L, D)
+    np.save(tmp_path / "emb.npy", emb)
+    table = write_embeddings_table(tmp_path / "table.npy", np.load(tmp_path / "emb.npy", mmap_mode="r"), uncond,
+                                   chunk=2)
+    assert isinstance(table, np.memmap) and table.dtype == np.float32 and table.shape == (6, L, D)
+    np.testing.assert_array_equal(table[:5], emb.astype(np.float32))
+    np.testing.assert_array_equal(table[5], uncond.numpy())

@@ -118,24 +118,41 @@ class CalibrationSet:
         return self.get(gen.choice(len(self), size=min(batch_size, len(self)), replace=False))
 
 
-def embeddings_table(model: torch.nn.Module, embeddings: Any, uncond: Any) -> Optional[np.ndarray]:
-    """The table ``[P + 1, L, D]`` float32 of a text-conditioned ``model``: ``embeddings`` ``[P, L, D]`` and the
-    unconditional ``uncond`` ``[L, D]`` as the last row; None for other models (which must get neither)."""
+def check_embeddings(model: torch.nn.Module, embeddings: Any, uncond: Any) -> bool:
+    """Whether ``model`` is text-conditioned, after checking that it gets ``embeddings`` ``[P, L, D]`` and
+    ``uncond`` ``[L, D]`` of its ``cond_shape`` then, and neither otherwise (one ConfigError / DataError line)."""
     cond_shape = getattr(model, "cond_shape", None)
     if cond_shape is None:
         if embeddings is not None or uncond is not None:
             raise ConfigError("prompt embeddings were given for a model that is not text-conditioned; pass none")
-        return None
+        return False
     if embeddings is None or uncond is None:
         raise ConfigError("this UNet is conditioned on text embeddings: the calibration set needs the prompts' "
                           "embeddings [P, L, D] and the unconditional (empty prompt) embedding [L, D]")
-    emb = np.asarray(torch.as_tensor(embeddings).detach().cpu(), np.float32)
-    unc = np.asarray(torch.as_tensor(uncond).detach().cpu(), np.float32)
-    if emb.ndim != 3 or len(emb) == 0 or emb.shape[1:] != tuple(cond_shape) or unc.shape != tuple(cond_shape):
-        raise DataError(f"prompt embeddings {list(emb.shape)} and unconditional embedding {list(unc.shape)} do not "
-                        f"fit this UNet: it takes [P, {cond_shape[0]}, {cond_shape[1]}] and [{cond_shape[0]}, "
-                        f"{cond_shape[1]}]")
-    return np.concatenate([emb, unc[None]])
+    shape, unc = tuple(np.shape(embeddings)), tuple(np.shape(uncond))
+    if len(shape) != 3 or shape[0] == 0 or shape[1:] != tuple(cond_shape) or unc != tuple(cond_shape):
+        raise DataError(f"prompt embeddings {list(shape)} and unconditional embedding {list(unc)} do not fit this "
+                        f"UNet: it takes [P, {cond_shape[0]}, {cond_shape[1]}] and [{cond_shape[0]}, {cond_shape[1]}]")
+    return True
+
+
+def write_embeddings_table(path: Path, embeddings: Any, uncond: Any, chunk: int = 64) -> np.ndarray:
+    """Write the table ``[P + 1, L, D]`` float32 to ``path`` (an ``.npy``) and return it memory-mapped:
+    ``embeddings`` ``[P, L, D]`` (a tensor or an array, e.g. a memory-mapped ``.npy``, copied ``chunk`` prompts at
+    a time, so memory does not grow with P) and ``uncond`` ``[L, D]`` as the last row."""
+    table = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32,
+                                      shape=(len(embeddings) + 1, *tuple(np.shape(embeddings))[1:]))
+    for i in range(0, len(embeddings), chunk):
+        block = _float32(embeddings[i: i + chunk])
+        table[i: i + len(block)] = block
+    table[-1] = _float32(uncond)
+    table.flush()
+    del table
+    return np.load(path, mmap_mode="r")
+
+
+def _float32(a: Any) -> np.ndarray:
+    return a.detach().cpu().float().numpy() if torch.is_tensor(a) else np.asarray(a, np.float32)
 
 
 def collect_calibration_set(model: torch.nn.Module, schedule: NoiseSchedule, cfg: CalibSetConfig,
@@ -143,30 +160,33 @@ def collect_calibration_set(model: torch.nn.Module, schedule: NoiseSchedule, cfg
                             progress: bool = True) -> CalibrationSet:
     """Sample ``cfg.num`` FP trajectories and stream the kept ``(x_t, t, y)`` to ``out_dir``.
 
-    A text-conditioned model needs ``embeddings`` ``[P, L, D]`` (one per prompt) and ``uncond`` ``[L, D]`` (see the
-    module docstring); trajectory ``n`` follows prompt ``n mod P``."""
+    A text-conditioned model needs ``embeddings`` ``[P, L, D]`` (one per prompt; a tensor or an array, which may be
+    memory-mapped: it is read a chunk of prompts at a time) and ``uncond`` ``[L, D]`` (see the module docstring);
+    trajectory ``n`` follows prompt ``n mod P``."""
     out_dir = Path(out_dir)
-    table = embeddings_table(model, embeddings, uncond)
+    text = check_embeddings(model, embeddings, uncond)
     out_dir.mkdir(parents=True, exist_ok=True)
     kept = cfg.kept_indices()
     steps = Sampler(schedule, cfg.sampler).timesteps
     shape = (model.in_channels, model.image_size, model.image_size)
-    halves = 2 if table is not None and cfg.sampler.guidance_scale != 1.0 else 1  # CFG: both halves are inputs
+    halves = 2 if text and cfg.sampler.guidance_scale != 1.0 else 1  # CFG: both halves are inputs
     total = cfg.num * len(kept) * halves
     tmp = [out_dir / f".partial-{name}" for name in (*FILES, COND_FILE)]
-    xs = np.lib.format.open_memmap(tmp[0], mode="w+", dtype=np.float32, shape=(total, *shape))
     ts = np.empty(total, np.int64)
     ys = np.full(total, -1, np.int64)
     rng = np.random.default_rng(cfg.seed)
-    conditional = bool(model.num_classes) or table is not None
+    conditional = bool(model.num_classes) or text
     null_mask = rng.random(cfg.num) < cfg.null_fraction if conditional and halves == 1 else np.zeros(cfg.num, bool)
-    null_row = model.null_label if table is None else len(table) - 1
+    null_row = len(embeddings) if text else model.null_label
     try:
+        table = write_embeddings_table(tmp[3], embeddings, uncond) if text else None
+        xs = np.lib.format.open_memmap(tmp[0], mode="w+", dtype=np.float32, shape=(total, *shape))
         for b in progress_bar(range(math.ceil(cfg.num / cfg.batch)), desc="calibration set", disable=not progress):
             idx = torch.arange(b * cfg.batch, min(cfg.num, (b + 1) * cfg.batch))
             if table is not None:
                 rows_of = (idx % (len(table) - 1)).numpy()
-                y, null = torch.from_numpy(table[rows_of]).to(device), torch.from_numpy(table[-1]).to(device)
+                y = torch.from_numpy(np.ascontiguousarray(table[rows_of])).to(device)
+                null = torch.from_numpy(np.array(table[-1])).to(device)
             else:
                 rows_of = (idx % model.num_classes).numpy() if model.num_classes else None
                 y, null = (None if rows_of is None else torch.from_numpy(rows_of).to(device)), model.null_label
@@ -192,10 +212,8 @@ def collect_calibration_set(model: torch.nn.Module, schedule: NoiseSchedule, cfg
         del xs
         np.save(tmp[1], ts)
         np.save(tmp[2], ys)
-        names = FILES
-        if table is not None:
-            np.save(tmp[3], table)
-            names = (*FILES, COND_FILE)
+        names = (*FILES, COND_FILE) if text else FILES
+        del table  # the memory map of tmp[3], before it is renamed
         for src, name in zip(tmp, names):
             os.replace(src, out_dir / name)
     finally:
@@ -203,9 +221,9 @@ def collect_calibration_set(model: torch.nn.Module, schedule: NoiseSchedule, cfg
             p.unlink(missing_ok=True)
     meta = {"format": CALIB_FORMAT, "version": 1, "config": cfg.to_dict(), "count": total,
             "timesteps": sorted(set(ts.tolist())), "conditional": conditional, "shape": list(shape)}
-    if table is not None:
-        meta["embeddings"] = {"file": COND_FILE, "sha256": sha256_file(out_dir / COND_FILE), "prompts": len(table) - 1,
-                              "cond_shape": list(table.shape[1:]), "uncond_row": len(table) - 1,
+    if text:
+        meta["embeddings"] = {"file": COND_FILE, "sha256": sha256_file(out_dir / COND_FILE), "prompts": null_row,
+                              "cond_shape": list(model.cond_shape), "uncond_row": null_row,
                               "cfg_halves": halves}
     write_json_atomic(out_dir / "calib.json", meta)
     return CalibrationSet(out_dir)
