@@ -6,8 +6,9 @@ step hook. At every step the hook gets the FP model's CFG-combined ε, evaluates
 through ``guided_eps`` (so the statistics are of CFG-combined outputs and hold only for that guidance scale),
 accumulates the moments of (ε̂, Δ = ε̂ − ε, ε) and returns ``(ε, σ_t)`` unchanged, so x is advanced with the FP ε by
 the sampler's own update. The statistics therefore describe the quantized model on FP trajectories. Sample i uses
-``sample()``'s noise streams for ``(seed, [i])`` and label ``i % num_classes``: the trajectories are exactly those
-of ``sample(fp, ...)`` and do not depend on the batching.
+``sample()``'s noise streams for ``(seed, [i])`` and label ``i % num_classes`` — or, for a text-conditioned model,
+the embedding ``embeddings[i % P]`` of a caller-supplied table ``[P, L, D]`` with the unconditional embedding as
+``null_label`` — : the trajectories are exactly those of ``sample(fp, ...)`` and do not depend on the batching.
 
 Nothing per sample is kept: the state is a ``[K, C, 9]`` float64 array (``tdqrt.runtime.d2.MOMENTS``) per moment
 set, whatever ``num`` is (the original code stored ~4 GB of raw tensors).
@@ -95,7 +96,8 @@ def collect_d2_stats(
     seed: int,
     shape: Sequence[int],
     num_classes: int = 0,
-    null_label: Optional[int] = None,
+    null_label: Union[int, Tensor, None] = None,
+    embeddings: Union[Tensor, np.ndarray, None] = None,
     device: Union[str, torch.device] = "cpu",
     progress: bool = True,
     outlier_sigma: Optional[float] = 4.0,
@@ -110,17 +112,23 @@ def collect_d2_stats(
         num, batch, seed: number of trajectories, trajectories per model call, noise seed.
         shape: one sample's shape ``(C, H, W)``; statistics are kept per channel ``C``.
         num_classes, null_label: labels ``i % num_classes`` (class-conditional models) and the null label for CFG.
+        embeddings: text-conditioned models: the prompts' embeddings ``[P, L, D]``, sample i follows prompt
+            ``i % P``; ``null_label`` is then the unconditional embedding ``[L, D]`` (:func:`guided_eps`).
         outlier_sigma: D²'s k-σ rule on Δ (4.0 in the paper); None disables it (one pass).
         fp_model_sha256, quant_model_sha256: free-form identifiers recorded in the table's settings.
     """
     _check_args(num, batch, shape, num_classes, outlier_sigma)
+    if embeddings is not None and (num_classes or len(np.shape(embeddings)) != 3):
+        raise invalid("embeddings", tuple(np.shape(embeddings)), "a [P, L, D] table of a text-"
+                      "conditioned model (num_classes 0)", "pass the prompts' embeddings, or no embeddings")
     quant = as_eps_denoiser(quant, schedule)  # sample() converts the FP model's output to ε itself
     stepper = Sampler(schedule, sampler)
     K, C = len(stepper), int(shape[0])
 
     def replay(desc: str, visit: Visit) -> None:
         _fp_trajectories(fp, quant, schedule, sampler, visit, num=num, batch=batch, seed=seed, shape=shape,
-                         num_classes=num_classes, null_label=null_label, device=device, progress=progress, desc=desc)
+                         num_classes=num_classes, null_label=null_label, embeddings=embeddings, device=device,
+                         progress=progress, desc=desc)
 
     with torch.inference_mode():
         raw = MomentAccumulator(K, C, device)
@@ -159,8 +167,8 @@ def _filtered_pass(
 
 def _fp_trajectories(
     fp: Denoiser, quant: Denoiser, schedule: NoiseSchedule, config: SamplerConfig, visit: Visit, *, num: int,
-    batch: int, seed: int, shape: Sequence[int], num_classes: int, null_label: Optional[int], device, progress: bool,
-    desc: str,
+    batch: int, seed: int, shape: Sequence[int], num_classes: int, null_label: Union[int, Tensor, None],
+    embeddings: Union[Tensor, np.ndarray, None], device, progress: bool, desc: str,
 ) -> None:
     """Run ``sample(fp, ...)`` for samples ``0 .. num-1`` in batches; at every step call ``visit(step, ε̂, ε)`` with
     the quantized model's guided ε̂ on the step's x_t. The hook leaves ε and σ_t as they are, so the trajectories
@@ -170,7 +178,12 @@ def _fp_trajectories(
     with progress_bar(total=len(starts) * config.steps, desc=desc, disable=not progress, leave=False) as bar:
         for start in starts:
             indices = list(range(start, min(start + batch, num)))
-            y = torch.tensor([i % num_classes for i in indices], device=device) if num_classes > 0 else None
+            if embeddings is not None:
+                rows = [i % len(embeddings) for i in indices]  # a tensor, or an array (memory-mapped: rows only)
+                y = (embeddings[rows] if torch.is_tensor(embeddings) else torch.from_numpy(
+                    np.asarray(embeddings[rows], np.float32))).to(device, torch.float32)
+            else:
+                y = torch.tensor([i % num_classes for i in indices], device=device) if num_classes > 0 else None
 
             def pair(info: StepInfo, x: Tensor, eps: Tensor, noise) -> tuple[Tensor, float]:
                 t = torch.full((len(indices),), info.t, dtype=torch.long, device=x.device)

@@ -135,11 +135,13 @@ class BuildConfig:
         return out
 
 
-def resolve_cfg(config: BuildConfig, num_classes: int) -> bool:
-    """Whether the profile doubles the batch: by default exactly when the model is class-conditional."""
+def resolve_cfg(config: BuildConfig, num_classes: int, *, embeddings: bool = False) -> bool:
+    """Whether the profile doubles the batch: by default exactly when the model is class-conditional or takes text
+    ``embeddings`` (both sample with classifier-free guidance)."""
+    guided = num_classes > 0 or embeddings
     if config.cfg is None:
-        return num_classes > 0
-    if config.cfg and num_classes <= 0:
+        return guided
+    if config.cfg and not guided:
         raise ConfigError("cfg=True doubles the batch for classifier-free guidance, but this bundle is unconditional")
     return config.cfg
 
@@ -203,7 +205,7 @@ def build_engine(bundle_dir: Union[str, os.PathLike], config: BuildConfig = Buil
     bundle = open_bundle(bundle_dir)
     out = Path(out) if out is not None else default_engine_path(bundle.path, config.backend)
     _check_out(out, config.backend)
-    cfg = resolve_cfg(config, bundle.num_classes)
+    cfg = resolve_cfg(config, bundle.num_classes, embeddings=bundle.cond_shape is not None)
     shapes = batch_profile(bundle.signature("unet"), opt_batch=config.resolved_opt_batch,
                            max_batch=config.max_batch, cfg=cfg)
     t0 = time.perf_counter()
@@ -452,7 +454,10 @@ def _smoke_run(denoiser, batch: int, repeats: int = 3) -> dict:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, denoiser.in_channels, denoiser.image_size, denoiser.image_size, generator=g)
     t = torch.linspace(0, (denoiser.num_train_timesteps or 1000) - 1, batch).round().long()
-    y = torch.arange(batch) % (denoiser.num_classes + 1) if denoiser.conditional else None
+    if denoiser.cond_shape is not None:
+        y = torch.randn(batch, *denoiser.cond_shape, generator=g)
+    else:
+        y = torch.arange(batch) % (denoiser.num_classes + 1) if denoiser.conditional else None
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()

@@ -66,6 +66,12 @@ class Bundle:
         return None if v is None else int(v)
 
     @property
+    def cond_shape(self) -> Optional[tuple[int, ...]]:
+        """``(L, D)`` of the text embeddings a text-conditioned UNet takes (``encoder_hidden_states``), else None."""
+        v = self.model_info.get("cond_shape")
+        return None if v is None else tuple(int(d) for d in v)
+
+    @property
     def image_size(self) -> int:
         return int(self.model_info["image_size"])
 

@@ -1,9 +1,10 @@
 """ONNX Runtime backend: a :class:`~tdqrt.engines.denoiser.Denoiser` over a bundle's ``unet.onnx`` (or any ONNX
-file with the tdqrt signature ``(sample, timestep[, class_labels]) -> eps``).
+file with the tdqrt signature ``(sample, timestep[, class_labels | encoder_hidden_states]) -> eps``).
 
 Torch tensors in, torch tensors out: inputs are moved to the CPU as numpy arrays in the model's input dtypes
-(float32 or float16 ``sample``, int64 ``timestep`` / ``class_labels``), the output comes back as float32 on the
-device of ``x``. The attributes ``num_classes``, ``null_label``, ``image_size``, ``in_channels`` come from the bundle
+(float32 or float16 ``sample`` / ``encoder_hidden_states``, int64 ``timestep`` / ``class_labels``), the output comes
+back as float32 on the device of ``x``. The attributes ``num_classes``, ``null_label``, ``image_size``,
+``in_channels``, ``cond_shape`` (``(L, D)`` of a text-conditioned UNet, else None) come from the bundle
 manifest (or, for a bare ``.onnx`` file, from its ``tdqrt.*`` metadata), so ``tdqrt.runtime.sampling.sample``
 drives it exactly like the torch model.
 
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from tdqrt.engines.bundle import Bundle, is_bundle_dir, open_bundle
-from tdqrt.engines.denoiser import prepare_inputs
+from tdqrt.engines.denoiser import EMBEDDINGS_INPUT, LABELS_INPUT, prepare_inputs
 from tdqrt.engines.errors import ArtifactError
 
 _NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
@@ -133,10 +134,13 @@ class OrtDenoiser:
         self.providers = self.session.get_providers()
         inputs = {i.name: i for i in self.session.get_inputs()}
         if "sample" not in inputs or "timestep" not in inputs:
-            raise ArtifactError(f"{path} does not have the tdqrt signature (sample, timestep[, class_labels]) -> eps; "
+            raise ArtifactError(f"{path} does not have the tdqrt signature (sample, timestep[, conditioning]) -> eps; "
                                 f"its inputs are {sorted(inputs)}")
         self.input_dtypes = {name: _NP_DTYPES.get(i.type, np.float32) for name, i in inputs.items()}
-        self.conditional = "class_labels" in inputs
+        self.conditional = LABELS_INPUT in inputs or EMBEDDINGS_INPUT in inputs
+        self.cond_input = next((n for n in (LABELS_INPUT, EMBEDDINGS_INPUT) if n in inputs), None)
+        self.cond_shape = (tuple(int(d) for d in inputs[EMBEDDINGS_INPUT].shape[1:])
+                           if self.cond_input == EMBEDDINGS_INPUT else None)
         self.output_name = self.session.get_outputs()[0].name
         self._describe(inputs)
         if self.bundle is not None and role == "unet" and (warning := saturation_warning(self.bundle)):
@@ -166,12 +170,12 @@ class OrtDenoiser:
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         t, y = prepare_inputs(x, t, y, in_channels=self.in_channels, image_size=self.image_size,
                               num_train_timesteps=self.num_train_timesteps, conditional=self.conditional,
-                              null_label=self.null_label)
+                              null_label=self.null_label, cond_shape=self.cond_shape)
         feed = {"sample": np.ascontiguousarray(x.detach().to("cpu").numpy().astype(self.input_dtypes["sample"],
                                                                                      copy=False)),
                 "timestep": t.detach().to("cpu", torch.int64).numpy().astype(self.input_dtypes["timestep"], copy=False)}
         if y is not None:
-            feed["class_labels"] = y.detach().to("cpu", torch.int64).numpy().astype(self.input_dtypes["class_labels"],
-                                                                                    copy=False)
+            y = y.detach().to("cpu", torch.int64 if self.cond_input == LABELS_INPUT else torch.float32).numpy()
+            feed[self.cond_input] = np.ascontiguousarray(y.astype(self.input_dtypes[self.cond_input], copy=False))
         out = self.session.run([self.output_name], feed)[0]
         return torch.from_numpy(np.asarray(out, dtype=np.float32)).to(x.device)

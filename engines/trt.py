@@ -52,7 +52,7 @@ import torch
 
 from tdqrt.engines.artifacts import write_bytes_atomic
 from tdqrt.engines.bundle import Bundle, open_bundle
-from tdqrt.engines.denoiser import prepare_inputs
+from tdqrt.engines.denoiser import COND_INPUTS, prepare_inputs
 from tdqrt.engines.engine_card import RuntimeEnv, check_card, read_card, rebuild_command
 from tdqrt.engines.errors import ArtifactError, DataError, DependencyError
 
@@ -234,16 +234,18 @@ class TrtDenoiser:
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         if "sample" not in self.inputs or "timestep" not in self.inputs or len(outputs) != 1:
-            raise ArtifactError(f"{self.path} does not have the tdqrt signature (sample, timestep[, class_labels]) -> "
+            raise ArtifactError(f"{self.path} does not have the tdqrt signature (sample, timestep[, conditioning]) -> "
                                 f"eps; its inputs are {self.inputs}, outputs {outputs}")
         self.output_name = outputs[0]
         self.dtypes = {n: _torch_dtype(self.engine.get_tensor_dtype(n)) for n in names}
-        self.conditional = "class_labels" in self.inputs
+        self.cond_input = next((n for n in COND_INPUTS if n in self.inputs), None)
+        self.conditional = self.cond_input is not None
         low, _, high = self.engine.get_tensor_profile_shape("sample", 0)
         self.min_batch, self.max_batch = int(low[0]), int(high[0])
         b = self.bundle
         self.num_classes, self.null_label = b.num_classes, b.null_label
         self.image_size, self.in_channels = b.image_size, b.in_channels
+        self.cond_shape = b.cond_shape
         self.num_train_timesteps = int(b.schedule.get("num_train_timesteps", 0)) or None
         self.cuda_graph = bool(cuda_graph)
         self._shape_batch: Optional[int] = None  # batch size whose input shapes are set on the context
@@ -276,13 +278,13 @@ class TrtDenoiser:
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         t, y = prepare_inputs(x, t, y, in_channels=self.in_channels, image_size=self.image_size,
                               num_train_timesteps=self.num_train_timesteps, conditional=self.conditional,
-                              null_label=self.null_label)
+                              null_label=self.null_label, cond_shape=self.cond_shape)
         batch = x.shape[0]
         if not self.min_batch <= batch <= self.max_batch:
             raise DataError(f"batch {batch} is outside the engine's profile [{self.min_batch}, {self.max_batch}] "
                             f"(classifier-free guidance doubles the batch); sample with a smaller --batch or rebuild "
                             f"with a larger --max-batch: `{self._rebuild}`")
-        feeds = {"sample": x, "timestep": t} | ({"class_labels": y} if self.conditional else {})
+        feeds = {"sample": x, "timestep": t} | ({self.cond_input: y} if self.conditional else {})
         feeds = {name: v.to(device=self.device, dtype=self.dtypes[name]).contiguous() for name, v in feeds.items()}
         out = self._replay(feeds, batch) if self.cuda_graph else self._enqueue(feeds, batch)
         return out.to(device=x.device, dtype=torch.float32, copy=True)

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from tdqrt.calibration.quant.calib_set import CalibrationSet, calibration_feeds
+from tdqrt.engines.denoiser import feed_conditioning
 
 SCRIPT_FILE = "tdqrt_data_loader.py"  # a distinctive module name: Polygraphy imports the script by its file name
 INPUTS_FILE = "validation_inputs.npz"
@@ -115,7 +116,7 @@ def write_data_loader(out_dir: Path, calib: CalibrationSet, signature: dict, fp_
     for _, feed in feeds:
         x = torch.from_numpy(feed["sample"].astype(np.float32))
         t = torch.from_numpy(feed["timestep"]).long()
-        y = torch.from_numpy(feed["class_labels"]).long() if "class_labels" in feed else None
+        y = feed_conditioning(feed)
         fp, quant = fp_model(x, t, y).numpy(), quant_model(x, t, y).numpy()
         sqnr.append(_sqnr_db(fp, quant))
         iterations.append(IterationResult({output["name"]: quant.astype(_NP_DTYPES[output["dtype"]])},

@@ -1,4 +1,5 @@
-"""Quantized (or FP) torch UNet -> ONNX with the FP model's signature ``(sample, timestep[, class_labels]) -> eps``.
+"""Quantized (or FP) torch UNet -> ONNX with the FP model's signature
+``(sample, timestep[, class_labels | encoder_hidden_states]) -> eps``.
 
 * :class:`ExportConfig` — target flavour (:data:`tdqrt.export.lint.FLAVOURS`: ``trt`` for TensorRT, ``ort-cpu``
   for ONNX Runtime's x86 CPU provider), dtype (``fp32`` / ``fp16``; ``ort-cpu``: fp32 only), opset (17 default, 19
@@ -16,7 +17,8 @@
   output as graph outputs (used by the tests and by ``tdqrt validate`` to compare codes with the torch model).
 
 Batch is dynamic (``batch`` on every input and the output); the image size is fixed. ``timestep`` and
-``class_labels`` are int64 ``[B]``; ``sample`` and ``eps`` are float32, or float16 for ``--dtype fp16`` (the whole
+``class_labels`` are int64 ``[B]``; a text-conditioned UNet (``cond_shape`` ``(L, D)``) takes
+``encoder_hidden_states`` ``[B, L, D]`` (float, fixed L and D) instead; ``sample`` and ``eps`` are float32, or float16 for ``--dtype fp16`` (the whole
 graph is then FP16: float initializers, Q/DQ scales, I/O — what strongly typed TensorRT needs).
 
 The ``ort-cpu`` flavour is the same graph with two changes (ONNX Runtime's quantization guide,
@@ -46,6 +48,7 @@ from torch import nn
 
 from tdqrt.calibration.quant.calib_set import CalibrationSet
 from tdqrt.calibration.quant.qmodel import QuantizedModel
+from tdqrt.engines.denoiser import EMBEDDINGS_INPUT, LABELS_INPUT
 from tdqrt.engines.config import check_choice, check_int, check_real, config_from_dict, invalid
 from tdqrt.engines.errors import ArtifactError, ConfigError
 from tdqrt.export.lint import MAX_IR_VERSION, WEIGHTED_OPS, get_flavour
@@ -53,7 +56,7 @@ from tdqrt.export.qdq import (RATIO_OPS, ExportUNet, QDQPlan, build_fp_module, b
                               calibrate_output_grids)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-INPUT_NAMES = ("sample", "timestep", "class_labels")
+INPUT_NAMES = ("sample", "timestep", LABELS_INPUT)
 OUTPUT_NAME = "eps"
 RATIO_TABLES = ("scale_ratio_table", "ratio_table")
 METADATA_PREFIX = "tdqrt."
@@ -136,10 +139,19 @@ def _example_inputs(model: nn.Module, num_train_timesteps: int, batch: int, dtyp
     size, ch = int(model.image_size), int(model.in_channels)
     x = torch.randn(batch, ch, size, size, generator=g).to(dtype)
     t = torch.linspace(0, num_train_timesteps - 1, batch).round().long()
+    if getattr(model, "cond_shape", None) is not None:
+        return x, t, torch.randn(batch, *model.cond_shape, generator=g).to(dtype)
     if getattr(model, "num_classes", 0):
         y = torch.arange(batch) % (int(model.num_classes) + 1)
         return x, t, y
     return x, t
+
+
+def _input_names(model: nn.Module) -> tuple[str, ...]:
+    """The graph's input names: the conditioning input is named after its kind (labels or text embeddings)."""
+    if getattr(model, "cond_shape", None) is not None:
+        return (*INPUT_NAMES[:2], EMBEDDINGS_INPUT)
+    return INPUT_NAMES
 
 
 def _trace(module: nn.Module, example: tuple, opset: int, *, input_names: Optional[tuple[str, ...]] = None,
@@ -322,8 +334,8 @@ def _finish(model, *, kind: str, config: ExportConfig, metadata: dict) -> None:
     if model.ir_version > MAX_IR_VERSION:
         model.ir_version = MAX_IR_VERSION
     model.producer_name = "tdqrt"
-    model.doc_string = (f"tdqrt {kind} UNet: (sample, timestep[, class_labels]) -> eps; target {config.target}, "
-                        f"dtype {config.dtype}")
+    inputs = ", ".join(i.name for i in model.graph.input)
+    model.doc_string = f"tdqrt {kind} UNet: ({inputs}) -> eps; target {config.target}, dtype {config.dtype}"
     meta = {"kind": kind, "target": config.target, "dtype": config.dtype} | metadata
     del model.metadata_props[:]
     for k, v in meta.items():
@@ -335,9 +347,11 @@ def model_metadata(model: nn.Module, num_train_timesteps: int) -> dict:
     """What an engine needs to sample from the graph like from the torch model (also stored in the manifest)."""
     num_classes = int(getattr(model, "num_classes", 0) or 0)
     null = getattr(model, "null_label", None)
+    cond_shape = getattr(model, "cond_shape", None)
     return {"num_classes": num_classes, "null_label": "" if null is None else int(null),
             "image_size": int(model.image_size), "in_channels": int(model.in_channels),
-            "num_train_timesteps": int(num_train_timesteps)}
+            "num_train_timesteps": int(num_train_timesteps)} | (
+        {} if cond_shape is None else {"cond_shape": ",".join(map(str, cond_shape))})
 
 
 def _cast_module(module: ExportUNet, config: ExportConfig) -> ExportUNet:
@@ -372,7 +386,7 @@ def export_quantized(qm: QuantizedModel, config: ExportConfig = ExportConfig(), 
     module = _cast_module(module, config)
     example = _example_inputs(qm, qm.num_train_timesteps, config.trace_batch, config.torch_dtype)
     module.ctx.trace.clear()
-    model = _trace(module, example, config.resolved_opset)
+    model = _trace(module, example, config.resolved_opset, input_names=_input_names(qm))
     _inline_initializer_identities(model)
     layers = _name_layers(model, list(module.ctx.trace))
     module.ctx.trace.clear()
@@ -386,7 +400,7 @@ def export_fp(fp_model: nn.Module, num_train_timesteps: int, config: ExportConfi
     """The FP UNet with the same signature (the validation reference)."""
     module = _cast_module(build_fp_module(fp_model), config)
     example = _example_inputs(fp_model, num_train_timesteps, config.trace_batch, config.torch_dtype)
-    model = _trace(module, example, config.resolved_opset)
+    model = _trace(module, example, config.resolved_opset, input_names=_input_names(fp_model))
     _inline_initializer_identities(model)
     _finish(model, kind="fp", config=config, metadata=model_metadata(fp_model, num_train_timesteps))
     return ExportedModel(model, "fp", _signature(model))

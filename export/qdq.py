@@ -236,7 +236,8 @@ class QDQLayer(nn.Module):
 
 
 class ExportUNet(nn.Module):
-    """The exported signature ``(sample, timestep[, class_labels]) -> eps`` around an FP or a Q/DQ UNet.
+    """The exported signature ``(sample, timestep[, class_labels | encoder_hidden_states]) -> eps`` around an FP or
+    a Q/DQ UNet (``conditional``: whether the UNet takes the third input, labels or text embeddings).
 
     ``scale_ratio`` (and ``ratio`` for ``ratio_op="mul"``): constant ``[T, L]`` tables, None when every layer is
     static. Gathering them by ``timestep`` inside the graph keeps the FP model's signature.
@@ -251,13 +252,13 @@ class ExportUNet(nn.Module):
         self.register_buffer("scale_ratio_table", scale_ratio)
         self.register_buffer("ratio_table", ratio)
 
-    def forward(self, sample: Tensor, timestep: Tensor, class_labels: Optional[Tensor] = None) -> Tensor:
+    def forward(self, sample: Tensor, timestep: Tensor, cond: Optional[Tensor] = None) -> Tensor:
         if self.scale_ratio_table is not None:
             self.ctx.scale_ratio = self.scale_ratio_table[timestep]
             self.ctx.ratio = None if self.ratio_table is None else self.ratio_table[timestep]
         try:
             if self.conditional:
-                return self.model(sample, timestep, class_labels)
+                return self.model(sample, timestep, cond)
             return self.model(sample, timestep)
         finally:
             if self.ctx is not None:
@@ -399,7 +400,7 @@ def build_qdq_module(qm: QuantizedModel, ratio_op: str = "div",
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, QDQLayer(layer, name, plan.scales[j], None if plan.static[j] else j, ctx, flavour))
-    conditional = bool(getattr(qm, "num_classes", 0))
+    conditional = takes_conditioning(qm)
     if plan.per_timestep:
         wrapper = ExportUNet(model, conditional, plan.scale_ratio.clone(),
                              plan.ratio.clone() if ratio_op == "mul" else None, ctx)
@@ -411,4 +412,10 @@ def build_qdq_module(qm: QuantizedModel, ratio_op: str = "div",
 def build_fp_module(fp_model: nn.Module) -> ExportUNet:
     import copy
 
-    return ExportUNet(copy.deepcopy(fp_model).cpu().eval(), bool(getattr(fp_model, "num_classes", 0))).eval()
+    return ExportUNet(copy.deepcopy(fp_model).cpu().eval(), takes_conditioning(fp_model)).eval()
+
+
+def takes_conditioning(model: nn.Module) -> bool:
+    """Whether ``model`` takes a conditioning ``y``: class labels (``num_classes``) or text embeddings
+    (``cond_shape``)."""
+    return bool(getattr(model, "num_classes", 0)) or getattr(model, "cond_shape", None) is not None

@@ -55,6 +55,11 @@ class RunnableModel:
         return getattr(self.model, "null_label", None)
 
     @property
+    def cond_shape(self) -> Optional[tuple[int, ...]]:
+        """``(L, D)`` of the text embeddings the model takes as ``y``; None for label and unconditional models."""
+        return getattr(self.model, "cond_shape", None)
+
+    @property
     def sample_shape(self) -> tuple[int, int, int]:
         """``(C, H, W)`` of what the sampler draws: the image, or the latent of a latent model."""
         m = self.model

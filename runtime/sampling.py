@@ -380,22 +380,24 @@ def guided_eps(
     x: Tensor,
     t: Tensor,
     y: Optional[Tensor],
-    null_label: Optional[int],
+    null_label: Union[int, Tensor, None],
     scale: float,
 ) -> Tensor:
     """Noise prediction with classifier-free guidance: ``eps_u + scale·(eps_c − eps_u)``.
 
     ``scale == 1`` is a single plain call ``denoiser(x, t, y)``. Otherwise one batched call evaluates the
-    conditional and unconditional halves on ``cat([x, x])`` with labels ``cat([y, null_label])`` (one engine
-    launch per step instead of two). The raw output is checked: wrong shape or NaN/Inf raises DataError.
-    The result is ε when ``denoiser`` predicts ε: pass v / x0 models through :func:`as_eps_denoiser` first
-    (:func:`sample` does).
+    conditional and unconditional halves on ``cat([x, x])`` with conditioning ``cat([y, null])`` (one engine
+    launch per step instead of two): for class labels ``y`` ``[B]``, ``null`` is ``null_label`` (an int) per sample;
+    for text embeddings ``y`` ``[B, L, D]``, ``null_label`` is the unconditional (empty or negative prompt)
+    embedding, ``[L, D]`` (shared) or ``[B, L, D]`` (per sample). The raw output is checked: wrong shape or NaN/Inf
+    raises DataError. The result is ε when ``denoiser`` predicts ε: pass v / x0 models through
+    :func:`as_eps_denoiser` first (:func:`sample` does).
     """
     if scale == 1.0:
         return _checked(denoiser(x, t, y), x.shape, t)
     _require_cfg_labels(y, null_label, scale)
     out = _checked(
-        denoiser(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null_label)])),
+        denoiser(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, _null_like(y, null_label)])),
         (2 * x.shape[0], *x.shape[1:]),
         t,
     )
@@ -403,11 +405,25 @@ def guided_eps(
     return eps_u + scale * (eps_c - eps_u)
 
 
-def _require_cfg_labels(y: Optional[Tensor], null_label: Optional[int], scale: float) -> None:
+def _null_like(y: Tensor, null_label: Union[int, Tensor]) -> Tensor:
+    """The unconditional half's conditioning for ``y``: the null label per sample, or the uncond embedding
+    broadcast over the batch (:func:`guided_eps`)."""
+    if y.is_floating_point():
+        null = torch.as_tensor(null_label, dtype=y.dtype, device=y.device)
+        if tuple(null.shape) not in (tuple(y.shape[1:]), tuple(y.shape)):
+            raise ConfigError(f"the unconditional embedding has shape {tuple(null.shape)}, expected "
+                              f"{tuple(y.shape[1:])} or {tuple(y.shape)} (like the embeddings y); pass the empty or "
+                              "negative prompt's embedding")
+        return null.expand(y.shape)
+    return torch.full_like(y, int(null_label))
+
+
+def _require_cfg_labels(y: Optional[Tensor], null_label: Union[int, Tensor, None], scale: float) -> None:
     missing = " and ".join(name for name, v in (("y", y), ("null_label", null_label)) if v is None)
     if missing:
         raise ConfigError(
-            f"guidance_scale={scale} needs class labels y and the null (unconditional) label; {missing} missing. "
+            f"guidance_scale={scale} needs the conditioning y (class labels or text embeddings) and the "
+            f"unconditional one (the null label or the uncond embedding); {missing} missing. "
             "Pass them, or set guidance_scale=1.0 to sample without classifier-free guidance."
         )
 
@@ -434,13 +450,16 @@ def sample(
     seed: int,
     shape: Sequence[int],
     y: Optional[Tensor] = None,
-    null_label: Optional[int] = None,
+    null_label: Union[int, Tensor, None] = None,
     hook: Optional[StepHook] = None,
     device: Union[str, torch.device] = "cpu",
     progress: bool = False,
     x_T: Optional[Tensor] = None,
 ) -> Tensor:
     """Run the sampler from pure noise to x0; returns float32 ``[B, *shape]`` (not clamped).
+
+    ``y``: class labels ``[B]`` with ``null_label`` the null class, or text embeddings ``[B, L, D]`` (float) with
+    ``null_label`` the unconditional embedding ``[L, D]`` or ``[B, L, D]`` (:func:`guided_eps`).
 
     ``x_T``: the initial noise ``[B, *shape]`` to start from instead of the streams' first draw (to reproduce
     another implementation's run from its own noise, e.g. a diffusers pipeline's ``generator``); the streams
@@ -463,7 +482,14 @@ def sample(
         _require_cfg_labels(y, null_label, g)
     noise = NoiseSource(seed, sample_indices, device)
     B = len(noise)
-    if y is not None:
+    if y is not None and torch.is_tensor(y) and y.is_floating_point():
+        y = y.to(device=device, dtype=torch.float32)
+        if y.ndim != 3 or y.shape[0] != B:
+            raise ConfigError(f"the embeddings y have shape {tuple(y.shape)}, expected ({B}, L, D): one [L, D] text "
+                              "embedding per sample.")
+        if torch.is_tensor(null_label):
+            null_label = null_label.to(device=device, dtype=torch.float32)
+    elif y is not None:
         y = torch.as_tensor(y, dtype=torch.long, device=device)
         if tuple(y.shape) != (B,):
             raise ConfigError(f"y has shape {tuple(y.shape)}, expected ({B},): one class label per sample.")

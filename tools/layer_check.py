@@ -52,6 +52,7 @@ import torch.nn.functional as F
 
 from tdqrt.calibration.quant.intmath import quantize_codes
 from tdqrt.calibration.quant.qmodel import QuantizedModel
+from tdqrt.engines.denoiser import feed_conditioning
 from tdqrt.export.exporter import ExportedModel, layers_from_node_names, save_onnx, with_debug_outputs
 from tdqrt.export.qdq import QDQPlan
 
@@ -211,8 +212,7 @@ class LayerCheck:
             hooks.append(self.torch_layers[name].register_forward_hook(
                 lambda m, a, o, name=name: hook(m, a, o, name)))
         x = torch.from_numpy(np.asarray(feed["sample"], np.float32))
-        y = feed.get("class_labels")
-        y = None if y is None else torch.from_numpy(np.asarray(y, np.int64))
+        y = feed_conditioning(feed)
         try:
             with torch.no_grad():
                 eps = self.qm(x, t, y).numpy()
@@ -273,8 +273,7 @@ def sensitivity(qm: QuantizedModel, fp_eps: np.ndarray, feed: dict, eps: np.ndar
     scale = relative * x.reshape(b, -1).norm(dim=1) / n.reshape(b, -1).norm(dim=1)
     xp = x + _per_sample(scale, x.ndim) * n
     t = torch.from_numpy(np.asarray(feed["timestep"], np.int64))
-    y = feed.get("class_labels")
-    y = None if y is None else torch.from_numpy(np.asarray(y, np.int64))
+    y = feed_conditioning(feed)
     with torch.no_grad():
         moved = qm(xp, t, y).double().numpy()
     delta = np.linalg.norm((moved - eps).reshape(b, -1), axis=1)

@@ -64,6 +64,7 @@ from tdqrt.calibration.resolve import open_recorded
 from tdqrt.engines.artifacts import write_json_atomic
 from tdqrt.engines.bundle import open_bundle
 from tdqrt.engines.config import check_int, check_real
+from tdqrt.engines.denoiser import feed_conditioning
 from tdqrt.engines.errors import ArtifactError, ConfigError, DataError
 from tdqrt.engines.ort import saturation_warning
 from tdqrt.engines.polygraphy_log import quiet_polygraphy_colors
@@ -137,7 +138,7 @@ def _session_inputs(onnx_path: Path) -> tuple[dict[str, tuple[Any, tuple]], str]
         shape = tuple(d if isinstance(d, int) else None for d in i.shape)
         inputs[i.name] = (_ORT_DTYPES.get(i.type, np.float32), shape)
     if "sample" not in inputs or "timestep" not in inputs:
-        raise ArtifactError(f"{onnx_path} does not have the tdqrt signature (sample, timestep[, class_labels]) -> eps;"
+        raise ArtifactError(f"{onnx_path} does not have the tdqrt signature (sample, timestep[, conditioning]) -> eps;"
                             f" its inputs are {sorted(inputs)}")
     return inputs, sess.get_outputs()[0].name
 
@@ -186,8 +187,7 @@ class _TorchRunnerMixin:
 
         x = torch.from_numpy(np.asarray(feed_dict["sample"], np.float32))
         t = torch.from_numpy(np.asarray(feed_dict["timestep"], np.int64))
-        y = feed_dict.get("class_labels")
-        y = None if y is None else torch.from_numpy(np.asarray(y, np.int64))
+        y = feed_conditioning(feed_dict)
         start = time.perf_counter()
         with torch.no_grad():
             out = self.model(x, t, y)

@@ -6,7 +6,8 @@
   model from a named architecture (``PRESET_NAMES``).
 
 Every model exposes ``num_classes``, ``null_label`` (``num_classes`` when conditional, else ``None``),
-``image_size``, ``in_channels`` and ``spec()``.
+``image_size``, ``in_channels`` and ``spec()``; a text-conditioned UNet (:class:`DiffusersCondUNet`) also
+``cond_shape`` ``(L, D)``, the shape of its float conditioning ``y`` ``[B, L, D]`` (``encoder_hidden_states``).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any
 
 from torch import nn
 
+from tdqrt.calibration.models.diffusers_cond_unet import DiffusersCondUNet
 from tdqrt.calibration.models.diffusers_unet import DIFFUSERS_PRESETS, DiffusersUNet
 from tdqrt.calibration.models.unet import PRESETS, UNet, UNetConfig, timestep_embedding
 from tdqrt.engines.errors import ConfigError
@@ -23,6 +25,7 @@ from tdqrt.engines.errors import ConfigError
 MODEL_KINDS: dict[str, Callable[..., nn.Module]] = {
     "builtin": UNet.from_spec,
     "diffusers": DiffusersUNet.from_spec,
+    "diffusers-cond": DiffusersCondUNet.from_spec,
 }
 
 # preset name -> builder(name, *, image_size, in_channels, num_classes)
@@ -59,6 +62,7 @@ __all__ = [
     "MODEL_KINDS",
     "PRESETS",
     "PRESET_NAMES",
+    "DiffusersCondUNet",
     "DiffusersUNet",
     "UNet",
     "UNetConfig",

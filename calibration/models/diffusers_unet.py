@@ -55,10 +55,10 @@ DIFFUSERS_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _unet2d_class() -> type:
-    from diffusers import UNet2DModel
+def _diffusers_class(name: str) -> type:
+    import diffusers
 
-    return UNet2DModel
+    return getattr(diffusers, name)
 
 
 def _num_classes_from(config: Mapping[str, Any]) -> int:
@@ -66,11 +66,31 @@ def _num_classes_from(config: Mapping[str, Any]) -> int:
     return embeds - 1 if embeds else 0
 
 
+def _square_size(config: Mapping[str, Any]) -> int:
+    """The UNet's ``sample_size`` as one int, refused unless square and divisible by its downsampling factor."""
+    size = config["sample_size"]
+    if isinstance(size, (list, tuple)):
+        if len(set(size)) != 1:
+            raise ConfigError(f"sample_size={list(size)} is invalid: only square images are supported")
+        size = size[0]
+    factor = 2 ** (len(config["block_out_channels"]) - 1)
+    if not isinstance(size, int) or size < 1 or size % factor:
+        raise ConfigError(f"sample_size={size!r} is invalid: must be a positive multiple of {factor} "
+                          f"(2^(levels-1) for block_out_channels={list(config['block_out_channels'])})")
+    if config["in_channels"] != config["out_channels"]:
+        raise ConfigError(f"out_channels={config['out_channels']} must equal in_channels={config['in_channels']} "
+                          "for a noise-predicting UNet")
+    return size
+
+
 class DiffusersUNet(nn.Module):
     """``eps = model(x, t, y=None)`` around ``diffusers.UNet2DModel``.
 
     ``num_classes=None`` infers it from ``num_class_embeds`` (``num_class_embeds - 1``; 0 when unset).
     """
+
+    kind = "diffusers"  # spec()["kind"], the key of MODEL_KINDS
+    diffusers_class = "UNet2DModel"
 
     def __init__(self, unet: nn.Module, num_classes: Optional[int] = None):
         super().__init__()
@@ -86,18 +106,7 @@ class DiffusersUNet(nn.Module):
             raise ConfigError(f"num_class_embeds={config.get('num_class_embeds')!r} does not match num_classes="
                               f"{num_classes}: expected {expected} (num_classes labels + 1 null class, or unset "
                               "for an unconditional model)")
-        if config["in_channels"] != config["out_channels"]:
-            raise ConfigError(f"out_channels={config['out_channels']} must equal in_channels={config['in_channels']} "
-                              "for a noise-predicting UNet")
-        size = config["sample_size"]
-        if isinstance(size, (list, tuple)):
-            if len(set(size)) != 1:
-                raise ConfigError(f"sample_size={list(size)} is invalid: only square images are supported")
-            size = size[0]
-        factor = 2 ** (len(config["block_out_channels"]) - 1)
-        if not isinstance(size, int) or size < 1 or size % factor:
-            raise ConfigError(f"sample_size={size!r} is invalid: must be a positive multiple of {factor} "
-                              f"(2^(levels-1) for block_out_channels={list(config['block_out_channels'])})")
+        size = _square_size(config)
         self.unet = unet
         self.num_classes = num_classes
         self.null_label: Optional[int] = num_classes if num_classes else None
@@ -122,30 +131,29 @@ class DiffusersUNet(nn.Module):
 
     def spec(self) -> dict[str, Any]:
         config = {k: v for k, v in self.unet.config.items() if not k.startswith("_")}
-        return {"kind": "diffusers", "config": json.loads(json.dumps(config)), "num_classes": self.num_classes}
+        return {"kind": self.kind, "config": json.loads(json.dumps(config)), "num_classes": self.num_classes}
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], num_classes: Optional[int] = None) -> "DiffusersUNet":
-        """Random-initialised UNet2DModel; keys starting with ``_`` (diffusers metadata) are ignored."""
+    def _unet_from_config(cls, config: Mapping[str, Any], **extra: Any) -> nn.Module:
+        """A random-initialised ``cls.diffusers_class`` from ``config`` (keys starting with ``_``, diffusers
+        metadata, are ignored) updated with ``extra``; unknown keys and diffusers' own refusals: ConfigError."""
         if not isinstance(config, Mapping):
             raise ConfigError(f"a diffusers UNet config must be a dict, got {type(config).__name__}")
-        unet_class = _unet2d_class()
+        unet_class = _diffusers_class(cls.diffusers_class)
         allowed = set(inspect.signature(unet_class.__init__).parameters) - {"self"}
         kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
         unknown = sorted(set(kwargs) - allowed)
         if unknown:
-            raise ConfigError(f"UNet2DModel config has unknown keys {unknown}; allowed keys are {sorted(allowed)}")
-        if num_classes is not None:
-            kwargs["num_class_embeds"] = num_classes + 1 if num_classes else None
+            raise ConfigError(f"{cls.diffusers_class} config has unknown keys {unknown}; allowed keys are "
+                              f"{sorted(allowed)}")
         try:
-            unet = unet_class(**kwargs)
+            return unet_class(**(kwargs | extra))
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            raise ConfigError(f"invalid UNet2DModel config: {exc}") from exc
-        return cls(unet, num_classes)
+            raise ConfigError(f"invalid {cls.diffusers_class} config: {exc}") from exc
 
     @classmethod
-    def from_pretrained(cls, path: Union[str, os.PathLike], num_classes: Optional[int] = None) -> "DiffusersUNet":
-        """Load a UNet2DModel saved with ``save_pretrained`` (or a pipeline folder with a ``unet/`` subfolder)."""
+    def _unet_from_pretrained(cls, path: Union[str, os.PathLike]) -> nn.Module:
+        """``cls.diffusers_class`` saved with ``save_pretrained`` in ``path`` or its ``unet/`` subfolder."""
         folder = Path(path)
         if not folder.is_dir():
             raise ConfigError(f"{str(path)!r} is not a local folder; tdqrt never downloads models. Download or "
@@ -156,14 +164,24 @@ class DiffusersUNet(nn.Module):
             subfolder = "unet"
         else:
             raise ConfigError(f"{str(path)!r} holds no config.json (nor unet/config.json); expected a folder "
-                              "written by UNet2DModel.save_pretrained or a diffusers pipeline")
+                              f"written by {cls.diffusers_class}.save_pretrained or a diffusers pipeline")
         try:
             # low_cpu_mem_usage=False: the default needs `accelerate` and logs a warning on every load without it
-            unet = _unet2d_class().from_pretrained(folder, subfolder=subfolder, local_files_only=True,
-                                                   low_cpu_mem_usage=False)
+            return _diffusers_class(cls.diffusers_class).from_pretrained(
+                folder, subfolder=subfolder, local_files_only=True, low_cpu_mem_usage=False)
         except (OSError, ValueError) as exc:
-            raise ConfigError(f"could not load a UNet2DModel from {str(path)!r}: {exc}") from exc
-        return cls(unet, num_classes)
+            raise ConfigError(f"could not load a {cls.diffusers_class} from {str(path)!r}: {exc}") from exc
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], num_classes: Optional[int] = None) -> "DiffusersUNet":
+        """Random-initialised UNet2DModel; keys starting with ``_`` (diffusers metadata) are ignored."""
+        extra = {} if num_classes is None else {"num_class_embeds": num_classes + 1 if num_classes else None}
+        return cls(cls._unet_from_config(config, **extra), num_classes)
+
+    @classmethod
+    def from_pretrained(cls, path: Union[str, os.PathLike], num_classes: Optional[int] = None) -> "DiffusersUNet":
+        """Load a UNet2DModel saved with ``save_pretrained`` (or a pipeline folder with a ``unet/`` subfolder)."""
+        return cls(cls._unet_from_pretrained(path), num_classes)
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any], **overrides: Any) -> "DiffusersUNet":

@@ -55,11 +55,13 @@ def _finished_units(job: CalibrationJob) -> Optional[str]:
 
 
 def calibrate(model_dir: str | Path, out_dir: str | Path, cfg: CalibrateConfig, *,
-              calib_dir: Optional[str | Path] = None, progress: bool = True) -> Path:
+              calib_dir: Optional[str | Path] = None, embeddings: Any = None, uncond: Any = None,
+              progress: bool = True) -> Path:
     """Quantize the FP model in ``model_dir`` with ``cfg`` and write the checkpoint into ``out_dir``.
 
     The calibration set is read from ``calib_dir`` when given (share one set between methods), otherwise it
-    is collected into ``out_dir/calib``. Activations of other than 8 bits are calibrated with a warning: TensorRT
+    is collected into ``out_dir/calib`` (a text-conditioned model's from the prompts' ``embeddings`` ``[P, L, D]`` and
+    the unconditional ``uncond`` ``[L, D]``: :func:`collect_calibration_set`). Activations of other than 8 bits are calibrated with a warning: TensorRT
     and ONNX Runtime run integer activations in 8 bits only, so such a model stays in torch (fake-quant) and
     ``tdqrt export`` refuses it. Interrupted, BRECQ keeps its finished units in ``out_dir/work`` for a rerun.
     """
@@ -78,8 +80,8 @@ def calibrate(model_dir: str | Path, out_dir: str | Path, cfg: CalibrateConfig, 
     if calib_dir is not None:
         calib = CalibrationSet(calib_dir)
     else:
-        calib = collect_calibration_set(fp.model, schedule, cfg.calib_set, out_dir / "calib", device=cfg.device,
-                                        progress=progress)
+        calib = collect_calibration_set(fp.model, schedule, cfg.calib_set, out_dir / "calib", embeddings=embeddings,
+                                        uncond=uncond, device=cfg.device, progress=progress)
     t_calib = time.perf_counter() - t0
     job = CalibrationJob(fp, schedule, calib, cfg.quant, options, out_dir / "work", cfg.device, progress)
     t0 = time.perf_counter()

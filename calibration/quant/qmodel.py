@@ -87,6 +87,7 @@ class QuantizedModel(nn.Module):
             raise ConfigError(f"keep_float {list(config.keep_float)} leaves no Conv2d/Linear layer to quantize")
         for attr in ("num_classes", "null_label", "image_size", "in_channels"):
             setattr(self, attr, getattr(fp_model, attr))
+        self.cond_shape = getattr(fp_model, "cond_shape", None)  # (L, D) of a text-conditioned UNet
 
     def forward(self, x: Tensor, t: Tensor, y: Optional[Tensor] = None) -> Tensor:
         self.ctx.t = t

@@ -120,6 +120,10 @@ class TdqQatOptions:
 def training_data(job: CalibrationJob, options: TdqQatOptions) -> ImageData:
     """The real training images: ``options.data`` or the data set recorded in the FP card, at the model's size."""
     card = job.fp.card
+    if getattr(job.fp.model, "cond_shape", None) is not None:
+        raise ConfigError("tdq-qat fine-tunes on training images and their labels; a text-conditioned UNet would "
+                          "need image-caption pairs, which tdqrt does not read; use tdq-ptq (the same per-timestep "
+                          "scales, fitted on the calibration set) or brecq")
     trained = card.get("training") or {}
     spec = options.data or trained.get("data") or (card.get("data") or {}).get("name")
     if not spec:
