@@ -37,6 +37,7 @@ import torch
 
 from tdqrt.calibration.checkpoint import CARD_FILE, FPCheckpoint
 from tdqrt.calibration.models.autoencoder import AUTOENCODER_CLASSES
+from tdqrt.calibration.models.diffusers_cond_unet import DiffusersCondUNet
 from tdqrt.calibration.models.diffusers_unet import DiffusersUNet
 from tdqrt.calibration.models.text import text_encoder_record
 from tdqrt.engines.artifacts import atomic_dir, read_json, sha256_file, versions, write_json_atomic
@@ -274,8 +275,6 @@ def _cond_unet(layout: SourceLayout, text: dict):
         raise ConfigError(f"{layout.unet_dir / COMPONENT_CONFIG}: cross_attention_dim={width} does not match the "
                           f"text encoder's hidden_size={text['hidden_size']} in {text['path']}; the UNet and the text "
                           "encoder come from different models")
-    from tdqrt.calibration.models.diffusers_unet import DiffusersCondUNet
-
     return DiffusersCondUNet.from_pretrained(layout.unet_dir, cond_length=text["max_length"])
 
 
