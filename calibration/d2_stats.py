@@ -103,6 +103,7 @@ def collect_d2_stats(
     outlier_sigma: Optional[float] = 4.0,
     fp_model_sha256: str = "",
     quant_model_sha256: str = "",
+    prompts: Optional[dict] = None,
 ) -> D2Table:
     """Run ``num`` FP trajectories (two passes with the outlier filter) and return the fitted :class:`D2Table`.
 
@@ -139,7 +140,7 @@ def collect_d2_stats(
             tensor, channel = _filtered_pass(raw, replay, outlier_sigma, device)
     settings = D2Settings(sampler=sampler, schedule=schedule.config, num_samples=num, seed=seed,
                           outlier_sigma=None if outlier_sigma is None else float(outlier_sigma),
-                          fp_model_sha256=fp_model_sha256, quant_model_sha256=quant_model_sha256)
+                          fp_model_sha256=fp_model_sha256, quant_model_sha256=quant_model_sha256, prompts=prompts)
     return D2Table(stepper.timesteps.numpy(), raw.numpy(), tensor.numpy(), channel.numpy(), settings)
 
 

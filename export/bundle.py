@@ -198,6 +198,9 @@ def export_bundle(quant_dir: Union[str, os.PathLike], out: Union[str, os.PathLik
                                           "layer_nodes": {k: v["nodes"] for k, v in q.layers.items()}},
             "schedule": schedule,
             "decoder": decoder_entry,
+            # a text-to-image model's text encoder (path + sha256 of its weights and tokenizer): `tdqrt sample`
+            # encodes the prompts with it in float, outside the INT8 UNet
+            "text_encoder": rec.card.get("text_encoder"),
             "d2": None if table is None else {"settings": table.settings.to_dict(),
                                               "timesteps": table.timesteps.tolist(),
                                               "num_channels": table.num_channels},

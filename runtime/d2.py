@@ -184,6 +184,7 @@ class D2Settings:
     outlier_sigma: Optional[float]  # None: no outlier filter (a single pass)
     fp_model_sha256: str = ""
     quant_model_sha256: str = ""
+    prompts: Optional[dict] = None  # a text-to-image model's prompt set: {"count", "sha256"}
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -97,6 +97,9 @@ def _add_calib_set_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calib-num", type=int, default=256, help="calibration trajectories")
     g.add_argument("--calib-keep", type=int, default=20, help="kept steps per trajectory")
     g.add_argument("--calib-steps", type=int, default=50, help="DDIM steps of the calibration sampler")
+    g.add_argument("--calib-guidance", type=float, default=1.0,
+                   help="CFG scale of the calibration trajectories (text-to-image: > 1 stores both halves the UNet "
+                        "sees; 1 = no CFG)")
     g.add_argument("--seed", type=int, default=1234, help="seed of the calibration sampler")
 
 
@@ -105,7 +108,8 @@ def _calib_set_from_args(args: argparse.Namespace):
     from tdqrt.runtime.sampling import SamplerConfig
 
     return CalibSetConfig(num=args.calib_num, keep_steps=args.calib_keep, seed=args.seed,
-                          sampler=SamplerConfig(kind="ddim", steps=args.calib_steps))
+                          sampler=SamplerConfig(kind="ddim", steps=args.calib_steps,
+                                                guidance_scale=args.calib_guidance))
 
 
 def _add_prompt_args(p: argparse.ArgumentParser) -> None:
@@ -256,6 +260,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="method option (e.g. iters_w=2000); repeatable")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
+    _add_prompt_args(p)
     p.set_defaults(run=_run_calibrate)
 
     p = _command(sub, "sample", "sample a model to samples.npz + grid.png")
@@ -276,6 +281,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="shard the batches over the processes torchrun starts (gloo on CPU, nccl on CUDA)")
     _add_sampler_args(p)
     _add_d2_args(p, default="off", bundle_stats=True)
+    _add_prompt_args(p)
     p.set_defaults(run=_run_sample)
 
     p = _command(sub, "d2-stats", "collect D²/PTQD quantization-error statistics (FP vs quantized)")
@@ -289,6 +295,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--outlier-sigma", type=float, default=4.0, help="errors beyond this many σ are outliers")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
     _add_sampler_args(p)
+    _add_prompt_args(p)
     p.set_defaults(run=_run_d2_stats)
 
     p = _command(sub, "export", "export a quantized model to an ONNX Q/DQ bundle (unet.onnx, unet_fp.onnx, manifest)")
@@ -483,8 +490,8 @@ def _run_calibrate(args: argparse.Namespace) -> int:
                         keep_float=tuple(args.keep_float) if args.keep_float is not None else DEFAULT_KEEP_FLOAT)
     cfg = CalibrateConfig(quant=quant, calib_set=_calib_set_from_args(args), options=_parse_options(args.option),
                           device=args.device)
-    out = calibrate(args.model, args.out, cfg, calib_dir=args.calib)
-    qm = open_model(out).model
+    out = calibrate(args.model, args.out, cfg, calib_dir=args.calib, prompts=_prompts_from_args(args))
+    qm = open_model(out, decoder=False).model
     save_scale_curves(out / "scales.png", qm.scale_table(), qm.layer_names, title=f"{args.method} W{args.wbits}A{args.abits}")
     print(f"quantized model written to {out} (quant.safetensors, quant.json, scales.png)")
     return 0
@@ -501,9 +508,11 @@ def _run_sample(args: argparse.Namespace) -> int:
     engine = args.model if args.engine is None and is_engine_file(args.model) else args.engine
     device = args.device if args.device is not None or engine is None else "cuda"
     with process_group(args.distributed, device) as device:
+        prompts = _prompts_from_args(args)
         job = SampleJob(num=args.num, batch=args.batch, seed=args.seed, device=device,
                         sampler=_sampler_from_args(args), **_d2_from_args(args),
-                        engine=None if engine is None else str(engine))
+                        engine=None if engine is None else str(engine),
+                        prompts=None if prompts is None else prompts.to_dict())
         res = sample_model(args.model if args.model is not None else engine, args.out, job)
     if res is not None:  # rank 0 (or the only process)
         print(f"{len(res.images)} samples in {res.seconds:.1f} s -> {res.out_dir}/samples.npz, grid.png")
@@ -515,7 +524,7 @@ def _run_d2_stats(args: argparse.Namespace) -> int:
 
     job = D2StatsJob(sampler=_sampler_from_args(args), num=args.num, batch=args.batch, seed=args.seed,
                      outlier_sigma=args.outlier_sigma, device=args.device)
-    collect_to_dir(args.fp, args.quant, args.out, job)
+    collect_to_dir(args.fp, args.quant, args.out, job, prompts=_prompts_from_args(args))
     print(f"D² statistics written to {args.out} (d2.npz, d2.json, d2.png)")
     return 0
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from tdqrt.calibration.d2_stats import collect_d2_stats
+from tdqrt.calibration.models.text import PromptSet, prompt_embeddings
 from tdqrt.calibration.quant.checkpoint import QUANT_FORMAT
 from tdqrt.calibration.resolve import open_model, open_recorded
 from tdqrt.engines.config import check_int, check_real
@@ -35,9 +36,10 @@ class D2StatsJob:
 
 
 def collect_to_dir(fp_dir: Optional[str | Path], quant_dir: str | Path, out_dir: str | Path, job: D2StatsJob, *,
-                   progress: bool = True) -> D2Table:
+                   prompts: Optional[PromptSet] = None, progress: bool = True) -> D2Table:
     """Statistics of the quantized checkpoint ``quant_dir`` against the FP model it was calibrated from (the one its
-    card records, or ``fp_dir`` with the recorded sha256), saved into ``out_dir`` with a plot."""
+    card records, or ``fp_dir`` with the recorded sha256), saved into ``out_dir`` with a plot. A text-to-image model
+    needs ``prompts``: trajectory ``n`` follows prompt ``n mod P``, guided against the negative prompt."""
     quant = open_model(quant_dir, device=job.device, decoder=False)
     if quant.card.get("format") != QUANT_FORMAT:
         raise ConfigError(f"--quant {quant_dir} is not a quantized checkpoint (quant.json); pass the --out folder of "
@@ -45,11 +47,14 @@ def collect_to_dir(fp_dir: Optional[str | Path], quant_dir: str | Path, out_dir:
     fp = open_recorded(quant.card["fp_model"], fp_dir, "FP model", f"the quantized checkpoint {quant_dir}", "--fp",
                        device=job.device)
     m = fp.model
+    embeddings, uncond = prompt_embeddings(m, fp.card, prompts, device=job.device)
     table = collect_d2_stats(
         m, quant.model, NoiseSchedule(fp.schedule), job.sampler, num=job.num, batch=job.batch, seed=job.seed,
-        shape=(m.in_channels, m.image_size, m.image_size), num_classes=m.num_classes, null_label=m.null_label,
+        shape=(m.in_channels, m.image_size, m.image_size), num_classes=m.num_classes,
+        null_label=m.null_label if uncond is None else uncond, embeddings=embeddings,
         device=job.device, progress=progress, outlier_sigma=job.outlier_sigma,
-        fp_model_sha256=fp.sha256, quant_model_sha256=quant.sha256)
+        fp_model_sha256=fp.sha256, quant_model_sha256=quant.sha256,
+        prompts=None if prompts is None else prompts.record())
     out_dir = Path(out_dir)
     table.save(out_dir)
     plot_d2(table, out_dir / "d2.png")

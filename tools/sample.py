@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from tdqrt.calibration.data.images import to_uint8_nhwc
+from tdqrt.calibration.models.text import PromptSet, prompt_embeddings
 from tdqrt.calibration.resolve import open_model
 from tdqrt.engines.artifacts import write_bytes_atomic, write_json_atomic
 from tdqrt.engines.config import check_bool, check_choice, check_int
@@ -50,6 +51,7 @@ class SampleJob:
     d2_stats: Optional[str] = None  # default: the statistics the bundle ships (refused for other models)
     d2_force: bool = False
     engine: Optional[str] = None  # TensorRT plan from `tdqrt build`; the model path is then its bundle (or the plan)
+    prompts: Optional[dict] = None  # a text-to-image model's PromptSet.to_dict(): sample n follows prompt n mod P
 
     def __post_init__(self) -> None:
         check_int("SampleJob.num", self.num, 1, flag="--num")
@@ -127,9 +129,11 @@ def sample_model(model_dir: str | Path, out_dir: str | Path, job: SampleJob, *,
         ckpt = open_model(model_dir, device=job.device, engine=job.engine)
         resolved = job if job.d2 == "off" or job.d2_stats is not None else \
             dataclasses.replace(job, d2_stats=shipped_d2_stats(ckpt))
-        return ckpt, resolved, correction_hook(resolved, NoiseSchedule(ckpt.schedule), ckpt.sha256)
+        prompts = None if job.prompts is None else PromptSet.from_dict(job.prompts)
+        cond, uncond = prompt_embeddings(ckpt.model, ckpt.card, prompts, device=job.device)
+        return ckpt, resolved, correction_hook(resolved, NoiseSchedule(ckpt.schedule), ckpt.sha256), cond, uncond
 
-    ckpt, job, hook = ranks.collective(load)
+    ckpt, job, hook, cond, uncond = ranks.collective(load)
     t0 = time.perf_counter()
     model = ckpt.model
     schedule = NoiseSchedule(ckpt.schedule)
@@ -158,11 +162,15 @@ def sample_model(model_dir: str | Path, out_dir: str | Path, job: SampleJob, *,
             return
         start, stop = store.ranges[batch]
         idx = torch.arange(start, stop)
-        y = (idx % model.num_classes).to(job.device) if model.num_classes else None
+        if cond is not None:  # text-to-image: prompt n mod P, guided against the negative prompt's embedding
+            labels, y, null = idx % len(cond), cond[idx % len(cond)], uncond
+        else:
+            y = (idx % model.num_classes).to(job.device) if model.num_classes else None
+            labels, null = (y.cpu() if y is not None else torch.full((len(idx),), -1)), model.null_label
         x = sample(model, schedule, job.sampler, sample_indices=idx, seed=job.seed, shape=ckpt.sample_shape, y=y,
-                   null_label=model.null_label, hook=hook, device=job.device, progress=progress and ranks.rank == 0)
+                   null_label=null, hook=hook, device=job.device, progress=progress and ranks.rank == 0)
         x = ckpt.decode(x)
-        labels = y.cpu().numpy() if y is not None else np.full(len(idx), -1, np.int64)
+        labels = labels.numpy().astype(np.int64)
         store.write(batch, to_uint8_nhwc(x.cpu()), labels)
 
     def merge() -> Optional[SampleResult]:

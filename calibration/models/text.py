@@ -254,3 +254,29 @@ class PromptSet:
             raise ArtifactError(f"the prompt set's recorded sha256 {str(data['sha256'])[:12]}… does not match its "
                                 f"{out.count} prompts ({out.sha256[:12]}…); the file was edited, write it again")
         return out
+
+
+def prompt_embeddings(model: Any, card: dict, prompts: Optional[PromptSet], *,
+                      device: str | torch.device = "cpu") -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """``(cond [P, L, D], uncond [L, D])`` for a text-conditioned ``model`` (``cond_shape`` set) from ``prompts``,
+    encoded by the text encoder its ``card`` (FP or quantized card, or bundle manifest) records; ``(None, None)``
+    for other models. Refused in one line: prompts for a model without text conditioning, a text model without
+    prompts or without a recorded text encoder."""
+    text_model = getattr(model, "cond_shape", None) is not None
+    if not text_model:
+        if prompts is not None:
+            raise ConfigError("--prompt/--prompts are for text-to-image models; this model is not conditioned on "
+                              "text: drop them")
+        return None, None
+    if prompts is None:
+        raise ConfigError("this is a text-to-image model: give the prompts with --prompt TEXT (repeatable) or "
+                          "--prompts FILE")
+    record = card.get("text_encoder")
+    if record is None:
+        raise ArtifactError("the model records no text encoder (text_encoder) to encode the prompts with; open it "
+                            "from its pipeline folder or re-import it")
+    cond, uncond = TextEncoder.from_record(record, device).encode_set(prompts)
+    if tuple(cond.shape[1:]) != tuple(model.cond_shape):
+        raise ConfigError(f"the text encoder gives embeddings of shape {list(cond.shape[1:])}, the UNet takes "
+                          f"{list(model.cond_shape)}; the UNet and the text encoder come from different models")
+    return cond.to(device), uncond.to(device)

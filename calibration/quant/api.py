@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 from tdqrt.calibration.checkpoint import CARD_FILE, FPCheckpoint, load_fp_checkpoint
 from tdqrt.calibration.models.sources import COMPONENT_CONFIG, PIPELINE_INDEX
+from tdqrt.calibration.models.text import prompt_embeddings
 from tdqrt.calibration.quant.brecq import finished_units
 from tdqrt.calibration.quant.calib_set import CalibrationSet, CalibSetConfig, collect_calibration_set
 from tdqrt.calibration.quant.checkpoint import QUANT_CARD, load_quant_checkpoint, save_quant_checkpoint
@@ -56,12 +57,14 @@ def _finished_units(job: CalibrationJob) -> Optional[str]:
 
 def calibrate(model_dir: str | Path, out_dir: str | Path, cfg: CalibrateConfig, *,
               calib_dir: Optional[str | Path] = None, embeddings: Any = None, uncond: Any = None,
-              progress: bool = True) -> Path:
+              prompts: Any = None, progress: bool = True) -> Path:
     """Quantize the FP model in ``model_dir`` with ``cfg`` and write the checkpoint into ``out_dir``.
 
     The calibration set is read from ``calib_dir`` when given (share one set between methods), otherwise it
     is collected into ``out_dir/calib`` (a text-conditioned model's from the prompts' ``embeddings`` ``[P, L, D]`` and
-    the unconditional ``uncond`` ``[L, D]``: :func:`collect_calibration_set`). Activations of other than 8 bits are calibrated with a warning: TensorRT
+    the unconditional ``uncond`` ``[L, D]``: :func:`collect_calibration_set`; or from ``prompts``, a
+    :class:`~tdqrt.calibration.models.text.PromptSet` encoded by the text encoder the model records, whose count and
+    sha256 the checkpoint then records). Activations of other than 8 bits are calibrated with a warning: TensorRT
     and ONNX Runtime run integer activations in 8 bits only, so such a model stays in torch (fake-quant) and
     ``tdqrt export`` refuses it. Interrupted, BRECQ keeps its finished units in ``out_dir/work`` for a rerun.
     """
@@ -77,6 +80,8 @@ def calibrate(model_dir: str | Path, out_dir: str | Path, cfg: CalibrateConfig, 
     fp = load_fp_checkpoint(model_dir, device=cfg.device)
     schedule = NoiseSchedule(fp.schedule)
     t0 = time.perf_counter()
+    if prompts is not None or (embeddings is None and calib_dir is None):
+        embeddings, uncond = prompt_embeddings(fp.model, fp.card, prompts, device=cfg.device)
     if calib_dir is not None:
         calib = CalibrationSet(calib_dir)
     else:
@@ -90,7 +95,7 @@ def calibrate(model_dir: str | Path, out_dir: str | Path, cfg: CalibrateConfig, 
     qm.freeze()
     wall = time.perf_counter() - t0
     calibration = {"path": str(calib.path), "count": len(calib), "timesteps": calib.timesteps,
-                   "config": calib.meta["config"]}
+                   "config": calib.meta["config"], "prompts": None if prompts is None else prompts.record()}
     write_json_atomic(out_dir / "calibrate_config.json", {"quant": cfg.quant.to_dict(),
                                                           "calib_set": cfg.calib_set.to_dict(),
                                                           "options": cfg.options, "device": cfg.device})

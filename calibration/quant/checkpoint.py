@@ -45,6 +45,7 @@ def save_quant_checkpoint(out_dir: str | Path, qm: QuantizedModel, fp: FPCheckpo
         "layers": list(qm.layer_names),
         "calibration": calibration,
         "autoencoder": fp.card.get("autoencoder"),  # a latent model's samples are decoded with it
+        "text_encoder": fp.card.get("text_encoder"),  # a text-to-image model's prompts are encoded with it
     } | (extra or {}))
 
 
