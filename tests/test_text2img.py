@@ -14,8 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tdqrt.calibration.models.autoencoder import LatentDecoder
-from tdqrt.calibration.models.sources import autoencoder_record, source_layout
+from tdqrt.calibration.models.sources import source_layout
 from tdqrt.calibration.models.text import PromptSet, TextEncoder, text_encoder_record, tokenizer_sha256
 from tdqrt.engines.artifacts import sha256_file
 from tdqrt.engines.errors import ArtifactError, ConfigError
@@ -82,33 +81,35 @@ def test_encode_equals_the_pipelines_encode_prompt(sd_pipeline_dir):
     assert not torch.allclose(ours[0], ours[1], atol=1e-3) and not torch.allclose(ours_uncond, empty[0], atol=1e-3)
 
 
-def _tdqrt_conventions(folder, latents, prompts: PromptSet) -> torch.Tensor:
-    """Images from the pieces tdqrt uses: its text embeddings, classifier-free guidance as the pipeline batches it
-    (``cat([uncond, cond])``, then ``uncond + g·(cond − uncond)``), the scheduler's DDIM step and LatentDecoder."""
-    from diffusers import DDIMScheduler, UNet2DConditionModel
+def _tdqrt_images(folder, latents, prompts: PromptSet) -> torch.Tensor:
+    """tdqrt's FP sampling of the pipeline folder from ``latents``: the model resolver, the prompts encoded by the
+    text encoder the model records, DDIM on the scheduler's grid with classifier-free guidance against the negative
+    prompt (:func:`tdqrt.runtime.sampling.sample`), and the decoder; mapped to [0, 1] as the pipeline does."""
+    from tdqrt.calibration.models.text import prompt_embeddings
+    from tdqrt.calibration.resolve import open_model
+    from tdqrt.runtime.sampling import SamplerConfig, sample
+    from tdqrt.runtime.schedules import NoiseSchedule
 
-    cond, uncond = TextEncoder.from_record(text_encoder_record(folder)).encode_set(prompts)
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True).eval()
-    scheduler = DDIMScheduler.from_pretrained(folder / "scheduler", local_files_only=True)
-    scheduler.set_timesteps(STEPS)
-    context = torch.cat([uncond.expand_as(cond), cond])
-    with torch.no_grad():
-        for t in scheduler.timesteps:
-            eps_uncond, eps_cond = unet(torch.cat([latents] * 2), t, encoder_hidden_states=context).sample.chunk(2)
-            latents = scheduler.step(eps_uncond + GUIDANCE * (eps_cond - eps_uncond), t, latents).prev_sample
-        images = LatentDecoder.from_record(autoencoder_record(folder / "vae"))(latents)
-    return (images / 2 + 0.5).clamp(0, 1)
+    m = open_model(folder)
+    cond, uncond = prompt_embeddings(m.model, m.card, prompts)
+    idx = torch.arange(len(latents))
+    cfg = SamplerConfig(kind="ddim", steps=STEPS, spacing="scheduler", guidance_scale=GUIDANCE)
+    x = sample(m.model, NoiseSchedule(m.schedule), cfg, sample_indices=idx, seed=0, shape=m.sample_shape,
+               y=cond[idx % len(cond)], null_label=uncond, x_T=latents)
+    return (m.decode(x) / 2 + 0.5).clamp(0, 1)
 
 
 @pytest.mark.parametrize("fixture", ["sd_pipeline_dir", "sd_v_pipeline_dir"])
-def test_text_embeddings_cfg_ddim_and_decoder_reproduce_the_pipeline(fixture, request):
+def test_tdqrt_fp_sampling_reproduces_the_pipeline(fixture, request):
+    """Same prompts, negative prompt and initial latents: tdqrt's DDIM with CFG equals StableDiffusionPipeline's
+    images (SD 1.x-style epsilon and SD 2.x-style v-prediction folders)."""
     folder = request.getfixturevalue(fixture)
     pipe = _pipeline(folder)
     latents = torch.randn(len(PROMPTS), 4, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = pipe(PROMPTS, negative_prompt=[NEGATIVE] * len(PROMPTS), guidance_scale=GUIDANCE,
                    num_inference_steps=STEPS, latents=latents.clone(), output_type="pt").images
-    ours = _tdqrt_conventions(folder, latents, PromptSet(tuple(PROMPTS), NEGATIVE))
+    ours = _tdqrt_images(folder, latents, PromptSet(tuple(PROMPTS), NEGATIVE))
     assert ours.shape == ref.shape == (2, 3, 16, 16)
     assert ref.std() > 0.01 and not torch.allclose(ref[0], ref[1], atol=1e-3)  # two different images
     torch.testing.assert_close(ours, ref, rtol=0, atol=ATOL)
