@@ -1,7 +1,7 @@
 """A Stable-Diffusion-style pipeline folder (scripts/tiny_pipelines.py ``sd``: CLIP text encoder and tokenizer,
-UNet2DConditionModel, AutoencoderKL, DDIM; random weights) through the CLI: calibrate with prompts (minmax and
-tdq-ptq) → d2-stats → export → lint → TensorRT-RTX build → validate → sample with two prompts and a negative prompt;
-and the one-line refusals of prompt input."""
+UNet2DConditionModel, AutoencoderKL, DDIM; random weights) through the CLI: calibrate with prompts (minmax here,
+tdq-ptq in the README walkthrough) → d2-stats → export → lint → TensorRT-RTX build → validate → sample with two
+prompts and a negative prompt; and the one-line refusals of prompt input."""
 from __future__ import annotations
 
 import json
@@ -58,11 +58,7 @@ def test_text_to_image_pipeline_through_every_stage(sd_bundle, sd_pipeline_dir, 
     assert quant["calibration"]["prompts"]["count"] == 2 and len(quant["calibration"]["prompts"]["sha256"]) == 64
     d2_prompts = D2Table.load(sd_bundle / "d2").settings.prompts  # two prompts and a negative one: another sha256
     assert d2_prompts["count"] == 2 and d2_prompts["sha256"] != quant["calibration"]["prompts"]["sha256"]
-    # a learned method on the same calibration set (both CFG halves of each kept step)
-    _run(["calibrate", "--model", sd_pipeline_dir, "--method", "tdq-ptq", "--calib", sd_bundle / "q" / "calib",
-          "--out", tmp_path / "q_tdq", "--option", "iters_w=0", "--option", "iters_a=0", "--option", "num_samples=8",
-          "--option", "hidden=16", "--option", "layers=1", "--option", "fit_steps=5"], capsys)
-    _run(["export", "--quant", tmp_path / "q_tdq", "--out", tmp_path / "bundle_tdq", "--no-polygraphy"], capsys)
+    # (a learned method, tdq-ptq, goes the same way in the README walkthrough test below)
     _run(["lint", bundle, "--no-polygraphy"], capsys)
     _run(["validate", bundle, "--timesteps", "2", "--per-timestep", "1"], capsys)
     # a planted activation scale fails the per-layer verdict
@@ -128,3 +124,26 @@ def test_long_prompt_is_truncated_with_a_warning(sd_bundle, tmp_path, capsys):
         assert main(["sample", "--model", str(sd_bundle / "bundle"), "--num", "1", "--batch", "1", *SAMPLER,
                      "--prompt", long, "--out", str(tmp_path / "s")]) == 0
     assert Path(tmp_path / "s" / "samples.npz").is_file()
+
+
+def test_readme_text_to_image_walkthrough_runs_as_written(tmp_path, monkeypatch, capsys):
+    import shlex
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "README.md").read_text()
+    section = text[text.index("**From prompts to INT8 images**"):]
+    block = section[section.index("```bash\n") + len("```bash\n"):]
+    lines = [line for line in block[:block.index("```")].splitlines() if line.strip()]
+    assert lines[0].startswith("python3 scripts/tiny_pipelines.py sd ")
+    monkeypatch.chdir(tmp_path)
+    argv = shlex.split(lines[0], comments=True)
+    subprocess.run([sys.executable, str(root / argv[1]), *argv[2:]], check=True, capture_output=True)
+    for line in lines[1:]:
+        assert line.startswith("tdqrt ")
+        _run(shlex.split(line, comments=True)[1:], capsys)
+    with np.load(tmp_path / "runs" / "sd-samples" / "samples.npz") as npz:
+        assert npz["arr_0"].shape == (4, 16, 16, 3) and npz["labels"].tolist() == [0, 1, 0, 1]
+    assert json.loads((tmp_path / "runs" / "sd-bundle" / "validation" / "validate.json").read_text())["passed"]
+    assert (tmp_path / "runs" / "sd-bundle" / "trt" / "unet.trt.plan").is_file()
