@@ -364,13 +364,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="TensorRT plan from `tdqrt build` (compared when TensorRT and a GPU are there)")
     p.set_defaults(run=_run_validate)
 
-    p = _command(sub, "demo", "the end-to-end demo on the bundled digits: FP -> W8A8/W4A8 -> D² -> ONNX bundle "
-                              "-> validation -> samples -> FID/KID -> report; finished stages are reused")
+    p = _command(sub, "demo", "the end-to-end demo on the bundled digits (or your --model): FP -> W8A8/W4A8 -> D² -> "
+                              "ONNX bundle -> validation -> samples -> FID/KID -> report; finished stages are reused")
     p.add_argument("--out", required=True, type=Path,
                    help="directory to write: one folder per stage (models, bundle, samples, evaluations) and "
                         "report/report.md with its PNGs, metrics.json and demo.json")
     p.add_argument("--quick", action="store_true", help="tiny model, tiny everything: numbers meaningless: every stage in about half a minute")
     p.add_argument("--retrain", action="store_true", help="train the demo model instead of using the shipped one")
+    p.add_argument("--model", type=Path, default=None,
+                   help="your FP model instead of the digits one: a tdqrt model directory, a diffusers pipeline or "
+                        "UNet2DModel folder, a `tdqrt import` directory (the digits-only extractor and FID/KID are "
+                        "skipped; default: the shipped digits checkpoint)")
     p.add_argument("--num", type=int, default=None, help="images per sample set (default 200; quick 20)")
     p.add_argument("--batch", type=int, default=None, help="sampling batch, also of the speed table (default 100)")
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default 50; quick 5)")
@@ -604,7 +608,8 @@ def _run_validate(args: argparse.Namespace) -> int:
 def _run_demo(args: argparse.Namespace) -> int:
     from tdqrt.tools.demo import DemoConfig, run_demo
 
-    cfg = DemoConfig.create(quick=args.quick, retrain=args.retrain, num=args.num, batch=args.batch, steps=args.steps,
+    cfg = DemoConfig.create(quick=args.quick, retrain=args.retrain,
+                            model=None if args.model is None else str(args.model.resolve()), num=args.num, batch=args.batch, steps=args.steps,
                             seed=args.seed, calib_num=args.calib_num, w8a8_method=args.w8a8_method,
                             w4a8_method=args.w4a8_method, w4a8_options=_parse_options(args.w4a8_option),
                             d2=args.d2, d2_num=args.d2_num, err_num=args.err_num, threads=args.threads,
