@@ -70,7 +70,7 @@ def test_help_shows_every_default_and_what_out_writes():
         for action in parser._actions:
             if not action.option_strings or action.nargs == 0 or action.default in (None, []):
                 continue  # positional, switch, or no default (its help says what happens then)
-            default = " ".join(str(action.default).split())
+            default = " ".join(str(action.default).split()) if action.default != "" else '""'  # an empty text
             assert f"(default: {default})" in text, f"tdqrt {' '.join(path)} {action.option_strings[0]}"
         out = next((a for a in parser._actions if "--out" in a.option_strings), None)
         if out is not None:
