@@ -32,15 +32,21 @@ RECORD_KEYS = ("class", "path", "weights", "sha256", "scaling_factor", "latent_c
                "out_channels")
 
 
+def check_component_record(record: Any, what: str, keys: tuple[str, ...], classes: tuple[str, ...],
+                           use: str) -> dict:
+    """``record`` (the card's description of a pipeline component: ``what``, e.g. "autoencoder") as a dict after
+    checking it has every one of ``keys`` and a ``class`` among ``classes`` (``use`` says what tdqrt does with it)."""
+    if not isinstance(record, Mapping) or any(k not in record for k in keys):
+        raise ArtifactError(f"the {what} record {record!r} lacks some of {list(keys)}; re-import the pipeline folder")
+    if record["class"] not in classes:
+        raise ConfigError(f"{what} class {record['class']!r} in {record['path']} is not supported; tdqrt {use} with "
+                          f"{' or '.join(classes)}")
+    return dict(record)
+
+
 def check_record(record: Any) -> dict:
     """``record`` as a dict after checking it has every key of an autoencoder record and a supported class."""
-    if not isinstance(record, Mapping) or any(k not in record for k in RECORD_KEYS):
-        raise ArtifactError(f"the autoencoder record {record!r} lacks some of {list(RECORD_KEYS)}; re-import the "
-                            "pipeline folder")
-    if record["class"] not in AUTOENCODER_CLASSES:
-        raise ConfigError(f"autoencoder class {record['class']!r} in {record['path']} is not supported; tdqrt "
-                          f"decodes with {' or '.join(AUTOENCODER_CLASSES)}")
-    return dict(record)
+    return check_component_record(record, "autoencoder", RECORD_KEYS, AUTOENCODER_CLASSES, "decodes")
 
 
 def load_autoencoder(record: Mapping[str, Any], device: str | torch.device = "cpu") -> nn.Module:

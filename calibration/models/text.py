@@ -27,6 +27,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
+from tdqrt.calibration.models.autoencoder import check_component_record
 from tdqrt.engines.artifacts import read_json, sha256_file, sha256_json
 from tdqrt.engines.errors import ArtifactError, ConfigError, DataError
 
@@ -94,13 +95,7 @@ def text_encoder_record(pipeline_folder: str | Path) -> dict:
 
 def check_record(record: Any) -> dict:
     """``record`` as a dict after checking it has every key of a text encoder record and a supported class."""
-    if not isinstance(record, Mapping) or any(k not in record for k in RECORD_KEYS):
-        raise ArtifactError(f"the text encoder record {record!r} lacks some of {list(RECORD_KEYS)}; re-import the "
-                            "pipeline folder")
-    if record["class"] not in TEXT_ENCODER_CLASSES:
-        raise ConfigError(f"text encoder class {record['class']!r} in {record['path']} is not supported; tdqrt "
-                          f"encodes prompts with {' or '.join(TEXT_ENCODER_CLASSES)}")
-    return dict(record)
+    return check_component_record(record, "text encoder", RECORD_KEYS, TEXT_ENCODER_CLASSES, "encodes prompts")
 
 
 def _check_unchanged(what: str, path: Path, digest: Optional[str], recorded: str) -> None:
