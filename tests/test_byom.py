@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _cli import run_ok
 from _scripts import load_script
 
-from tdqrt.tools.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST_CALIB = ["--calib-num", "4", "--calib-keep", "2", "--calib-steps", "4"]
@@ -27,13 +27,6 @@ def _walkthrough() -> list[str]:
     section = text[text.index("### Bring your own diffusers model"):]
     block = section[section.index("```bash\n") + len("```bash\n"):]
     return [line for line in block[:block.index("```")].splitlines() if line.strip()]
-
-
-def _run(argv: list[str], capsys) -> str:
-    code = main(argv)
-    out = capsys.readouterr()
-    assert code == 0, f"tdqrt {' '.join(argv)} exited {code}: {out.err}"
-    return out.out
 
 
 def _planted_scale_fails(bundle: Path, tmp_path: Path) -> None:
@@ -59,7 +52,7 @@ def test_readme_walkthrough_runs_as_written(tmp_path, monkeypatch, capsys):
     argv = shlex.split(lines[0], comments=True)
     subprocess.run([sys.executable, str(ROOT / argv[1]), *argv[2:]], check=True, capture_output=True)
     for line in lines[1:]:
-        _run(shlex.split(line, comments=True)[1:], capsys)
+        run_ok(shlex.split(line, comments=True)[1:], capsys)
     bundle = tmp_path / "runs" / "ldm-bundle"
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["quant"]["config"]["method"] == "tdq-ptq" and manifest["d2"] is not None
@@ -85,20 +78,20 @@ def test_pipeline_folder_as_model_through_every_stage(fixture, request, tmp_path
 
     folder = request.getfixturevalue(fixture)
     q, d2, bundle = tmp_path / "q", tmp_path / "d2", tmp_path / "bundle"
-    _run(["calibrate", "--model", str(folder), "--method", "minmax", "--out", str(q), *FAST_CALIB], capsys)
+    run_ok(["calibrate", "--model", str(folder), "--method", "minmax", "--out", str(q), *FAST_CALIB], capsys)
     tdq = tmp_path / "q_tdq"
-    _run(["calibrate", "--model", str(folder), "--method", "tdq-ptq", "--calib", str(q / "calib"), "--out", str(tdq),
+    run_ok(["calibrate", "--model", str(folder), "--method", "tdq-ptq", "--calib", str(q / "calib"), "--out", str(tdq),
           "--option", "iters_w=0", "--option", "iters_a=0", "--option", "num_samples=8", "--option", "hidden=16",
           "--option", "layers=1", "--option", "fit_steps=5"], capsys)
-    _run(["export", "--quant", str(tdq), "--out", str(tmp_path / "bundle_tdq"), "--no-polygraphy"], capsys)
-    _run(["d2-stats", "--quant", str(q), "--num", "4", "--batch", "4", *FAST_SAMPLER, "--out", str(d2)], capsys)
-    _run(["export", "--quant", str(q), "--d2-stats", str(d2), "--out", str(bundle), "--no-polygraphy"], capsys)
-    _run(["lint", str(bundle), "--no-polygraphy"], capsys)
-    _run(["validate", str(bundle), "--timesteps", "2", "--per-timestep", "1"], capsys)
+    run_ok(["export", "--quant", str(tdq), "--out", str(tmp_path / "bundle_tdq"), "--no-polygraphy"], capsys)
+    run_ok(["d2-stats", "--quant", str(q), "--num", "4", "--batch", "4", *FAST_SAMPLER, "--out", str(d2)], capsys)
+    run_ok(["export", "--quant", str(q), "--d2-stats", str(d2), "--out", str(bundle), "--no-polygraphy"], capsys)
+    run_ok(["lint", str(bundle), "--no-polygraphy"], capsys)
+    run_ok(["validate", str(bundle), "--timesteps", "2", "--per-timestep", "1"], capsys)
     _planted_scale_fails(bundle, tmp_path)
 
     samples = tmp_path / "samples"
-    _run(["sample", "--model", str(bundle), "--num", "3", "--batch", "3", *FAST_SAMPLER, "--d2", "off",
+    run_ok(["sample", "--model", str(bundle), "--num", "3", "--batch", "3", *FAST_SAMPLER, "--d2", "off",
           "--seed", "7", "--out", str(samples)], capsys)
     with np.load(samples / "samples.npz") as npz:
         images = npz["arr_0"]

@@ -9,6 +9,7 @@ import re
 
 import numpy as np
 import pytest
+from _cli import refused
 from PIL import Image
 
 from tdqrt.engines.artifacts import sha256_file
@@ -103,11 +104,7 @@ def test_rerun_reuses_every_stage(ddpm_demo, ddpm_pipeline_dir):
 
 
 def _refused(capsys, args, out) -> str:
-    assert main(["demo", "--quick", *args, "--out", str(out)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err
-    assert not out.exists()
-    return err
+    return refused(capsys, ["demo", "--quick", *args, "--out", out], out)
 
 
 def test_model_with_retrain_refused(tmp_path, ddpm_pipeline_dir, capsys):

@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+from _cli import refused
 from safetensors.torch import load_file, save_file
 
 from tdqrt.calibration.checkpoint import load_fp_checkpoint
@@ -34,18 +35,6 @@ def _diffusers_output(unet_dir, model):
 
 def _scheduler(path):
     return ScheduleConfig.from_diffusers(json.loads(path.read_text()))
-
-
-def _refused(capsys, argv, out, *words):
-    """``tdqrt ARGV`` exits 2 with one error line holding ``words``, no traceback, and writes nothing."""
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith(f"tdqrt {argv[0]}: error: "), err
-    for word in words:
-        assert word in lines[0], lines[0]
-    assert not out.exists() and not (out.parent / f".{out.name}.lock").exists()
-    return lines[0]
 
 
 @pytest.mark.parametrize("fixture", list(PIPELINES))
@@ -112,8 +101,8 @@ def test_bare_unet_folder_with_bin_weights_and_a_scheduler_config_beside_it(bare
     from diffusers import DDPMScheduler
 
     assert (bare_unet_bin / "diffusion_pytorch_model.bin").is_file() and not (bare_unet_bin / SAFETENSORS).exists()
-    _refused(capsys, ["calibrate", "--model", str(bare_unet_bin), "--out", str(tmp_path / "q")], tmp_path / "q",
-             "scheduler_config.json", "tdqrt import")
+    refused(capsys, ["calibrate", "--model", str(bare_unet_bin), "--out", str(tmp_path / "q")], tmp_path / "q",
+            "scheduler_config.json", "tdqrt import")
     DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="sample").save_config(bare_unet_bin)
     fp = load_fp_checkpoint(bare_unet_bin)
     ours, theirs = _diffusers_output(bare_unet_bin, fp.model)
@@ -153,7 +142,7 @@ def test_import_references_the_folder_and_refuses_changed_weights(kl_pipeline_di
         name = sorted(tensors)[0]
         save_file({**tensors, name: tensors[name] + 0.01}, weights)
         out = tmp_path / f"q_{part}"
-        line = _refused(capsys, ["calibrate", "--model", str(imported), "--out", str(out)], out,
+        line = refused(capsys, ["calibrate", "--model", str(imported), "--out", str(out)], out,
                         str(weights), "changed since `tdqrt import`", "re-run `tdqrt import")
         assert ("autoencoder" if part == "vae" else "UNet") in line
         shutil.copy(kl_pipeline_dir / part / SAFETENSORS, weights)
@@ -207,8 +196,8 @@ def test_a_folder_without_a_model_is_refused(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     for command in (["calibrate", "--model"], ["import"]):
         out = tmp_path / "out"
-        _refused(capsys, [*command, str(tmp_path / "empty"), "--out", str(out)], out, "model_index.json",
-                 "config.json")
+        refused(capsys, [*command, str(tmp_path / "empty"), "--out", str(out)], out, "model_index.json",
+                "config.json")
 
 
 def test_transformer_pipelines_are_refused(ddpm_pipeline_dir, tmp_path, capsys):
@@ -218,8 +207,8 @@ def test_transformer_pipelines_are_refused(ddpm_pipeline_dir, tmp_path, capsys):
         "_class_name": "DiTPipeline", "transformer": ["diffusers", "DiTTransformer2DModel"],
         "scheduler": ["diffusers", "DDPMScheduler"], "vae": ["diffusers", "AutoencoderKL"]}))
     out = tmp_path / "out"
-    _refused(capsys, ["calibrate", "--model", str(pipe), "--out", str(out)], out, "DiTPipeline has no unet",
-             "transformer=DiTTransformer2DModel", "supported: ")
+    refused(capsys, ["calibrate", "--model", str(pipe), "--out", str(out)], out, "DiTPipeline has no unet",
+            "transformer=DiTTransformer2DModel", "supported: ")
 
 
 def test_a_missing_autoencoder_folder_is_refused(kl_pipeline_dir, tmp_path, capsys):
@@ -227,7 +216,7 @@ def test_a_missing_autoencoder_folder_is_refused(kl_pipeline_dir, tmp_path, caps
     shutil.rmtree(pipe / "vae")
     out = tmp_path / "out"
     for argv in (["calibrate", "--model", str(pipe)], ["import", str(pipe)]):
-        _refused(capsys, [*argv, "--out", str(out)], out, f"{pipe.resolve() / 'vae'} is missing", "AutoencoderKL")
+        refused(capsys, [*argv, "--out", str(out)], out, f"{pipe.resolve() / 'vae'} is missing", "AutoencoderKL")
 
 
 def test_an_unsupported_scheduler_option_is_refused(ddpm_pipeline_dir, tmp_path, capsys):
@@ -235,8 +224,8 @@ def test_an_unsupported_scheduler_option_is_refused(ddpm_pipeline_dir, tmp_path,
     _edit_json(pipe / "scheduler" / "scheduler_config.json", thresholding=True)
     out = tmp_path / "out"
     for argv in (["calibrate", "--model", str(pipe)], ["import", str(pipe)]):
-        _refused(capsys, [*argv, "--out", str(out)], out,
-                 f"{pipe.resolve() / 'scheduler' / 'scheduler_config.json'} thresholding", "True")
+        refused(capsys, [*argv, "--out", str(out)], out,
+                f"{pipe.resolve() / 'scheduler' / 'scheduler_config.json'} thresholding", "True")
 
 
 def test_a_unet_that_does_not_fit_the_autoencoder_is_refused(ldm_pipeline_dir, ddim_pipeline_dir, tmp_path,
@@ -245,5 +234,5 @@ def test_a_unet_that_does_not_fit_the_autoencoder_is_refused(ldm_pipeline_dir, d
     shutil.rmtree(pipe / "unet")
     shutil.copytree(ddim_pipeline_dir / "unet", pipe / "unet")  # 1 channel; the VQModel's latents have 3
     out = tmp_path / "out"
-    _refused(capsys, ["calibrate", "--model", str(pipe), "--out", str(out)], out, "in_channels=1",
-             "latent_channels=3")
+    refused(capsys, ["calibrate", "--model", str(pipe), "--out", str(out)], out, "in_channels=1",
+            "latent_channels=3")

@@ -12,13 +12,14 @@ import warnings
 
 import pytest
 import torch
+from _cli import refused
 from safetensors.torch import load_file, save_file
 
 from tdqrt.calibration.models.sources import source_layout
 from tdqrt.calibration.models.text import PromptSet, TextEncoder, text_encoder_record, tokenizer_sha256
 from tdqrt.engines.artifacts import sha256_file
 from tdqrt.engines.errors import ArtifactError, ConfigError
-from tdqrt.tools.cli import _add_prompt_args, _HelpFormatter, _prompts_from_args, main
+from tdqrt.tools.cli import _add_prompt_args, _HelpFormatter, _prompts_from_args
 
 PROMPTS = ["a photo of a cat", "a red car in the city at night"]
 NEGATIVE = "blurry low quality"
@@ -164,18 +165,6 @@ def test_changed_or_missing_text_encoder_files_are_refused(sd_pipeline_dir, tmp_
 # ----------------------------------------------------------------------------------------- pipeline folders
 
 
-def _refused(capsys, argv, out, *words):
-    """``tdqrt ARGV`` exits 2 with one error line holding ``words``, no traceback, and writes nothing."""
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith(f"tdqrt {argv[0]}: error: "), err
-    for word in words:
-        assert word in lines[0], lines[0]
-    assert not out.exists()
-    return lines[0]
-
-
 def _edit_json(path, **changes):
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
@@ -200,28 +189,28 @@ def test_sdxl_and_incomplete_text_to_image_folders_are_refused(sd_pipeline_dir, 
                text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
                tokenizer_2=["transformers", "CLIPTokenizer"])
     for argv in (["calibrate", "--model", str(sdxl)], ["import", str(sdxl)]):
-        _refused(capsys, [*argv, "--out", str(out)], out, "StableDiffusionXLPipeline",
-                 "Stable Diffusion XL", "not support", "Stable Diffusion 1.x/2.x pipeline folders are supported")
+        refused(capsys, [*argv, "--out", str(out)], out, "StableDiffusionXLPipeline",
+                "Stable Diffusion XL", "not support", "Stable Diffusion 1.x/2.x pipeline folders are supported")
     added = shutil.copytree(sd_pipeline_dir, tmp_path / "added")  # SDXL's UNet conditioning without text_encoder_2
     _edit_json(added / "unet" / "config.json", addition_embed_type="text_time")
-    _refused(capsys, ["calibrate", "--model", str(added), "--out", str(out)], out, "Stable Diffusion XL")
+    refused(capsys, ["calibrate", "--model", str(added), "--out", str(out)], out, "Stable Diffusion XL")
 
     no_tokenizer = shutil.copytree(sd_pipeline_dir, tmp_path / "no_tokenizer")
     index = json.loads((no_tokenizer / "model_index.json").read_text())
     del index["tokenizer"]
     (no_tokenizer / "model_index.json").write_text(json.dumps(index))
-    _refused(capsys, ["calibrate", "--model", str(no_tokenizer), "--out", str(out)], out,
-             "UNet2DConditionModel but no tokenizer")
+    refused(capsys, ["calibrate", "--model", str(no_tokenizer), "--out", str(out)], out,
+            "UNet2DConditionModel but no tokenizer")
     missing = shutil.copytree(sd_pipeline_dir, tmp_path / "missing")
     shutil.rmtree(missing / "text_encoder")
-    _refused(capsys, ["calibrate", "--model", str(missing), "--out", str(out)], out,
-             f"{missing.resolve() / 'text_encoder'} is missing")
-    _refused(capsys, ["calibrate", "--model", str(sd_pipeline_dir / "unet"), "--out", str(out)], out,
-             "UNet2DConditionModel (a text-to-image UNet) without its text encoder", "StableDiffusionPipeline folder")
+    refused(capsys, ["calibrate", "--model", str(missing), "--out", str(out)], out,
+            f"{missing.resolve() / 'text_encoder'} is missing")
+    refused(capsys, ["calibrate", "--model", str(sd_pipeline_dir / "unet"), "--out", str(out)], out,
+            "UNet2DConditionModel (a text-to-image UNet) without its text encoder", "StableDiffusionPipeline folder")
     other = shutil.copytree(sd_pipeline_dir, tmp_path / "other")  # a UNet made for another text encoder
     _edit_json(other / "unet" / "config.json", cross_attention_dim=8)
-    _refused(capsys, ["calibrate", "--model", str(other), "--out", str(out)], out, "cross_attention_dim=8",
-             "hidden_size=16")
+    refused(capsys, ["calibrate", "--model", str(other), "--out", str(out)], out, "cross_attention_dim=8",
+            "hidden_size=16")
 
 
 # ---------------------------------------------------------------------------------------------------- prompts

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _cli import refused, run_ok
 from _scripts import load_script
 
 from tdqrt.tools.cli import main
@@ -18,19 +19,6 @@ PROMPTS = ["--prompt", "a red circle", "--prompt", "a blue square"]
 NEGATIVE = ["--negative-prompt", "blurry"]
 SAMPLER = ["--steps", "4", "--spacing", "scheduler", "--guidance", "3"]
 CALIB = ["--calib-num", "4", "--calib-keep", "2", "--calib-steps", "4", "--calib-guidance", "3"]
-
-
-def _run(argv, capsys) -> str:
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    assert code == 0, f"tdqrt {' '.join(map(str, argv))} exited {code}: {out.err}"
-    return out.out
-
-
-def _refused(argv, capsys, *fragments) -> None:
-    assert main([str(a) for a in argv]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and all(f in err[0] for f in fragments), err
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +47,8 @@ def test_text_to_image_pipeline_through_every_stage(sd_bundle, sd_pipeline_dir, 
     d2_prompts = D2Table.load(sd_bundle / "d2").settings.prompts  # two prompts and a negative one: another sha256
     assert d2_prompts["count"] == 2 and d2_prompts["sha256"] != quant["calibration"]["prompts"]["sha256"]
     # (a learned method, tdq-ptq, goes the same way in the README walkthrough test below)
-    _run(["lint", bundle, "--no-polygraphy"], capsys)
-    _run(["validate", bundle, "--timesteps", "2", "--per-timestep", "1"], capsys)
+    run_ok(["lint", bundle, "--no-polygraphy"], capsys)
+    run_ok(["validate", bundle, "--timesteps", "2", "--per-timestep", "1"], capsys)
     # a planted activation scale fails the per-layer verdict
     from tdqrt.calibration.resolve import open_model
     from tdqrt.tools.validate import ValidateConfig, validate_models
@@ -74,7 +62,7 @@ def test_text_to_image_pipeline_through_every_stage(sd_bundle, sd_pipeline_dir, 
     assert not report.passed and any(f.startswith("per-layer check") for f in report.failures)
 
     samples = tmp_path / "samples"
-    _run(["sample", "--model", bundle, "--num", "4", "--batch", "4", *SAMPLER, *PROMPTS, *NEGATIVE, "--d2", "d",
+    run_ok(["sample", "--model", bundle, "--num", "4", "--batch", "4", *SAMPLER, *PROMPTS, *NEGATIVE, "--d2", "d",
           "--out", samples], capsys)
     with np.load(samples / "samples.npz") as npz:
         assert npz["arr_0"].shape == (4, 16, 16, 3)  # decoded pixels of the pipeline's size
@@ -87,7 +75,7 @@ def test_text_to_image_pipeline_through_every_stage(sd_bundle, sd_pipeline_dir, 
 
 def test_tensorrt_rtx_build_doubles_the_batch_for_cfg(sd_bundle, capsys):
     pytest.importorskip("tensorrt_rtx", reason="the test extra installs tensorrt-rtx; this environment lacks it")
-    _run(["build", "--bundle", sd_bundle / "bundle", "--backend", "trt-rtx", "--max-batch", "2", "--opt-batch", "1"],
+    run_ok(["build", "--bundle", sd_bundle / "bundle", "--backend", "trt-rtx", "--max-batch", "2", "--opt-batch", "1"],
          capsys)
     profile = json.loads((sd_bundle / "bundle" / "trt" / "engine.json").read_text())["profile"]
     # the max batch doubled for classifier-free guidance, for the text embeddings as for the latents
@@ -99,22 +87,22 @@ def test_prompt_input_refusals(sd_bundle, sd_pipeline_dir, ddpm_pipeline_dir, tm
     out = tmp_path / "s"
     empty = tmp_path / "prompts.txt"
     empty.write_text("\n  \n")
-    _refused(["sample", "--model", sd_bundle / "bundle", "--prompts", empty, *SAMPLER, "--out", out], capsys,
+    refused(capsys, ["sample", "--model", sd_bundle / "bundle", "--prompts", empty, *SAMPLER, "--out", out], out,
              str(empty))
-    _refused(["sample", "--model", sd_bundle / "bundle", *SAMPLER, "--out", out], capsys, "--prompt")
-    _refused(["sample", "--model", ddpm_pipeline_dir, "--prompt", "a cat", "--steps", "2", "--out", out], capsys,
+    refused(capsys, ["sample", "--model", sd_bundle / "bundle", *SAMPLER, "--out", out], out, "--prompt")
+    refused(capsys, ["sample", "--model", ddpm_pipeline_dir, "--prompt", "a cat", "--steps", "2", "--out", out], out,
              "not conditioned on text")
     assert not out.exists()
     # a bundle whose text encoder changed since export: refused before anything is sampled
     pipe = shutil.copytree(sd_pipeline_dir, tmp_path / "pipe")
     q, bundle = tmp_path / "q", tmp_path / "bundle"
-    _run(["calibrate", "--model", pipe, "--method", "minmax", "--calib", sd_bundle / "q" / "calib", "--out", q],
+    run_ok(["calibrate", "--model", pipe, "--method", "minmax", "--calib", sd_bundle / "q" / "calib", "--out", q],
          capsys)
-    _run(["export", "--quant", q, "--out", bundle, "--no-polygraphy"], capsys)
+    run_ok(["export", "--quant", q, "--out", bundle, "--no-polygraphy"], capsys)
     weights = next(p for p in (pipe / "text_encoder").iterdir() if p.suffix in (".safetensors", ".bin"))
     data = weights.read_bytes()
     weights.write_bytes(data[:-8] + bytes(8))
-    _refused(["sample", "--model", bundle, *SAMPLER, *PROMPTS, "--out", out], capsys, str(weights))
+    refused(capsys, ["sample", "--model", bundle, *SAMPLER, *PROMPTS, "--out", out], out, str(weights))
     assert not out.exists()
 
 
@@ -142,7 +130,7 @@ def test_readme_text_to_image_walkthrough_runs_as_written(tmp_path, monkeypatch,
     subprocess.run([sys.executable, str(root / argv[1]), *argv[2:]], check=True, capture_output=True)
     for line in lines[1:]:
         assert line.startswith("tdqrt ")
-        _run(shlex.split(line, comments=True)[1:], capsys)
+        run_ok(shlex.split(line, comments=True)[1:], capsys)
     with np.load(tmp_path / "runs" / "sd-samples" / "samples.npz") as npz:
         assert npz["arr_0"].shape == (4, 16, 16, 3) and npz["labels"].tolist() == [0, 1, 0, 1]
     assert json.loads((tmp_path / "runs" / "sd-bundle" / "validation" / "validate.json").read_text())["passed"]
