@@ -9,7 +9,9 @@ Each JSON file is one section. Its ``kind`` picks the table layout:
 * ``bench`` — the JSON ``tdqrt bench`` writes (``results``: one entry per measured variant);
 * ``validate-margins`` — good and deliberately broken bundles through ``tdqrt validate``'s end-to-end INT8 rule
   (reported beside its per-layer verdict), from ``scripts/validate_margins.py``;
-* ``trt-build`` — TensorRT-RTX build time and plan size per bundle, from ``scripts/trt_rtx_builds.py``.
+* ``trt-build`` — TensorRT-RTX build time and plan size per bundle, from ``scripts/trt_rtx_builds.py``;
+* ``calib-memory`` — peak memory per calibration job on small Stable-Diffusion-shaped UNets and its extrapolation
+  to Stable Diffusion 1.5's, from ``scripts/text2img_measure.py memory``.
 
 ``title`` and ``notes`` (Markdown) say what the section shows; ``meta`` (or ``runs``, a list of metas when rows come
 from several runs) holds the command, machine and versions, printed under every table.
@@ -122,8 +124,19 @@ def trt_build_table(doc: dict) -> str:
                            "quantized Conv + MatMul"], rows)
 
 
+def calib_memory_table(doc: dict) -> str:
+    """Per calibration job: the measured peak-RSS increase at each small config, the fitted bytes per parameter,
+    the fit's largest residual and the extrapolated peak for Stable Diffusion 1.5 at 32² and 64² latents."""
+    configs = list(next(iter(doc["rows"].values()))["measured_mb"])
+    rows = [[job, *(r["measured_mb"][c] for c in configs), r["bytes_per_parameter"], r["fit_max_residual_mb"],
+             r["sd15_32_gb"], r["sd15_64_gb"]] for job, r in doc["rows"].items()]
+    return markdown_table(["job", *(f"MB at {c}" for c in configs), "bytes / parameter", "fit residual MB",
+                           "SD 1.5 at 32² GB (est.)", "SD 1.5 at 64² GB (est.)"], rows)
+
+
 RENDERERS = {"calibration": calibration_table, "d2": d2_table, "bench": bench_table,
-             "validate-margins": validate_margins_table, "trt-build": trt_build_table}
+             "validate-margins": validate_margins_table, "trt-build": trt_build_table,
+             "calib-memory": calib_memory_table}
 
 
 def provenance(doc: dict) -> list[str]:

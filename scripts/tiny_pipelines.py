@@ -123,7 +123,7 @@ def _clip_vocab() -> tuple[dict[str, int], list[str]]:
     return {piece: i for i, piece in enumerate(pieces)}, merges
 
 
-def _clip_tokenizer(folder: Path):
+def _clip_tokenizer(folder: Path, max_length: int = TEXT_LENGTH):
     """A ``CLIPTokenizer`` read from the vocab.json + merges.txt written into ``folder`` (CLIP's file formats)."""
     from transformers import CLIPTokenizer
 
@@ -131,24 +131,28 @@ def _clip_tokenizer(folder: Path):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return CLIPTokenizer.from_pretrained(folder, model_max_length=TEXT_LENGTH)
+    return CLIPTokenizer.from_pretrained(folder, model_max_length=max_length)
 
 
-def _stable_diffusion(out: Path, prediction_type: str) -> Path:
+def stable_diffusion(out: Path, prediction_type: str = "epsilon", *, unet: dict = TINY_UNET2D_CONDITION,
+                     text: dict = TINY_CLIP_TEXT) -> Path:
+    """A ``StableDiffusionPipeline`` folder (see ``sd`` in the module docstring) with the ``UNet2DConditionModel``
+    config ``unet`` and the ``CLIPTextConfig`` fields ``text`` (its ``max_position_embeddings`` is the tokenizer's
+    length); other scripts pass larger, Stable-Diffusion-shaped configs for speed and memory measurements."""
     import tempfile
 
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = _clip_tokenizer(Path(tmp))
+        tokenizer = _clip_tokenizer(Path(tmp), text["max_position_embeddings"])
     vocab = tokenizer.get_vocab()
     torch.manual_seed(6)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_CLIP_TEXT, vocab_size=len(vocab),
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text, vocab_size=len(vocab),
                                                 bos_token_id=vocab[SPECIAL_TOKENS[0]],
                                                 eos_token_id=vocab[SPECIAL_TOKENS[1]],
                                                 pad_token_id=vocab[SPECIAL_TOKENS[1]])).eval()
-    unet = UNet2DConditionModel(**TINY_UNET2D_CONDITION).eval()
+    unet = UNet2DConditionModel(**unet).eval()
     vae = AutoencoderKL(**TINY_AUTOENCODER, latent_channels=4).eval()
     scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
@@ -159,11 +163,11 @@ def _stable_diffusion(out: Path, prediction_type: str) -> Path:
 
 
 def sd(out: Path) -> Path:
-    return _stable_diffusion(out, "epsilon")
+    return stable_diffusion(out, "epsilon")
 
 
 def sd_v(out: Path) -> Path:
-    return _stable_diffusion(out, "v_prediction")
+    return stable_diffusion(out, "v_prediction")
 
 
 KINDS = {"ddpm": ddpm, "ddim": ddim, "ldm": ldm, "kl": kl, "sd": sd, "sd-v": sd_v}
