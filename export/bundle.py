@@ -179,7 +179,7 @@ def export_bundle(quant_dir: Union[str, os.PathLike], out: Union[str, os.PathLik
         validation_calib = calib_dir if calib_dir is not None else (rec.card.get("calibration") or {}).get("path")
         if validation_calib is not None and Path(validation_calib).is_dir():
             loader = write_data_loader(tmp, CalibrationSet(validation_calib), q.signature, fp.model, qm,
-                                       null_label=null)
+                                       target=config.target, null_label=null)
             files += [INPUTS_FILE, SCRIPT_FILE, REFERENCE_FILE]
         manifest = {
             "format": BUNDLE_FORMAT,
