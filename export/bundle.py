@@ -188,7 +188,7 @@ def export_bundle(quant_dir: Union[str, os.PathLike], out: Union[str, os.PathLik
                              "role": _role(name)} for name in files},
             "model": {"spec": rec.card["model"], "num_classes": int(qm.num_classes or 0),
                       "null_label": None if null is None else int(null), "image_size": int(qm.image_size),
-                      "in_channels": int(qm.in_channels)} | (
+                      "in_channels": int(qm.in_channels), "min_timestep": int(getattr(qm, "min_timestep", 0))} | (
                 {} if getattr(qm, "cond_shape", None) is None else {"cond_shape": [int(d) for d in qm.cond_shape]}),
             "signature": signature,
             "quant": {"config": rec.card["quant"], "options": rec.card.get("options", {}),

@@ -113,6 +113,7 @@ class DiffusersUNet(nn.Module):
         self.image_size = size
         self.in_channels = config["in_channels"]
         self.float_timesteps = config.get("time_embedding_type") == "fourier"
+        self.min_timestep = 1 if self.float_timesteps else 0  # recorded in exported graphs and bundles
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.num_classes and y is None:
@@ -121,7 +122,7 @@ class DiffusersUNet(nn.Module):
             raise ConfigError("labels y were given to an unconditional diffusers UNet; pass y=None "
                               "or build the model with num_classes > 0")
         if self.float_timesteps:
-            if not torch.jit.is_tracing() and bool((t <= 0).any()):
+            if not torch.jit.is_tracing() and bool((t < self.min_timestep).any()):
                 raise ConfigError("this UNet2DModel has time_embedding_type='fourier': it takes log(timestep) and "
                                   "divides its output by the timestep, so timestep 0 gives NaN (in diffusers too); "
                                   "sample with timesteps >= 1 (spacing 'scheduler' with a scheduler config whose "
