@@ -20,7 +20,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from tdqrt.engines.errors import ArtifactError, FolderLockedError
 
@@ -200,6 +200,12 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def sha256_files(paths: Iterable[str | os.PathLike]) -> str:
+    """One sha256 over several files: of the ``{file name: sha256 of its bytes}`` of every one, sorted by name (a
+    tokenizer folder, a sharded checkpoint's index and shards)."""
+    return sha256_json({Path(p).name: sha256_file(p) for p in paths})
 
 
 def sha256_json(obj: Any) -> str:

@@ -80,6 +80,12 @@ class Bundle:
         return int(self.model_info["in_channels"])
 
     @property
+    def min_timestep(self) -> int:
+        """The lowest timestep the UNet takes: 1 for a Fourier time embedding (log of the timestep), else 0 (also
+        for bundles written before the manifest recorded it)."""
+        return int(self.model_info.get("min_timestep", 0) or 0)
+
+    @property
     def schedule(self) -> dict:
         """The noise schedule as a dict (``tdqrt.runtime.schedules.ScheduleConfig.from_dict`` reads it)."""
         return dict(self.manifest["schedule"])

@@ -52,11 +52,12 @@ class Denoiser(Protocol):
 
 def prepare_inputs(x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor], *, in_channels: int, image_size: int,
                    num_train_timesteps: Optional[int], conditional: bool,
-                   null_label: Optional[int],
-                   cond_shape: Optional[tuple[int, ...]] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                   null_label: Optional[int], cond_shape: Optional[tuple[int, ...]] = None,
+                   min_timestep: int = 0) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Check ``(x, t, y)`` for an exported UNet and return ``(t, y)`` on their own devices: ``t`` ``[B]`` (a scalar
     ``t`` is broadcast over the batch), ``y`` labels ``[B]`` (a conditional model without ``y`` gets the null label)
-    or, for a model taking embeddings of ``cond_shape`` ``(L, D)``, ``y`` ``[B, L, D]`` as given (required). Shared
+    or, for a model taking embeddings of ``cond_shape`` ``(L, D)``, ``y`` ``[B, L, D]`` as given (required);
+    timesteps below ``min_timestep`` (the bundle's record, 1 for a Fourier time embedding) are refused. Shared
     by the ONNX Runtime and TensorRT backends so both refuse the same inputs with the same messages."""
     if x.ndim != 4 or tuple(x.shape[1:]) != (in_channels, image_size, image_size):
         raise DataError(f"x has shape {tuple(x.shape)}, this model takes [B, {in_channels}, {image_size}, "
@@ -69,6 +70,11 @@ def prepare_inputs(x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor], 
         raise DataError(f"t has {t.numel()} entries for a batch of {batch}")
     if num_train_timesteps and (int(t.min()) < 0 or int(t.max()) >= num_train_timesteps):
         raise DataError(f"timesteps must lie in [0, {num_train_timesteps}), got {int(t.min())}..{int(t.max())}")
+    if min_timestep and int(t.min()) < min_timestep:  # the torch adapter's refusal (calibration/models)
+        raise ConfigError(f"this UNet takes timesteps >= {min_timestep} (its Fourier time embedding takes "
+                          f"log(timestep): timestep 0 gives NaN), got timestep {int(t.min())}; sample with timesteps "
+                          f">= {min_timestep} (spacing 'scheduler' with a scheduler config whose steps_offset is >= "
+                          f"{min_timestep})")
     if cond_shape is not None:
         check_conditioning(y, batch, tuple(cond_shape))
     elif conditional:

@@ -4,9 +4,9 @@ file with the tdqrt signature ``(sample, timestep[, class_labels | encoder_hidde
 Torch tensors in, torch tensors out: inputs are moved to the CPU as numpy arrays in the model's input dtypes
 (float32 or float16 ``sample`` / ``encoder_hidden_states``, int64 ``timestep`` / ``class_labels``), the output comes
 back as float32 on the device of ``x``. The attributes ``num_classes``, ``null_label``, ``image_size``,
-``in_channels``, ``cond_shape`` (``(L, D)`` of a text-conditioned UNet, else None) come from the bundle
-manifest (or, for a bare ``.onnx`` file, from its ``tdqrt.*`` metadata), so ``tdqrt.runtime.sampling.sample``
-drives it exactly like the torch model.
+``in_channels``, ``cond_shape`` (``(L, D)`` of a text-conditioned UNet, else None), ``min_timestep`` (1 for a Fourier
+time embedding) come from the bundle manifest (or, for a bare ``.onnx`` file, from its ``tdqrt.*`` metadata), so
+``tdqrt.runtime.sampling.sample`` drives it exactly like the torch model.
 
 Providers: the CUDA execution provider first when ``onnxruntime-gpu`` is installed and torch sees a CUDA device,
 then the CPU provider. ``onnxruntime`` is imported when a denoiser is created, so importing this module is cheap.
@@ -152,6 +152,7 @@ class OrtDenoiser:
             self.num_classes, self.null_label = b.num_classes, b.null_label
             self.image_size, self.in_channels = b.image_size, b.in_channels
             self.num_train_timesteps = int(b.schedule.get("num_train_timesteps", 0)) or None
+            self.min_timestep = b.min_timestep
             return
         meta = {k[len(METADATA_PREFIX):]: v for k, v in self.session.get_modelmeta().custom_metadata_map.items()
                 if k.startswith(METADATA_PREFIX)}
@@ -163,6 +164,7 @@ class OrtDenoiser:
         self.null_label = int(null) if null not in ("", None) else (self.num_classes if self.num_classes else None)
         t = meta.get("num_train_timesteps")
         self.num_train_timesteps = int(t) if t else None
+        self.min_timestep = int(meta.get("min_timestep") or 0)
 
     def __repr__(self) -> str:
         return f"OrtDenoiser({str(self.path)!r}, providers={self.providers})"
@@ -170,7 +172,8 @@ class OrtDenoiser:
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         t, y = prepare_inputs(x, t, y, in_channels=self.in_channels, image_size=self.image_size,
                               num_train_timesteps=self.num_train_timesteps, conditional=self.conditional,
-                              null_label=self.null_label, cond_shape=self.cond_shape)
+                              null_label=self.null_label, cond_shape=self.cond_shape,
+                              min_timestep=self.min_timestep)
         feed = {"sample": np.ascontiguousarray(x.detach().to("cpu").numpy().astype(self.input_dtypes["sample"],
                                                                                      copy=False)),
                 "timestep": t.detach().to("cpu", torch.int64).numpy().astype(self.input_dtypes["timestep"], copy=False)}

@@ -246,6 +246,7 @@ class TrtDenoiser:
         self.num_classes, self.null_label = b.num_classes, b.null_label
         self.image_size, self.in_channels = b.image_size, b.in_channels
         self.cond_shape = b.cond_shape
+        self.min_timestep = b.min_timestep
         self.num_train_timesteps = int(b.schedule.get("num_train_timesteps", 0)) or None
         self.cuda_graph = bool(cuda_graph)
         self._shape_batch: Optional[int] = None  # batch size whose input shapes are set on the context
@@ -278,7 +279,8 @@ class TrtDenoiser:
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         t, y = prepare_inputs(x, t, y, in_channels=self.in_channels, image_size=self.image_size,
                               num_train_timesteps=self.num_train_timesteps, conditional=self.conditional,
-                              null_label=self.null_label, cond_shape=self.cond_shape)
+                              null_label=self.null_label, cond_shape=self.cond_shape,
+                              min_timestep=self.min_timestep)
         batch = x.shape[0]
         if not self.min_batch <= batch <= self.max_batch:
             raise DataError(f"batch {batch} is outside the engine's profile [{self.min_batch}, {self.max_batch}] "

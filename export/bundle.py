@@ -179,7 +179,7 @@ def export_bundle(quant_dir: Union[str, os.PathLike], out: Union[str, os.PathLik
         validation_calib = calib_dir if calib_dir is not None else (rec.card.get("calibration") or {}).get("path")
         if validation_calib is not None and Path(validation_calib).is_dir():
             loader = write_data_loader(tmp, CalibrationSet(validation_calib), q.signature, fp.model, qm,
-                                       null_label=null)
+                                       target=config.target, null_label=null)
             files += [INPUTS_FILE, SCRIPT_FILE, REFERENCE_FILE]
         manifest = {
             "format": BUNDLE_FORMAT,
@@ -188,7 +188,7 @@ def export_bundle(quant_dir: Union[str, os.PathLike], out: Union[str, os.PathLik
                              "role": _role(name)} for name in files},
             "model": {"spec": rec.card["model"], "num_classes": int(qm.num_classes or 0),
                       "null_label": None if null is None else int(null), "image_size": int(qm.image_size),
-                      "in_channels": int(qm.in_channels)} | (
+                      "in_channels": int(qm.in_channels), "min_timestep": int(getattr(qm, "min_timestep", 0))} | (
                 {} if getattr(qm, "cond_shape", None) is None else {"cond_shape": [int(d) for d in qm.cond_shape]}),
             "signature": signature,
             "quant": {"config": rec.card["quant"], "options": rec.card.get("options", {}),

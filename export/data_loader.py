@@ -11,13 +11,22 @@
   (what ``--save-outputs`` writes), the reference ``tdqrt validate`` checks the INT8 graph against::
 
       cd BUNDLE
-      polygraphy run unet.onnx --onnxrt --data-loader-script tdqrt_data_loader.py \
-          --load-outputs fake_quant_outputs.json --compare snr --snr-threshold S
+      polygraphy run unet.onnx --onnxrt --graph-optimization-level ORT_ENABLE_BASIC \
+          --data-loader-script tdqrt_data_loader.py --load-outputs fake_quant_outputs.json \
+          --compare snr --snr-threshold S
       polygraphy run unet_fp.onnx --onnxrt --data-loader-script tdqrt_data_loader.py --save-outputs fp.json
-      polygraphy run unet.onnx --onnxrt --data-loader-script tdqrt_data_loader.py --load-outputs fp.json \
-          --compare snr --snr-threshold F
+      polygraphy run unet.onnx --onnxrt --graph-optimization-level ORT_ENABLE_BASIC \
+          --data-loader-script tdqrt_data_loader.py --load-outputs fp.json --compare snr --snr-threshold F
 
-  (``--trt`` instead of ``--onnxrt`` runs the same comparisons in TensorRT on a GPU.)
+  (``--trt`` instead of ``--onnxrt ...`` runs the same comparisons in TensorRT on a GPU.)
+
+``--graph-optimization-level ORT_ENABLE_BASIC`` (:data:`ONNXRT_ARGS`, for the ``trt`` flavour's int8 Q/DQ pairs)
+gives Polygraphy's ``SessionFromOnnx`` the session tdqrt runs: ONNX Runtime's default level rewrites int8 Q/DQ
+pairs to uint8 and fuses them into integer kernels that saturate on x86 CPUs without VNNI
+(:data:`tdqrt.engines.ort.DISABLED_OPTIMIZERS` says why), and those rewrites are extended-level optimizations, so
+the basic level computes the Q/DQ math as written, as :func:`tdqrt.engines.ort.create_session` does by switching the
+rewrite off (Polygraphy's CLI cannot name single optimizers). The ``ort-cpu`` flavour's uint8 pairs are not
+rewritten and tdqrt runs them fused at the default level, so their command keeps Polygraphy's default.
 
 ``S`` is ``tdqrt validate``'s end-to-end INT8 rule in Polygraphy's terms (the verdict validate gives a TensorRT
 plan; for ONNX Runtime it reports the rule and decides with its teacher-forced per-layer check, which Polygraphy's
@@ -25,9 +34,9 @@ CLI cannot express: a network that amplifies float rounding can miss ``S`` with 
 INT8 graph whose deviation from the fake-quant model is at most ``int8_max_error_ratio`` (0.5) times that model's
 own quantization error ``e = ‖quant − fp‖``, or whose relative L2 deviation is at most ``int8_negligible_rel_l2``
 (0.005). Polygraphy's SNR is ``10·log10(mean(ref²) / mean((ref − out)²))`` per output and iteration (the whole
-batch of one timestep, where validate takes the median sample), so the first condition reads ``SNR ≥ SQNR(quant; fp) + 20·log10(1/0.5)`` and the
-second ``SNR ≥ −20·log10(0.005)`` = 46.0 dB; one threshold holds for all iterations, so ``S`` is the lowest of those
-bounds over the feeds.
+batch of one timestep, where validate takes the median sample), so the first condition reads
+``SNR ≥ SQNR(quant; fp) + 20·log10(1/0.5)`` and the second ``SNR ≥ −20·log10(0.005)`` = 46.0 dB; one threshold
+holds for all iterations, so ``S`` is the lowest of those bounds over the feeds.
 
 ``F`` checks the INT8 graph against the FP graph: by the triangle inequality a graph that passes the rule is within
 ``(1 + 0.5)·e`` of the FP outputs, so ``F = min over the feeds of SQNR(fp; quant) − 20·log10(1.5)``. It is the
@@ -54,20 +63,24 @@ REFERENCE_FILE = "fake_quant_outputs.json"
 # `tdqrt validate`'s defaults (tools/validate.py ValidateConfig; tests/test_data_loader.py checks they agree)
 TIMESTEPS, PER_TIMESTEP, SEED, INT8_MAX_ERROR_RATIO, INT8_NEGLIGIBLE_REL_L2 = 5, 5, 0, 0.5, 0.005
 
+# `polygraphy run --onnxrt` options per export target (see the module docstring)
+ONNXRT_ARGS = {"trt": ["--graph-optimization-level", "ORT_ENABLE_BASIC"], "ort-cpu": []}
+
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 
-_SCRIPT = '''"""Polygraphy data loader of a tdqrt bundle: the calibration inputs `tdqrt validate` compares on
+_SCRIPT = '''r"""Polygraphy data loader of a tdqrt bundle: the calibration inputs `tdqrt validate` compares on
 ({feeds} feeds: timesteps {timesteps}, {batch} samples each). Needs only numpy. Run from the bundle directory:
 
-    polygraphy run unet.onnx --onnxrt --data-loader-script {script} --load-outputs {reference} \\\\
-        --compare snr --snr-threshold {snr:.2f}
+    polygraphy run unet.onnx --onnxrt{onnxrt} \\
+        --data-loader-script {script} --load-outputs {reference} --compare snr --snr-threshold {snr:.2f}
     polygraphy run unet_fp.onnx --onnxrt --data-loader-script {script} --save-outputs fp.json
-    polygraphy run unet.onnx --onnxrt --data-loader-script {script} --load-outputs fp.json \\\\
-        --compare snr --snr-threshold {fp_snr:.2f}
+    polygraphy run unet.onnx --onnxrt{onnxrt} \\
+        --data-loader-script {script} --load-outputs fp.json --compare snr --snr-threshold {fp_snr:.2f}
 
 {reference} holds the fake-quant torch model's outputs; {snr:.2f} dB is `tdqrt validate`'s end-to-end INT8 rule in SNR
-terms, {fp_snr:.2f} dB the same rule measured against the FP outputs (tdqrt/export/data_loader.py says how). Use
---trt instead of --onnxrt to check a TensorRT build on a GPU. Written by `tdqrt export`.
+terms, {fp_snr:.2f} dB the same rule measured against the FP outputs. The INT8 graph runs with{onnxrt_why}: the
+session tdqrt runs. tdqrt/export/data_loader.py says why, and how the thresholds are derived. Use --trt instead of
+--onnxrt to check a TensorRT build on a GPU. Written by `tdqrt export`.
 """
 import hashlib
 import os
@@ -100,9 +113,10 @@ def _sqnr_db(ref: np.ndarray, out: np.ndarray) -> float:
 
 @torch.no_grad()
 def write_data_loader(out_dir: Path, calib: CalibrationSet, signature: dict, fp_model: torch.nn.Module,
-                      quant_model: torch.nn.Module, *, null_label: Optional[int] = None) -> dict:
-    """Write :data:`INPUTS_FILE`, :data:`SCRIPT_FILE` and :data:`REFERENCE_FILE` into ``out_dir``; returns what the
-    manifest records."""
+                      quant_model: torch.nn.Module, *, target: str, null_label: Optional[int] = None) -> dict:
+    """Write :data:`INPUTS_FILE`, :data:`SCRIPT_FILE` and :data:`REFERENCE_FILE` into ``out_dir`` for a bundle of
+    export target ``target``; returns what the manifest records."""
+    onnxrt = ONNXRT_ARGS[target]
     from polygraphy.comparator import IterationResult, RunResults
     from polygraphy.logger import G_LOGGER
 
@@ -133,9 +147,11 @@ def write_data_loader(out_dir: Path, calib: CalibrationSet, signature: dict, fp_
     (out_dir / INPUTS_FILE).write_bytes(data)
     (out_dir / SCRIPT_FILE).write_text(_SCRIPT.format(
         feeds=len(feeds), timesteps=", ".join(str(ts) for ts, _ in feeds), batch=len(feeds[0][1]["timestep"]),
-        script=SCRIPT_FILE, reference=REFERENCE_FILE, snr=snr, fp_snr=fp_snr, inputs=INPUTS_FILE,
+        script=SCRIPT_FILE, onnxrt="".join(" " + a for a in onnxrt),
+        onnxrt_why=" " + " ".join(onnxrt) if onnxrt else " ONNX Runtime's default options",
+        reference=REFERENCE_FILE, snr=snr, fp_snr=fp_snr, inputs=INPUTS_FILE,
         sha256=hashlib.sha256(data).hexdigest(), names=list(feeds[0][1]), num=len(feeds)))
     return {"script": SCRIPT_FILE, "inputs": INPUTS_FILE, "reference_outputs": REFERENCE_FILE,
             "timesteps": [ts for ts, _ in feeds], "per_timestep": len(feeds[0][1]["timestep"]),
-            "snr_threshold_db": snr, "fp_snr_threshold_db": fp_snr,
+            "onnxrt_args": list(onnxrt), "snr_threshold_db": snr, "fp_snr_threshold_db": fp_snr,
             "fake_quant_sqnr_db": [round(v, 3) for v in sqnr]}

@@ -350,7 +350,8 @@ def model_metadata(model: nn.Module, num_train_timesteps: int) -> dict:
     cond_shape = getattr(model, "cond_shape", None)
     return {"num_classes": num_classes, "null_label": "" if null is None else int(null),
             "image_size": int(model.image_size), "in_channels": int(model.in_channels),
-            "num_train_timesteps": int(num_train_timesteps)} | (
+            "num_train_timesteps": int(num_train_timesteps),
+            "min_timestep": int(getattr(model, "min_timestep", 0))} | (
         {} if cond_shape is None else {"cond_shape": ",".join(map(str, cond_shape))})
 
 

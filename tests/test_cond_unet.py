@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from _polygraphy import compare
 from _scripts import load_script
 from tdqrt.calibration.checkpoint import load_fp_checkpoint, save_fp_checkpoint
 from tdqrt.calibration.models import DiffusersCondUNet, build_model
@@ -345,12 +346,24 @@ def test_validate_cli_and_the_polygraphy_data_loader_feed_the_embeddings(cond_ru
     for k in range(len(loader["timesteps"])):
         x, t, emb = (data[f"{k}/{name}"] for name in ("sample", "timestep", "encoder_hidden_states"))
         assert emb.shape[1:] == (L, D) and all(any(np.array_equal(row, r) for r in table) for row in emb)
-        # the shipped fake-quant outputs are the INT8 graph's on these inputs (ONNX Runtime as tdqrt runs it;
-        # `polygraphy run --onnxrt` uses ONNX Runtime's default optimizations, which saturate on CPUs without VNNI:
-        # tdqrt/engines/ort.py)
+        # the shipped fake-quant outputs are the INT8 graph's on these inputs (ONNX Runtime as tdqrt runs it)
         out = d(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(emb)).numpy()
         per_sample = [_rel(o, r) for o, r in zip(out, reference[k]["eps"])]
         assert np.median(per_sample) <= 1e-5, per_sample  # tests/test_validate.py's typical-sample bound
+
+
+def test_the_documented_polygraphy_command_passes_the_bundle_and_fails_a_tampered_scale(cond_run, tmp_path):
+    # ONNX Runtime's default optimizations saturate this model's attention layers on CPUs without VNNI
+    # (tdqrt/engines/ort.py); the command the bundle documents runs the session tdqrt runs
+    bundle = cond_run["bundles"]["minmax"]
+    loader = json.loads((bundle / "manifest.json").read_text())["data_loader"]
+    reference, threshold = bundle / loader["reference_outputs"], loader["snr_threshold_db"]
+    good = compare(bundle, bundle / "unet.onnx", reference, threshold, tmp_path)
+    assert good.returncode == 0 and "PASSED" in good.stdout, good.stdout[-3000:] + good.stderr[-3000:]
+    bad = tmp_path / "unet_tampered.onnx"
+    load_script("validate_margins").tamper(bundle / "unet.onnx", bad, index=0, factor=4.0)
+    tampered = compare(bundle, bad, reference, threshold, tmp_path)
+    assert tampered.returncode != 0 and "FAILED" in tampered.stdout, tampered.stdout[-3000:]
 
 
 def test_fp16_export_takes_fp16_embeddings(cond_run, tmp_path):

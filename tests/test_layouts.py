@@ -221,6 +221,39 @@ def test_fourier_timesteps_are_float_noise_levels(tmp_path):
     assert np.linalg.norm(out - ref) / np.linalg.norm(ref) <= 1e-5
 
 
+def test_a_fourier_bundle_records_and_enforces_timesteps_from_1(tmp_path):
+    """The t >= 1 rule of a Fourier-embedding UNet travels with the export: the manifest and the graph's metadata
+    record ``min_timestep`` 1, and the engines refuse t = 0 in one line (as the torch adapter does) instead of
+    returning NaN, while t = 1 runs and matches the quantized torch model."""
+    import json
+
+    from tdqrt.calibration.checkpoint import save_fp_checkpoint
+    from tdqrt.calibration.quant.api import CalibrateConfig, calibrate, load_model_dir
+    from tdqrt.engines.ort import OrtDenoiser
+    from tdqrt.export.bundle import export_bundle
+
+    schedule = ScheduleConfig(steps_offset=1)
+    fp_dir = save_fp_checkpoint(tmp_path / "fp", _build("fourier-skip-3ch-no_mid_attention"), schedule,
+                                data={"name": "random"}, training={"steps": 0}, ema=False)
+    quant = calibrate(fp_dir, tmp_path / "q", CalibrateConfig(calib_set=CalibSetConfig(
+        num=2, keep_steps=2, batch=2, sampler=SamplerConfig(steps=2, spacing="scheduler"))), progress=False)
+    bundle = export_bundle(quant, tmp_path / "bundle", ExportConfig(polygraphy=False))
+    assert json.loads((bundle / "manifest.json").read_text())["model"]["min_timestep"] == 1
+    x = torch.randn(2, 3, 8, 8)
+    for role in ("unet", "unet_fp"):
+        d = OrtDenoiser(bundle, role=role)
+        with pytest.raises(ConfigError, match=r"timesteps >= 1 .*got timestep 0") as err:
+            d(x, torch.tensor([0, 500]))
+        assert "\n" not in str(err.value)
+        assert d.min_timestep == 1 and OrtDenoiser(d.path).min_timestep == 1  # the bare graph's metadata too
+    qm = load_model_dir(quant).model
+    t = torch.tensor([1, 999])
+    with torch.no_grad():
+        ref = qm(x, t).numpy()
+    out = OrtDenoiser(bundle)(x, t).numpy()
+    assert np.isfinite(out).all() and np.linalg.norm(out - ref) / np.linalg.norm(ref) <= 0.5  # test_export's bound
+
+
 def test_256px_graph(tmp_path):
     """At 256×256 (two levels, attention in the mid block at 128×128 would be 16 k tokens: left out) the plan and
     the graph are those of the small sizes: the same layer set, lint clean, the signature at 256."""

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from tdqrt.calibration.checkpoint import load_fp_checkpoint
 from tdqrt.calibration.models.sources import SOURCE_FORMAT, autoencoder_record
 from tdqrt.calibration.quant.api import load_model_dir
-from tdqrt.engines.artifacts import sha256_file
+from tdqrt.engines.artifacts import sha256_file, sha256_files
 from tdqrt.runtime.schedules import ScheduleConfig
 from tdqrt.tools.cli import main
 
@@ -112,6 +112,71 @@ def test_bare_unet_folder_with_bin_weights_and_a_scheduler_config_beside_it(bare
     assert fp.card["source"]["unet"] == {"file": "diffusion_pytorch_model.bin",
                                          "sha256": sha256_file(bare_unet_bin / "diffusion_pytorch_model.bin")}
     assert fp.card["autoencoder"] is None
+
+
+def _tiny_unet():
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(7)
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4, attention_head_dim=8).eval()
+
+
+def _with_scheduler(folder):
+    from diffusers import DDPMScheduler
+
+    DDPMScheduler().save_config(folder)
+    return folder
+
+
+def test_a_sharded_unet_loads_and_its_sha256_covers_the_index_and_every_shard(tmp_path, capsys):
+    unet = _tiny_unet()
+    folder = tmp_path / "unet"
+    unet.save_pretrained(folder, max_shard_size="20KB")
+    index, shards = folder / (SAFETENSORS + ".index.json"), sorted(folder.glob("diffusion_pytorch_model-*"))
+    assert index.is_file() and len(shards) > 2 and not (folder / SAFETENSORS).exists()
+    fp = load_fp_checkpoint(_with_scheduler(folder))
+    state = fp.model.unet.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in unet.state_dict().items())
+    ours, theirs = _diffusers_output(folder, fp.model)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    assert fp.card["source"]["unet"] == {"file": index.name, "sha256": sha256_files([index, *shards])}
+
+    imported = tmp_path / "imported"
+    assert main(["import", str(folder), "--out", str(imported)]) == 0
+    capsys.readouterr()  # (diffusers' own loading bar above)
+    tensors = load_file(shards[1])  # one shard retrained after the import
+    name = sorted(tensors)[0]
+    save_file({**tensors, name: tensors[name] + 0.01}, shards[1], metadata={"format": "pt"})
+    out = tmp_path / "q"
+    refused(capsys, ["calibrate", "--model", str(imported), "--out", str(out)], out, str(index),
+            "changed since `tdqrt import`")
+
+
+def test_an_fp16_variant_loads_upcast_a_standard_file_wins_and_several_variants_are_refused(tmp_path, capsys):
+    unet = _tiny_unet()
+    folder = tmp_path / "unet"
+    fp32 = {k: v.clone() for k, v in unet.state_dict().items()}
+    unet.half().save_pretrained(folder, variant="fp16")
+    variant = folder / "diffusion_pytorch_model.fp16.safetensors"
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", variant.name]
+    fp = load_fp_checkpoint(_with_scheduler(folder))
+    state = fp.model.unet.state_dict()
+    for k, v in fp32.items():  # the fp16-rounded weights, upcast
+        assert state[k].dtype == torch.float32 and torch.equal(state[k], v.half().float()), k
+    assert fp.card["source"]["unet"] == {"file": variant.name, "sha256": sha256_file(variant)}
+
+    shutil.copy(variant, folder / "diffusion_pytorch_model.ema.safetensors")
+    out = tmp_path / "q"
+    refused(capsys, ["calibrate", "--model", str(folder), "--out", str(out)], out, "several diffusers variants",
+            "ema, fp16")
+    unet.float().load_state_dict(fp32)
+    unet.save_pretrained(folder)  # a standard file beside the variants: diffusers' default load, and tdqrt's
+    fp = load_fp_checkpoint(folder)
+    state = fp.model.unet.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in fp32.items())
+    assert fp.card["source"]["unet"]["file"] == SAFETENSORS
 
 
 def test_a_pipelines_unet_folder_takes_the_scheduler_beside_it(ddim_pipeline_dir):

@@ -3,9 +3,10 @@ guided-diffusion evaluator), ``grid.png`` and ``sample.json`` (the settings and 
 
 Every sample has a global index; its noise comes from (seed, index) alone, so the same index gives the same
 image whatever the batch size, the rank that draws it or the number of ranks. Class-conditional models get label
-``index % num_classes``. A latent model's samples are decoded to images (the decoder the model resolver gives it, :meth:`tdqrt.runtime.runnable.RunnableModel.decode`) before they are
-stored. Finished batches are saved as shards (:mod:`tdqrt.tools.shards`) as they complete, so a
-killed run resumes, and several ranks (``torchrun ... --distributed``) draw one job together.
+``index % num_classes``. A latent model's samples are decoded to images (the decoder the model resolver gives it,
+:meth:`tdqrt.runtime.runnable.RunnableModel.decode`) before they are stored. Finished batches are saved as shards
+(:mod:`tdqrt.tools.shards`) as they complete, so a killed run resumes, and several ranks (``torchrun ...
+--distributed``) draw one job together.
 """
 from __future__ import annotations
 

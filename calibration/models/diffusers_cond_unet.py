@@ -84,9 +84,10 @@ class DiffusersCondUNet(DiffusersUNet):
 
     @classmethod
     def from_pretrained(cls, path: Union[str, os.PathLike],
-                        cond_length: int = DEFAULT_COND_LENGTH) -> "DiffusersCondUNet":
+                        cond_length: int = DEFAULT_COND_LENGTH, *,
+                        variant: Optional[str] = None) -> "DiffusersCondUNet":
         """Load a UNet2DConditionModel saved with ``save_pretrained`` (or a pipeline folder's ``unet/``)."""
-        return cls(cls._unet_from_pretrained(path), cond_length)
+        return cls(cls._unet_from_pretrained(path, variant), cond_length)
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any], **overrides: Any) -> "DiffusersCondUNet":

@@ -113,6 +113,7 @@ class DiffusersUNet(nn.Module):
         self.image_size = size
         self.in_channels = config["in_channels"]
         self.float_timesteps = config.get("time_embedding_type") == "fourier"
+        self.min_timestep = 1 if self.float_timesteps else 0  # recorded in exported graphs and bundles
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.num_classes and y is None:
@@ -121,7 +122,7 @@ class DiffusersUNet(nn.Module):
             raise ConfigError("labels y were given to an unconditional diffusers UNet; pass y=None "
                               "or build the model with num_classes > 0")
         if self.float_timesteps:
-            if not torch.jit.is_tracing() and bool((t <= 0).any()):
+            if not torch.jit.is_tracing() and bool((t < self.min_timestep).any()):
                 raise ConfigError("this UNet2DModel has time_embedding_type='fourier': it takes log(timestep) and "
                                   "divides its output by the timestep, so timestep 0 gives NaN (in diffusers too); "
                                   "sample with timesteps >= 1 (spacing 'scheduler' with a scheduler config whose "
@@ -152,8 +153,9 @@ class DiffusersUNet(nn.Module):
             raise ConfigError(f"invalid {cls.diffusers_class} config: {exc}") from exc
 
     @classmethod
-    def _unet_from_pretrained(cls, path: Union[str, os.PathLike]) -> nn.Module:
-        """``cls.diffusers_class`` saved with ``save_pretrained`` in ``path`` or its ``unet/`` subfolder."""
+    def _unet_from_pretrained(cls, path: Union[str, os.PathLike], variant: Optional[str] = None) -> nn.Module:
+        """``cls.diffusers_class`` saved with ``save_pretrained`` in ``path`` or its ``unet/`` subfolder (one weights
+        file or a sharded checkpoint; ``variant``: diffusers' weights variant, e.g. ``"fp16"``), in float32."""
         folder = Path(path)
         if not folder.is_dir():
             raise ConfigError(f"{str(path)!r} is not a local folder; tdqrt never downloads models. Download or "
@@ -165,12 +167,19 @@ class DiffusersUNet(nn.Module):
         else:
             raise ConfigError(f"{str(path)!r} holds no config.json (nor unet/config.json); expected a folder "
                               f"written by {cls.diffusers_class}.save_pretrained or a diffusers pipeline")
+        from diffusers.utils import logging as diffusers_logging
+
+        bar = diffusers_logging.is_progress_bar_enabled()
+        diffusers_logging.disable_progress_bar()  # "Loading checkpoint shards" of a sharded one: noise on the CLI
         try:
             # low_cpu_mem_usage=False: the default needs `accelerate` and logs a warning on every load without it
             return _diffusers_class(cls.diffusers_class).from_pretrained(
-                folder, subfolder=subfolder, local_files_only=True, low_cpu_mem_usage=False)
+                folder, subfolder=subfolder, variant=variant, local_files_only=True, low_cpu_mem_usage=False).float()
         except (OSError, ValueError) as exc:
             raise ConfigError(f"could not load a {cls.diffusers_class} from {str(path)!r}: {exc}") from exc
+        finally:
+            if bar:
+                diffusers_logging.enable_progress_bar()
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], num_classes: Optional[int] = None) -> "DiffusersUNet":
@@ -179,9 +188,10 @@ class DiffusersUNet(nn.Module):
         return cls(cls._unet_from_config(config, **extra), num_classes)
 
     @classmethod
-    def from_pretrained(cls, path: Union[str, os.PathLike], num_classes: Optional[int] = None) -> "DiffusersUNet":
+    def from_pretrained(cls, path: Union[str, os.PathLike], num_classes: Optional[int] = None, *,
+                        variant: Optional[str] = None) -> "DiffusersUNet":
         """Load a UNet2DModel saved with ``save_pretrained`` (or a pipeline folder with a ``unet/`` subfolder)."""
-        return cls(cls._unet_from_pretrained(path), num_classes)
+        return cls(cls._unet_from_pretrained(path, variant), num_classes)
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any], **overrides: Any) -> "DiffusersUNet":

@@ -17,7 +17,14 @@ Every ``--model`` that takes a tdqrt FP checkpoint also takes, through :func:`op
   sha256 instead of copying it, and refuses to load once the weights changed.
 
 Weights are read locally only (``local_files_only=True``; tdqrt never downloads), from
-``diffusion_pytorch_model.safetensors`` or ``.bin`` (safetensors first, as diffusers picks them). The UNet becomes
+``diffusion_pytorch_model.safetensors`` or ``.bin`` (safetensors first, as diffusers picks them). A UNet may also be
+a sharded checkpoint (``diffusion_pytorch_model.safetensors.index.json`` and its shards, as ``save_pretrained(...,
+max_shard_size=...)`` writes it) or only a diffusers weights variant (``diffusion_pytorch_model.fp16.safetensors``:
+``save_pretrained(..., variant="fp16")``); diffusers' ``from_pretrained`` loads both (``variant=`` for the latter),
+upcast to float32. A standard file wins over variants beside it; several variants and no standard file are refused
+(tdqrt would have to guess). The sha256 that ``tdqrt import`` and a quantized checkpoint's ``fp_model`` record check
+is the weights file's, or, for a sharded checkpoint, :func:`~tdqrt.engines.artifacts.sha256_files` of the index and
+every shard. The UNet becomes
 a :class:`~tdqrt.calibration.models.diffusers_unet.DiffusersUNet`; the schedule is
 ``ScheduleConfig.from_diffusers`` of the scheduler config. The autoencoder of a latent pipeline is not loaded here:
 its description (:func:`autoencoder_record`) goes into the card as ``card["autoencoder"]`` for the stages that
@@ -29,6 +36,7 @@ what was found and what is supported.
 from __future__ import annotations
 
 import inspect
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -40,7 +48,7 @@ from tdqrt.calibration.models.autoencoder import AUTOENCODER_CLASSES
 from tdqrt.calibration.models.diffusers_cond_unet import DiffusersCondUNet
 from tdqrt.calibration.models.diffusers_unet import DiffusersUNet
 from tdqrt.calibration.models.text import text_encoder_record
-from tdqrt.engines.artifacts import atomic_dir, read_json, sha256_file, versions, write_json_atomic
+from tdqrt.engines.artifacts import atomic_dir, read_json, sha256_file, sha256_files, versions, write_json_atomic
 from tdqrt.engines.errors import ArtifactError, ConfigError
 from tdqrt.runtime.schedules import ScheduleConfig
 
@@ -52,6 +60,11 @@ PIPELINE_INDEX = "model_index.json"
 COMPONENT_CONFIG = "config.json"
 SCHEDULER_CONFIG = "scheduler_config.json"
 WEIGHTS_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")  # diffusers' preference
+INDEX_SUFFIX = ".index.json"  # a sharded checkpoint's index: WEIGHTS_NAME + INDEX_SUFFIX, naming its shards
+# diffusers' variant file names (diffusers.utils.hub_utils._add_variant): the variant before the last suffix, for a
+# sharded variant before the index's ".json"
+VARIANT_FILE = re.compile(r"diffusion_pytorch_model\.(?:(?P<a>[\w]+)\.(?:safetensors|bin)|(?:safetensors|bin)\.index\."
+                          r"(?P<b>[\w]+)\.json)")
 UNET_CLASS = "UNet2DModel"
 COND_UNET_CLASS = "UNet2DConditionModel"
 TEXT_PARTS = ("text_encoder", "tokenizer")  # what a text-to-image pipeline needs besides unet, vae and scheduler
@@ -96,12 +109,55 @@ def source_kind(path: str | Path) -> Optional[str]:
     return None
 
 
-def _weights_file(folder: Path, what: str) -> Path:
+@dataclass(frozen=True)
+class WeightFiles:
+    """A component's weights as diffusers' ``from_pretrained`` picks them: ``file`` is the one the card names (the
+    weights file, or a sharded checkpoint's index), ``files`` all its sha256 covers (the index and every shard),
+    ``variant`` the diffusers weights variant (``"fp16"`` for ``diffusion_pytorch_model.fp16.safetensors``) or
+    None."""
+
+    file: Path
+    files: tuple[Path, ...]
+    variant: Optional[str] = None
+
+    @property
+    def sha256(self) -> str:
+        return sha256_file(self.file) if self.files == (self.file,) else sha256_files(self.files)
+
+
+def _shards(index: Path, what: str) -> tuple[Path, ...]:
+    shards = sorted({str(v) for v in (read_json(index).get("weight_map") or {}).values()})
+    missing = [s for s in shards if not (index.parent / s).is_file()]
+    if not shards or missing:
+        raise ArtifactError(f"{index} names {'no shards' if not shards else 'missing shards ' + ', '.join(missing)}; "
+                            f"the {what} checkpoint is incomplete, save it again with save_pretrained (or download "
+                            "the folder again)")
+    return (index, *(index.parent / s for s in shards))
+
+
+def _weights(folder: Path, what: str) -> WeightFiles:
+    """The weights of the component in ``folder``: a standard weights file or sharded checkpoint (safetensors
+    first), else the one diffusers variant there (refused in one line when there are several, or none)."""
     for name in WEIGHTS_NAMES:
         if (folder / name).is_file():
-            return folder / name
-    raise ArtifactError(f"{folder} holds no {' or '.join(WEIGHTS_NAMES)}; the {what} weights are missing, save "
-                        "it again with save_pretrained (or download the folder again)")
+            return WeightFiles(folder / name, (folder / name,))
+        if (folder / (name + INDEX_SUFFIX)).is_file():
+            index = folder / (name + INDEX_SUFFIX)
+            return WeightFiles(index, _shards(index, what))
+    found = {f.name: m.group("a") or m.group("b") for f in sorted(folder.iterdir())
+             if f.is_file() and (m := VARIANT_FILE.fullmatch(f.name))}
+    variants = sorted(set(found.values()))
+    if len(variants) > 1:
+        raise ConfigError(f"{folder} holds {what} weights of several diffusers variants ({', '.join(variants)}) and "
+                          f"no {' or '.join(WEIGHTS_NAMES)}; tdqrt does not guess: keep one variant's files there, or "
+                          "save the weights without a variant")
+    if not variants:
+        raise ArtifactError(f"{folder} holds no {' or '.join(WEIGHTS_NAMES)} (nor a sharded or variant checkpoint); "
+                            f"the {what} weights are missing, save it again with save_pretrained (or download the "
+                            "folder again)")
+    # safetensors before bin, as diffusers picks them; one file before a sharded checkpoint
+    file = folder / min(found, key=lambda name: (".safetensors" not in name, name.endswith(".json")))
+    return WeightFiles(file, _shards(file, what) if file.name.endswith(".json") else (file,), variants[0])
 
 
 def _component_class(index: dict, key: str) -> Optional[str]:
@@ -216,14 +272,18 @@ def autoencoder_record(folder: Path) -> dict:
     if name not in AUTOENCODER_CLASSES:
         raise ConfigError(f"{folder / COMPONENT_CONFIG} describes a {name}, tdqrt decodes with "
                           f"{' or '.join(AUTOENCODER_CLASSES)} only; {SUPPORTED}")
-    weights = _weights_file(folder, name)
+    weights = _weights(folder, name)
+    if weights.files != (weights.file,) or weights.variant is not None:
+        raise ConfigError(f"{folder} holds a sharded or variant {name} checkpoint ({weights.file.name}); tdqrt decodes "
+                          f"from one {' or '.join(WEIGHTS_NAMES)}: save the {name} again with save_pretrained "
+                          "without max_shard_size or variant")
 
     def get(key: str) -> Any:
         return config[key] if key in config else _class_default(name, key)
 
     size = read_json(folder.parent / "unet" / COMPONENT_CONFIG).get("sample_size")
     size = size[0] if isinstance(size, (list, tuple)) else size
-    return {"class": name, "path": str(folder), "weights": weights.name, "sha256": sha256_file(weights),
+    return {"class": name, "path": str(folder), "weights": weights.file.name, "sha256": weights.sha256,
             "scaling_factor": float(get("scaling_factor")),
             "latent_channels": int(get("latent_channels")),
             "image_size": int(size) * 2 ** (len(get("block_out_channels")) - 1),
@@ -244,22 +304,23 @@ def _open(layout: SourceLayout, scheduler: dict, scheduler_name: str, device: st
     the card, ``where`` in messages)."""
     schedule = ScheduleConfig.from_diffusers(scheduler, source=where)
     _check_unet_class(layout)
-    weights = _weights_file(layout.unet_dir, COND_UNET_CLASS if layout.text else UNET_CLASS)
+    weights = _weights(layout.unet_dir, COND_UNET_CLASS if layout.text else UNET_CLASS)
     autoencoder = None if layout.autoencoder_dir is None else autoencoder_record(layout.autoencoder_dir)
     text = text_encoder_record(layout.root) if layout.text else None
-    model = DiffusersUNet.from_pretrained(layout.unet_dir) if text is None else _cond_unet(layout, text)
+    model = (DiffusersUNet.from_pretrained(layout.unet_dir, variant=weights.variant) if text is None
+             else _cond_unet(layout, text, weights.variant))
     if autoencoder is not None and model.in_channels != autoencoder["latent_channels"]:
         raise ConfigError(f"{layout.unet_dir / COMPONENT_CONFIG}: in_channels={model.in_channels} does not match "
                           f"the {autoencoder['class']}'s latent_channels={autoencoder['latent_channels']} in "
                           f"{layout.autoencoder_dir}; the UNet and the autoencoder come from different models")
     model.to(device).eval()
-    digest = sha256_file(weights)
+    digest = weights.sha256
     card = {
         "format": SOURCE_FORMAT,
         "model": model.spec(),
         "schedule": schedule.to_dict(),
         "source": {"kind": layout.kind, "path": str(layout.root), "pipeline": layout.pipeline,
-                   "unet": {"file": weights.relative_to(layout.root).as_posix(), "sha256": digest},
+                   "unet": {"file": weights.file.relative_to(layout.root).as_posix(), "sha256": digest},
                    "scheduler": scheduler_name},
         "autoencoder": autoencoder,
         "text_encoder": text,
@@ -267,7 +328,7 @@ def _open(layout: SourceLayout, scheduler: dict, scheduler_name: str, device: st
     return FPCheckpoint(model, schedule, card, layout.root, digest)
 
 
-def _cond_unet(layout: SourceLayout, text: dict):
+def _cond_unet(layout: SourceLayout, text: dict, variant: Optional[str]):
     """The ``DiffusersCondUNet`` of a text-to-image pipeline's ``unet/``, conditioned on ``text["max_length"]``
     tokens of width ``text["hidden_size"]`` (refused in one line when its cross-attention has another width)."""
     width = read_json(layout.unet_dir / COMPONENT_CONFIG).get("cross_attention_dim")
@@ -275,7 +336,7 @@ def _cond_unet(layout: SourceLayout, text: dict):
         raise ConfigError(f"{layout.unet_dir / COMPONENT_CONFIG}: cross_attention_dim={width} does not match the "
                           f"text encoder's hidden_size={text['hidden_size']} in {text['path']}; the UNet and the text "
                           "encoder come from different models")
-    return DiffusersCondUNet.from_pretrained(layout.unet_dir, cond_length=text["max_length"])
+    return DiffusersCondUNet.from_pretrained(layout.unet_dir, cond_length=text["max_length"], variant=variant)
 
 
 def _relative(file: Path, root: Path) -> str:

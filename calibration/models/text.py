@@ -28,7 +28,7 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 
 from tdqrt.calibration.models.autoencoder import check_component_record
-from tdqrt.engines.artifacts import read_json, sha256_file, sha256_json
+from tdqrt.engines.artifacts import read_json, sha256_file, sha256_files
 from tdqrt.engines.errors import ArtifactError, ConfigError, DataError
 
 TEXT_ENCODER_CLASSES = ("CLIPTextModel",)  # SD 1.x/2.x; SDXL's second encoder (…WithProjection) is not supported
@@ -41,8 +41,7 @@ ENCODE_BATCH = 64  # prompts per text-encoder call: bounds memory for large prom
 def tokenizer_sha256(folder: str | Path) -> str:
     """One sha256 over a tokenizer folder: of the ``{file name: sha256 of its bytes}`` of every file in it, sorted
     by name (vocabularies, merges, tokenizer.json and the configs all change what a prompt encodes to)."""
-    folder = Path(folder)
-    return sha256_json({f.name: sha256_file(f) for f in sorted(folder.iterdir()) if f.is_file()})
+    return sha256_files(f for f in Path(folder).iterdir() if f.is_file())
 
 
 def _weights_file(folder: Path) -> Path:

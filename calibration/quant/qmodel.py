@@ -88,6 +88,7 @@ class QuantizedModel(nn.Module):
         for attr in ("num_classes", "null_label", "image_size", "in_channels"):
             setattr(self, attr, getattr(fp_model, attr))
         self.cond_shape = getattr(fp_model, "cond_shape", None)  # (L, D) of a text-conditioned UNet
+        self.min_timestep = int(getattr(fp_model, "min_timestep", 0))  # 1 for a Fourier time embedding
 
     def forward(self, x: Tensor, t: Tensor, y: Optional[Tensor] = None) -> Tensor:
         self.ctx.t = t
