@@ -355,6 +355,9 @@ def test_bench_calibrate_text_model_refusals(sd_pipeline_dir, tiny_digits_model,
     with pytest.raises(ConfigError, match="not conditioned on text"):
         bench_calibrate(CalibrateBenchConfig(model=str(tiny_digits_model), methods=("minmax",), prompts=prompts,
                                              work_dir=str(work)))
+    with pytest.raises(ConfigError, match=r"--prompt \(prompts\): expected a prompt set"):
+        CalibrateBenchConfig(model=str(sd_pipeline_dir), prompts={"negative": "blurry"})
+    assert CalibrateBenchConfig(model=str(sd_pipeline_dir), prompts=PromptSet(("a",))).prompts["prompts"] == ["a"]
     assert not work.exists()
     assert main(["bench", "calibrate", "--model", str(sd_pipeline_dir), "--methods", "minmax"]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]

@@ -360,7 +360,9 @@ class UnetBenchConfig:
     ``backends`` None measures every backend the sources allow; a list measures exactly those (each must have its
     source). ``baseline`` names the variant the speedups are relative to (default ``torch-fp32`` when measured,
     else the first variant). ``threads``: one or more thread counts (None: torch's current count), each variant is
-    measured at every count in the same rounds and compared with the baseline at the same count.
+    measured at every count in the same rounds and compared with the baseline at the same count. A text-conditioned
+    model (any source with ``cond_shape``) is fed seeded random embeddings; ``guidance`` > 1 needs a class- or
+    text-conditioned model.
     """
 
     model: Optional[str] = None
@@ -461,9 +463,10 @@ def _signature(net: Any) -> tuple:
 
 
 def _half_denoiser(model: torch.nn.Module) -> Denoiser:
-    """``eps = f(x, t, y)`` of an FP16 copy of ``model``: half weights and inputs, float32 out."""
+    """``eps = f(x, t, y)`` of an FP16 copy of ``model``: half weights and inputs (text embeddings too; labels stay
+    integers), float32 out."""
     half = copy.deepcopy(model).half()
-    return lambda x, t, y=None: half(x.half(), t, y).float()
+    return lambda x, t, y=None: half(x.half(), t, y.half() if y is not None and y.is_floating_point() else y).float()
 
 
 def _unet_variants(cfg: UnetBenchConfig, counts: Sequence[int]) -> tuple[list[_Variant], list[dict], int]:
@@ -736,7 +739,7 @@ class CalibrateBenchConfig:
         if isinstance(self.prompts, PromptSet):
             object.__setattr__(self, "prompts", self.prompts.to_dict())
         elif self.prompts is not None:
-            if not isinstance(self.prompts, Mapping):
+            if not isinstance(self.prompts, Mapping) or "prompts" not in self.prompts:
                 raise invalid("CalibrateBenchConfig.prompts", self.prompts, "a prompt set ({'prompts': [...], "
                               "'negative': ...}) or None", "give --prompt TEXT or --prompts FILE", flag="--prompt")
             object.__setattr__(self, "prompts", PromptSet.from_dict(self.prompts).to_dict())
