@@ -3,6 +3,13 @@ from pathlib import Path
 
 from tdqrt.tools.cli import main
 
+# Arguments for the tiny SD folder (conftest.py sd_pipeline_dir): two prompts, a negative one, a CFG sampler and a
+# calibration set of CFG trajectories (the sd_bundle fixture and the text-to-image tests).
+PROMPTS = ["--prompt", "a red circle", "--prompt", "a blue square"]
+NEGATIVE = ["--negative-prompt", "blurry"]
+SAMPLER = ["--steps", "4", "--spacing", "scheduler", "--guidance", "3"]
+CALIB = ["--calib-num", "4", "--calib-keep", "2", "--calib-steps", "4", "--calib-guidance", "3"]
+
 
 def run_ok(argv, capsys) -> str:
     """``tdqrt ARGV`` (paths allowed) exits 0; returns its standard output."""

@@ -169,3 +169,21 @@ def sd_pipeline_dir(tmp_path_factory):
     prompt, unet/ UNet2DConditionModel with 16-wide cross-attention, vae/ AutoencoderKL, scheduler/ DDIMScheduler):
     8×8×4 latents <-> 16×16×3 pixels, epsilon prediction, no safety checker."""
     return _pipeline("sd", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def sd_bundle(sd_pipeline_dir, tmp_path_factory):
+    """The tiny SD folder calibrated min-max on CFG trajectories of two prompts (``q``), with D² statistics (``d2``),
+    exported (``bundle``), through the CLI."""
+    from _cli import CALIB, NEGATIVE, PROMPTS, SAMPLER
+
+    from tdqrt.tools.cli import main
+
+    root = tmp_path_factory.mktemp("sd_cli")
+    for argv in (["calibrate", "--model", sd_pipeline_dir, "--method", "minmax", "--out", root / "q", *CALIB, *PROMPTS],
+                 ["d2-stats", "--quant", root / "q", "--num", "4", "--batch", "4", *SAMPLER, *PROMPTS, *NEGATIVE,
+                  "--out", root / "d2"],
+                 ["export", "--quant", root / "q", "--d2-stats", root / "d2", "--out", root / "bundle",
+                  "--no-polygraphy"]):
+        assert main([str(a) for a in argv]) == 0, argv
+    return root

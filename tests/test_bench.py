@@ -9,10 +9,13 @@ import numpy as np
 
 import pytest
 
+from tdqrt.calibration.models.text import PromptSet
 from tdqrt.calibration.quant.api import CalibrateConfig, calibrate
+from tdqrt.calibration.quant.calib_set import CalibrationSet, CalibSetConfig
 from tdqrt.engines.errors import ConfigError
 from tdqrt.export.bundle import export_bundle
 from tdqrt.export.exporter import ExportConfig
+from tdqrt.runtime.d2 import D2Table
 from tdqrt.runtime.sampling import SamplerConfig
 from tdqrt.tools.bench import (CalibrateBenchConfig, LoopBenchConfig, SpanTimer, UnetBenchConfig, bench_calibrate,
                                bench_loop, bench_unet, format_report, run_interleaved, save_report, speedup, summarize)
@@ -283,3 +286,101 @@ def test_bench_calibrate_end_to_end(tiny_digits_model, tiny_calib_set, tmp_path)
     for r in rows.values():
         assert r["peak_rss_mb"] > 0 and r["peak_increase_mb"] >= 0 and r["peak_rss_mb"] >= r["rss_before_mb"]
     assert (tmp_path / "minmax" / "r1" / "quant.json").is_file() and (tmp_path / "d2" / "d2.npz").is_file()
+
+
+# ------------------------------------------------------------------------------------------- text-to-image
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_bench_unet_text_model_feeds_every_variant_the_same_embeddings(sd_pipeline_dir, sd_bundle, guidance,
+                                                                       monkeypatch):
+    """The tiny SD folder, its quantized checkpoint and its bundle in one run: every variant gets the same seeded
+    random embeddings [B, L, D] (and, under CFG, the same unconditional [L, D]); the network sees cat([y, uncond])
+    over the batch 2B that model_batch reports."""
+    import torch
+
+    from tdqrt.tools import bench
+
+    seen = []  # (variant's denoiser, x, y, null, what the network itself was called with)
+    real = bench.guided_eps
+
+    def recording(denoiser, x, t, y, null, scale):
+        calls = []
+
+        def net(xx, tt, yy):
+            calls.append((xx.shape[0], yy.clone()))
+            return denoiser(xx, tt, yy)
+
+        out = real(net, x, t, y, null, scale)
+        seen.append((denoiser, x, y, null, calls))
+        return out
+
+    monkeypatch.setattr(bench, "guided_eps", recording)
+    cfg = UnetBenchConfig(model=str(sd_pipeline_dir), quant=str(sd_bundle / "q"), bundles=(str(sd_bundle / "bundle"),),
+                          batches=(1, 2), guidance=guidance, warmup=0, repeats=1, threads=1)
+    report = bench_unet(cfg, command="test")
+    check_schema(report, "unet", repeats=1)
+    variants = ["torch-fp32", "torch-fakequant", "ort-fp[trt]", "ort-int8[trt]"]
+    assert [r["variant"] for r in report["results"]] == variants * 2
+    cfg_batch = 2 if guidance != 1.0 else 1
+    assert [(r["batch"], r["model_batch"]) for r in report["results"]] == [(1, cfg_batch)] * 4 + [(2, 2 * cfg_batch)] * 4
+    assert "random embeddings" in report["method"]["conditioning"]
+    cond_shape = tuple(seen[0][0].cond_shape)  # the FP model's (L, D)
+    assert len(seen) == 8 and len({id(d) for d, *_ in seen}) == 4  # one call per variant and batch
+    for batch, calls in ((1, seen[:4]), (2, seen[4:])):
+        _, x0, y0, null0, _ = calls[0]
+        assert y0.shape == (batch, *cond_shape) and y0.is_floating_point()
+        for _, x, y, null, net_calls in calls:
+            assert torch.equal(x, x0) and torch.equal(y, y0)
+            assert len(net_calls) == 1 and net_calls[0][0] == batch * cfg_batch
+            if guidance != 1.0:
+                assert null.shape == cond_shape and torch.equal(null, null0)
+                assert torch.equal(net_calls[0][1], torch.cat([y0, null0.expand_as(y0)]))
+            else:
+                assert torch.equal(net_calls[0][1], y0)
+
+
+def test_bench_unet_refuses_a_text_model_with_a_pixel_bundle(sd_pipeline_dir, bundle_dir):
+    cfg = UnetBenchConfig(model=str(sd_pipeline_dir), bundles=(str(bundle_dir),), batches=(1,), warmup=0, repeats=1)
+    with pytest.raises(ConfigError, match="text conditioning shape"):
+        bench_unet(cfg, command="test")
+
+
+def test_bench_calibrate_text_model_refusals(sd_pipeline_dir, tiny_digits_model, tmp_path, capsys):
+    """A text model without prompts, prompts for a class model: refused before any job runs (nothing written)."""
+    work = tmp_path / "work"
+    with pytest.raises(ConfigError, match="--prompt"):
+        bench_calibrate(CalibrateBenchConfig(model=str(sd_pipeline_dir), methods=("minmax",), work_dir=str(work)))
+    prompts = PromptSet(("a red circle",)).to_dict()
+    with pytest.raises(ConfigError, match="not conditioned on text"):
+        bench_calibrate(CalibrateBenchConfig(model=str(tiny_digits_model), methods=("minmax",), prompts=prompts,
+                                             work_dir=str(work)))
+    with pytest.raises(ConfigError, match=r"--prompt \(prompts\): expected a prompt set"):
+        CalibrateBenchConfig(model=str(sd_pipeline_dir), prompts={"negative": "blurry"})
+    assert CalibrateBenchConfig(model=str(sd_pipeline_dir), prompts=PromptSet(("a",))).prompts["prompts"] == ["a"]
+    assert not work.exists()
+    assert main(["bench", "calibrate", "--model", str(sd_pipeline_dir), "--methods", "minmax"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "--prompt" in err[0]
+
+
+@pytest.mark.slow
+def test_bench_calibrate_text_model_end_to_end(sd_pipeline_dir, tmp_path):
+    """The tiny SD folder with two prompts: the calibration set and the D² statistics are made from the prompts'
+    embeddings (the set stores the table, the statistics record the prompt set), each job in its own child."""
+    prompts = PromptSet(("a red circle", "a blue square"), negative="blurry")
+    guided = SamplerConfig(steps=2, guidance_scale=3.0)
+    cfg = CalibrateBenchConfig(model=str(sd_pipeline_dir), methods=("minmax",),
+                               calib_set=CalibSetConfig(num=2, keep_steps=2, batch=2, sampler=guided),
+                               d2=D2StatsJob(sampler=guided, num=2, batch=2), threads=1, work_dir=str(tmp_path),
+                               prompts=prompts.to_dict())
+    assert CalibrateBenchConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    report = bench_calibrate(cfg, command="test")
+    check_schema(report, "calibrate", repeats=1)
+    rows = {r["variant"]: r for r in report["results"]}
+    assert set(rows) == {"calibration-set", "minmax", "d2-stats"}
+    assert all(r["peak_rss_mb"] > 0 for r in rows.values())
+    assert {k: report["method"]["prompts"][k] for k in ("count", "sha256")} == prompts.record()
+    calib = CalibrationSet(tmp_path / "calib")
+    assert calib.meta["embeddings"]["prompts"] == 2  # the two prompts' rows (+ the negative one) are stored
+    assert D2Table.load(tmp_path / "d2").settings.prompts == prompts.record()

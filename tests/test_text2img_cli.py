@@ -10,28 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _cli import refused, run_ok
+from _cli import NEGATIVE, PROMPTS, SAMPLER, refused, run_ok
 from _scripts import load_script
 
 from tdqrt.tools.cli import main
-
-PROMPTS = ["--prompt", "a red circle", "--prompt", "a blue square"]
-NEGATIVE = ["--negative-prompt", "blurry"]
-SAMPLER = ["--steps", "4", "--spacing", "scheduler", "--guidance", "3"]
-CALIB = ["--calib-num", "4", "--calib-keep", "2", "--calib-steps", "4", "--calib-guidance", "3"]
-
-
-@pytest.fixture(scope="module")
-def sd_bundle(sd_pipeline_dir, tmp_path_factory):
-    """The tiny SD folder calibrated min-max on CFG trajectories of two prompts, with D² statistics, exported."""
-    root = tmp_path_factory.mktemp("sd_cli")
-    for argv in (["calibrate", "--model", sd_pipeline_dir, "--method", "minmax", "--out", root / "q", *CALIB, *PROMPTS],
-                 ["d2-stats", "--quant", root / "q", "--num", "4", "--batch", "4", *SAMPLER, *PROMPTS, *NEGATIVE,
-                  "--out", root / "d2"],
-                 ["export", "--quant", root / "q", "--d2-stats", root / "d2", "--out", root / "bundle",
-                  "--no-polygraphy"]):
-        assert main([str(a) for a in argv]) == 0, argv
-    return root
 
 
 def test_text_to_image_pipeline_through_every_stage(sd_bundle, sd_pipeline_dir, tmp_path, capsys):

@@ -22,7 +22,10 @@ The benches
   ``--preset`` with random weights), torch FP16 (CUDA only; skipped with the reason on CPU), torch fake-quant
   (``--quant``), and per ``--bundle`` the FP reference graph ``unet_fp.onnx`` and the INT8 graph ``unet.onnx`` under
   ONNX Runtime, labelled by the bundle's export target (``trt``, ``ort-cpu``, ...). A step is one
-  :func:`~tdqrt.runtime.sampling.guided_eps` call, so with guidance > 1 the network sees the CFG batch 2B.
+  :func:`~tdqrt.runtime.sampling.guided_eps` call, so with guidance > 1 the network sees the CFG batch 2B. A
+  text-conditioned UNet (``cond_shape`` ``(L, D)``) gets fixed seeded random embeddings ``[B, L, D]`` and, under
+  CFG, a seeded random unconditional embedding ``[L, D]``, the same tensors for every variant: a step's cost does
+  not depend on the embeddings' values, so no text encoder is run.
 * ``loop``: whole sampling runs (:func:`~tdqrt.runtime.sampling.sample`) of one model or bundle with the D²
   correction off and on. The denoiser and the correction hook are wrapped in :class:`SpanTimer` s, which gives, per
   run, the **loop overhead** ``(loop time − Σ UNet time) / loop time`` (noise draws, the sampler update, the hook,
@@ -33,7 +36,9 @@ The benches
   ``ru_maxrss`` of the child itself elsewhere) and, on CUDA, ``torch.cuda.max_memory_allocated``. Not
   ``RUSAGE_CHILDREN`` in the parent: it is the maximum over *all* children so far, so a job lighter than an
   earlier one would be invisible. Not ``tracemalloc``: it only sees Python objects, not the torch tensor memory that
-  calibration and D² collection spend.
+  calibration and D² collection spend. A text-to-image model needs prompts: the calibration-set and D² jobs encode
+  them with the model's recorded text encoder (:func:`~tdqrt.calibration.models.text.prompt_embeddings`, as
+  ``tdqrt calibrate`` and ``tdqrt d2-stats`` do), inside the job; the methods read the set's stored embeddings.
 """
 from __future__ import annotations
 
@@ -58,6 +63,7 @@ import torch
 from tdqrt.calibration.checkpoint import CARD_FILE
 from tdqrt.calibration.models import PRESET_NAMES, model_from_preset
 from tdqrt.calibration.models.sources import source_kind
+from tdqrt.calibration.models.text import PromptSet, prompt_embeddings
 from tdqrt.calibration.quant.api import CalibrateConfig, calibrate
 from tdqrt.calibration.quant.calib_set import CalibSetConfig, collect_calibration_set
 from tdqrt.calibration.quant.checkpoint import QUANT_CARD
@@ -354,7 +360,9 @@ class UnetBenchConfig:
     ``backends`` None measures every backend the sources allow; a list measures exactly those (each must have its
     source). ``baseline`` names the variant the speedups are relative to (default ``torch-fp32`` when measured,
     else the first variant). ``threads``: one or more thread counts (None: torch's current count), each variant is
-    measured at every count in the same rounds and compared with the baseline at the same count.
+    measured at every count in the same rounds and compared with the baseline at the same count. A text-conditioned
+    model (any source with ``cond_shape``) is fed seeded random embeddings; ``guidance`` > 1 needs a class- or
+    text-conditioned model.
     """
 
     model: Optional[str] = None
@@ -426,7 +434,7 @@ class _Variant:
     dtype: str
     source: str
     denoiser: Denoiser
-    signature: tuple  # (in_channels, image_size, num_classes, null_label) of the network behind it
+    signature: tuple  # (in_channels, image_size, num_classes, null_label, cond_shape) of the network behind it
     details: dict = field(default_factory=dict)
     threads: int = 1  # intra-op threads it runs with (torch: set before each call; ORT: its session's)
 
@@ -446,13 +454,19 @@ def _bundle_label(bundle: Bundle, taken: set[str]) -> str:
 
 
 def _signature(net: Any) -> tuple:
-    return tuple(getattr(net, a) for a in ("in_channels", "image_size", "num_classes", "null_label"))
+    """What a step's inputs depend on: ``(in_channels, image_size, num_classes, null_label, cond_shape)``;
+    ``cond_shape`` is ``(L, D)`` of a text-conditioned UNet (torch model, quantized model or ONNX Runtime session
+    alike), else None."""
+    cond = getattr(net, "cond_shape", None)
+    return (*(getattr(net, a) for a in ("in_channels", "image_size", "num_classes", "null_label")),
+            None if cond is None else tuple(int(d) for d in cond))
 
 
 def _half_denoiser(model: torch.nn.Module) -> Denoiser:
-    """``eps = f(x, t, y)`` of an FP16 copy of ``model``: half weights and inputs, float32 out."""
+    """``eps = f(x, t, y)`` of an FP16 copy of ``model``: half weights and inputs (text embeddings too; labels stay
+    integers), float32 out."""
     half = copy.deepcopy(model).half()
-    return lambda x, t, y=None: half(x.half(), t, y).float()
+    return lambda x, t, y=None: half(x.half(), t, y.half() if y is not None and y.is_floating_point() else y).float()
 
 
 def _unet_variants(cfg: UnetBenchConfig, counts: Sequence[int]) -> tuple[list[_Variant], list[dict], int]:
@@ -521,7 +535,7 @@ def _check_same_signature(variants: list[_Variant]) -> None:
     shapes = {v.name: v.signature for v in variants}
     if len(set(shapes.values())) > 1:
         raise ConfigError(f"the sources describe different networks (in_channels, image_size, num_classes, null "
-                          f"label): {shapes}; benchmark one architecture per run")
+                          f"label, text conditioning shape): {shapes}; benchmark one architecture per run")
 
 
 def bench_unet(cfg: UnetBenchConfig, *, command: Optional[str] = None, progress: bool = False) -> dict[str, Any]:
@@ -537,10 +551,10 @@ def bench_unet(cfg: UnetBenchConfig, *, command: Optional[str] = None, progress:
         baseline = cfg.baseline or ("torch-fp32" if "torch-fp32" in names else names[0])
         if baseline not in names:
             raise ConfigError(f"baseline {baseline!r} is not among the measured variants {names}")
-        channels, size, classes, null = variants[0].signature
-        if cfg.guidance != 1.0 and not classes:
-            raise ConfigError(f"guidance {cfg.guidance} needs a class-conditional model; this one has no classes "
-                              "(use --guidance 1)")
+        channels, size, classes, null, cond_shape = variants[0].signature
+        if cfg.guidance != 1.0 and not classes and cond_shape is None:
+            raise ConfigError(f"guidance {cfg.guidance} needs a class- or text-conditioned model; this one is "
+                              "unconditional (use --guidance 1)")
         sync = synchronizer(cfg.device)
         by_key = {(v.name, v.threads): v for v in variants}
         results = []
@@ -549,6 +563,9 @@ def bench_unet(cfg: UnetBenchConfig, *, command: Optional[str] = None, progress:
             x = torch.randn(batch, channels, size, size, generator=gen).to(cfg.device)
             t = torch.full((batch,), horizon // 2, dtype=torch.long, device=cfg.device)
             y = (torch.arange(batch) % classes).to(cfg.device) if classes else None
+            if cond_shape is not None:  # text: random embeddings and unconditional embedding (values do not matter)
+                y = torch.randn(batch, *cond_shape, generator=gen).to(cfg.device)
+                null = torch.randn(*cond_shape, generator=gen).to(cfg.device)
 
             def step(key: tuple[str, int]) -> float:
                 torch.set_num_threads(key[1])  # ONNX Runtime sessions have their own count; torch's is per call
@@ -568,6 +585,11 @@ def bench_unet(cfg: UnetBenchConfig, *, command: Optional[str] = None, progress:
     method = {"warmup": cfg.warmup, "repeats": cfg.repeats, "baseline": baseline,
               "step": "one guided_eps call (CFG-batched 2B when guidance > 1) at t = T // 2 on fixed random inputs",
               "timestep": horizon // 2,
+              "conditioning": ("text: seeded random embeddings [B, L, D] (and a seeded random unconditional "
+                               f"embedding [L, D] under CFG), L, D = {list(cond_shape)}, the same for every "
+                               "variant; no text encoder runs (a step's cost does not depend on their values)"
+                               if cond_shape is not None else "class labels y = i mod classes" if classes
+                               else "none (unconditional)"),
               "threads": "every variant at every thread count in the same rounds; speedups against the baseline at "
                          "the same batch and thread count"}
     return _report("unet", cfg, command, list(counts), method, results, skipped)
@@ -693,6 +715,8 @@ class CalibrateBenchConfig:
     options class). The calibration set is collected once (measured as its own job) unless ``calib`` names one
     to reuse. ``d2`` (a :class:`~tdqrt.tools.d2.D2StatsJob`; None skips it) measures the D² statistics collection
     against the first method's quantized model. Outputs go to ``work_dir`` (None: a temporary directory, removed).
+    ``prompts`` (a :class:`~tdqrt.calibration.models.text.PromptSet` as its ``to_dict()``) are required for a
+    text-to-image model and refused for others, as ``tdqrt calibrate`` does.
     """
 
     model: str
@@ -707,10 +731,18 @@ class CalibrateBenchConfig:
     device: str = "cpu"
     threads: Optional[int] = None
     work_dir: Optional[str] = None
+    prompts: Optional[dict] = None
 
     def __post_init__(self) -> None:
         _check_common(self, has_warmup=False)
         _check_fp_model(self.model)
+        if isinstance(self.prompts, PromptSet):
+            object.__setattr__(self, "prompts", self.prompts.to_dict())
+        elif self.prompts is not None:
+            if not isinstance(self.prompts, Mapping) or "prompts" not in self.prompts:
+                raise invalid("CalibrateBenchConfig.prompts", self.prompts, "a prompt set ({'prompts': [...], "
+                              "'negative': ...}) or None", "give --prompt TEXT or --prompts FILE", flag="--prompt")
+            object.__setattr__(self, "prompts", PromptSet.from_dict(self.prompts).to_dict())
         if isinstance(self.calib_set, Mapping):
             object.__setattr__(self, "calib_set", config_from_dict(CalibSetConfig, self.calib_set))
         if isinstance(self.d2, Mapping):
@@ -736,6 +768,9 @@ class CalibrateBenchConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self) | {"calib_set": self.calib_set.to_dict()}
+
+    def prompt_set(self) -> Optional[PromptSet]:
+        return None if self.prompts is None else PromptSet.from_dict(self.prompts)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "CalibrateBenchConfig":
@@ -798,15 +833,31 @@ def _run_child(fn: Callable, *args: Any, threads: Optional[int], device: str, **
         return pool.submit(_measure_in_child, fn, args, kwargs, threads, device).result()
 
 
-def _collect_calib_set(model_dir: str, out_dir: str, cfg: CalibSetConfig, device: str) -> None:
-    fp = open_model(model_dir, device=device)
-    collect_calibration_set(fp.model, NoiseSchedule(fp.schedule), cfg, out_dir, device=device, progress=False)
+def _collect_calib_set(model_dir: str, out_dir: str, cfg: CalibSetConfig, device: str,
+                       prompts: Optional[PromptSet]) -> None:
+    """The calibration set as ``tdqrt calibrate`` collects it: a text model's prompts encoded by its recorded text
+    encoder first (part of the job)."""
+    fp = open_model(model_dir, device=device, decoder=False)
+    embeddings, uncond = prompt_embeddings(fp.model, fp.card, prompts, device=device)
+    collect_calibration_set(fp.model, NoiseSchedule(fp.schedule), cfg, out_dir, embeddings=embeddings, uncond=uncond,
+                            device=device, progress=False)
+
+
+def _check_prompts(model_dir: str, prompts: Optional[PromptSet]) -> None:
+    """Refuse prompts for a model without text conditioning, or a text model without prompts, before any job runs,
+    with :func:`~tdqrt.calibration.models.text.prompt_embeddings`' own one-line errors (it refuses before it
+    encodes). Opens the model in this process; the jobs' children are fresh processes, so their memory is unaffected."""
+    model = open_model(model_dir, decoder=False)
+    if (getattr(model.model, "cond_shape", None) is not None) != (prompts is not None):
+        prompt_embeddings(model.model, model.card, prompts)
 
 
 def bench_calibrate(cfg: CalibrateBenchConfig, *, command: Optional[str] = None,
                     progress: bool = False) -> dict[str, Any]:
     """Time (and measure the peak memory of) the calibration set, every method and the D² collection, each job in
     its own child process, methods round robin over ``repeats``; returns the report dict."""
+    prompts = cfg.prompt_set()
+    _check_prompts(cfg.model, prompts)
     with tempfile.TemporaryDirectory(prefix="tdqrt-bench-") as tmp, torch_threads(cfg.threads) as threads:
         work = Path(cfg.work_dir) if cfg.work_dir is not None else Path(tmp)
         child = dict(threads=threads, device=cfg.device)
@@ -817,7 +868,7 @@ def bench_calibrate(cfg: CalibrateBenchConfig, *, command: Optional[str] = None,
             if progress:
                 print("bench calibrate: calibration set", file=sys.stderr)
             measured[CALIB_SET_JOB] = [_run_child(_collect_calib_set, cfg.model, calib, cfg.calib_set, cfg.device,
-                                                  **child)]
+                                                  prompts, **child)]
         rounds = {m: 0 for m in cfg.methods}
 
         def calibrate_once(method: str) -> dict:
@@ -838,7 +889,7 @@ def bench_calibrate(cfg: CalibrateBenchConfig, *, command: Optional[str] = None,
             if progress:
                 print(f"bench calibrate: D² statistics of {quant_dir}", file=sys.stderr)
             measured[D2_JOB] = [_run_child(collect_to_dir, cfg.model, quant_dir, str(work / "d2"), cfg.d2,
-                                           progress=False, **child)]
+                                           prompts=prompts, progress=False, **child)]
     baseline = cfg.methods[0]
     base = [m["seconds"] for m in measured[baseline]]
     results = []
@@ -854,5 +905,7 @@ def bench_calibrate(cfg: CalibrateBenchConfig, *, command: Optional[str] = None,
     method = {"warmup": 0, "repeats": cfg.repeats, "baseline": baseline,
               "memory": "each job in a fresh spawn child; peak RSS read by the child itself (VmHWM reset before the "
                         "job, else ru_maxrss); rss_before_mb = the child's RSS before the job (interpreter + torch)",
-              "calibration_set": cfg.calib or "collected once (job calibration-set), shared by every method"}
+              "calibration_set": cfg.calib or "collected once (job calibration-set), shared by every method",
+              "prompts": None if prompts is None else prompts.record() | {
+                  "encoded": "by the model's recorded text encoder inside the calibration-set and d2-stats jobs"}}
     return _report("calibrate", cfg, command, threads, method, results, [])

@@ -179,7 +179,7 @@ def _add_bench_parsers(sub) -> None:
     p.add_argument("--backends", nargs="+", default=None,
                    help="subset of torch-fp32 torch-fp16 torch-fakequant ort-fp ort-int8 (default: all with a source)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64], help="batch sizes")
-    p.add_argument("--guidance", type=float, default=1.0, help="CFG scale; > 1 doubles the batch the UNet sees")
+    p.add_argument("--guidance", type=float, default=1.0, help="CFG scale (class- or text-conditioned models); > 1 doubles the batch the UNet sees")
     p.add_argument("--baseline", default=None, help="variant the speedups refer to (default torch-fp32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     common(p, warmup=3, repeats=10, thread_list=True)
@@ -204,6 +204,7 @@ def _add_bench_parsers(sub) -> None:
     p.add_argument("--work", type=Path, default=None,
                    help="keep the calibrated models, calibration set and D² statistics here (default: a temporary "
                         "directory, removed)")
+    _add_prompt_args(p)
     common(p, warmup=None, repeats=1)
 
 
@@ -682,9 +683,11 @@ def _bench_config(args: argparse.Namespace):
         options.setdefault(method, {}).update(_parse_options([pair]))
     calib_set = _calib_set_from_args(args)
     d2 = D2StatsJob(sampler=SamplerConfig(steps=args.d2_steps), num=args.d2_num) if args.d2_num else None
+    prompts = _prompts_from_args(args)
     return bench.bench_calibrate, bench.CalibrateBenchConfig(
         model=str(args.model), methods=tuple(args.methods), wbits=args.wbits, abits=args.abits, options=options,
-        calib=path(args.calib), calib_set=calib_set, d2=d2, work_dir=path(args.work), **common)
+        calib=path(args.calib), calib_set=calib_set, d2=d2, work_dir=path(args.work),
+        prompts=None if prompts is None else prompts.to_dict(), **common)
 
 
 def _run_bench(args: argparse.Namespace) -> int:
