@@ -264,8 +264,9 @@ def autoencoder_record(folder: Path) -> dict:
     """Describe the autoencoder in ``folder`` (a pipeline's ``vae/`` or ``vqvae/``) for the stages that decode:
     ``class``, ``path`` (absolute folder), ``weights`` (file name), ``sha256``, ``scaling_factor`` (what the
     loaded model's config says — diffusers' class default, 0.18215, when the saved config has none —: the factor
-    diffusers' pipelines and :class:`~tdqrt.calibration.models.autoencoder.LatentDecoder` divide latents by), ``latent_channels``, ``image_size`` (decoded pixel size: the sibling
-    ``unet/``'s sample_size times 2^(levels-1) of the autoencoder) and ``out_channels`` (pixel channels)."""
+    diffusers' pipelines and :class:`~tdqrt.calibration.models.autoencoder.LatentDecoder` divide latents by),
+    ``latent_channels``, ``image_size`` (decoded pixel size: the sibling ``unet/``'s sample_size times 2^(levels-1)
+    of the autoencoder) and ``out_channels`` (pixel channels)."""
     folder = Path(folder).resolve()
     config = read_json(folder / COMPONENT_CONFIG)
     name = config.get("_class_name")
