@@ -140,7 +140,8 @@ class TdqQatOptions:
 
 def uses_calib_set(options: TdqQatOptions, model: torch.nn.Module) -> bool:
     """Whether ``options`` train ``model`` on the calibration set (``data="calib"``, or unset for a text-conditioned
-    UNet); refuses any other ``data`` for a text-conditioned UNet. ``calibrate()`` calls it before any work."""
+    UNet); refuses any other ``data`` for a text-conditioned UNet. ``calibrate()`` calls it before any work (the
+    method's ``check_model``: :mod:`tdqrt.calibration.quant.methods`)."""
     if getattr(model, "cond_shape", None) is None:
         return options.data == CALIB_DATA
     if options.data not in (None, CALIB_DATA):
@@ -148,11 +149,6 @@ def uses_calib_set(options: TdqQatOptions, model: torch.nn.Module) -> bool:
                           "image-caption pairs to train it on; use data='calib' (distillation on the calibration set) "
                           "or leave it unset")
     return True
-
-
-def check_model(options: TdqQatOptions, model: torch.nn.Module) -> None:
-    """The options' refusals that need the model (:data:`~tdqrt.calibration.quant.methods.MethodSpec.check_model`)."""
-    uses_calib_set(options, model)
 
 
 class ImageBatches:
