@@ -9,9 +9,11 @@ import copy
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
+from _cli import refused
 from tdqrt.calibration.checkpoint import load_fp_checkpoint
 from tdqrt.calibration.quant.api import CalibrateConfig, calibrate, load_model_dir
 from tdqrt.calibration.quant.calib_set import CalibrationSet, CalibSetConfig, collect_calibration_set
@@ -22,12 +24,14 @@ from tdqrt.calibration.quant.qmodel import quantize_model
 from tdqrt.calibration.quant.static import observe_activations
 from tdqrt.calibration.quant.tdq import GeneratorConfig, TdqGenerator, dense_targets, fit_generator
 from tdqrt.calibration.quant.tdq_qat import (
+    CalibBatches,
     TdqQatOptions,
     init_qat_act_scales,
     init_weight_scales,
     param_groups,
     qat_loss,
     train_qat,
+    training_batches,
     training_data,
 )
 from tdqrt.calibration.training import noisy_batch
@@ -183,11 +187,27 @@ def test_qat_lowers_heldout_distillation_loss(prepared):
     heldout = _heldout(job, data, qm)
     before = _distill_loss(qm, job.fp.model, heldout)
     opts = TdqQatOptions(**(FAST | dict(steps=30, lr=2e-4, warmup_steps=5)))
-    trained, log = train_qat(qm, job.fp.model, data, job.schedule, opts, progress=False)
+    trained, log = train_qat(qm, job.fp.model, training_batches(job, opts), opts, progress=False)
     after = _distill_loss(trained, job.fp.model, heldout)
     assert len(log) == 30
     # Measured: after/before = 0.37–0.39 (W8A8, training seeds 0–3). Require at least a 40 % reduction.
     assert after < 0.6 * before, (before, after)
+
+
+def test_calib_batches_are_distinct_rows_of_the_set(prepared):
+    job, _, _, _ = prepared
+    calib = job.calib
+    batches = training_batches(job, TdqQatOptions(data="calib"))
+    assert isinstance(batches, CalibBatches)
+    x, t, y, target = batches(32, torch.Generator().manual_seed(3))
+    assert target is None and x.shape == (32, 1, 16, 16)
+    all_x = torch.from_numpy(np.array(calib.x))
+    rows = [int((all_x == xi).flatten(1).all(1).nonzero()[0, 0]) for xi in x]  # each x_t is a row of the set …
+    assert len(set(rows)) == 32                                                # … a distinct one
+    assert t.tolist() == calib.t[rows].tolist() and y.tolist() == calib.y[rows].tolist()  # with its t and label
+    again = batches(32, torch.Generator().manual_seed(3))[0]
+    assert torch.equal(again, x) and not torch.equal(batches(32, torch.Generator().manual_seed(4))[0], x)
+    assert len(batches(10 * len(calib), torch.Generator())[0]) == len(calib)  # at most every row once
 
 
 @pytest.mark.parametrize("act_scale", ["tdq", "static"])
@@ -228,9 +248,8 @@ class _NaNTeacher(torch.nn.Module):
 def test_divergence_is_a_data_error(prepared):
     """A non-finite loss stops QAT with DataError (numbers gone bad, as BRECQ's divergence), naming the step."""
     job, qm, _, _ = prepared
-    data = training_data(job, job.options)
     with pytest.raises(DataError, match="tdq-qat diverged at step 0"):
-        train_qat(copy.deepcopy(qm), _NaNTeacher(), data, job.schedule, job.options, progress=False)
+        train_qat(copy.deepcopy(qm), _NaNTeacher(), training_batches(job, job.options), job.options, progress=False)
 
 
 # --------------------------------------------------------------------------------------------------- end to end
@@ -288,6 +307,15 @@ def test_calibrate_static_act_scale_gives_constant_columns(tiny_digits_model, ca
 def test_invalid_options_name_the_field(field, value):
     with pytest.raises(ConfigError, match=field):
         TdqQatOptions(**{field: value})
+
+
+def test_calib_data_needs_distillation(tiny_digits_model, tmp_path, capsys):
+    assert TdqQatOptions(data="calib").distill
+    with pytest.raises(ConfigError, match="data='calib'.*no ground-truth target.*distill=True"):
+        TdqQatOptions(data="calib", distill=False)
+    out = tmp_path / "q"
+    refused(capsys, ["calibrate", "--model", tiny_digits_model, "--method", "tdq-qat", "--option", "data=calib",
+                     "--option", "distill=false", "--out", out], out, "data='calib'", "distill")
 
 
 def test_options_from_dict_and_unknown_keys():

@@ -78,6 +78,9 @@ def calibrate(model_dir: str | Path, out_dir: str | Path, cfg: CalibrateConfig, 
                       "--abits 8 (weights may have fewer bits, e.g. --wbits 4: their codes are stored as int8)",
                       stacklevel=2)
     fp = load_fp_checkpoint(model_dir, device=cfg.device)
+    spec = method_spec(cfg.quant.method)
+    if spec.check_model is not None:
+        spec.check_model(options, fp.model)
     schedule = NoiseSchedule(fp.schedule)
     t0 = time.perf_counter()
     if prompts is not None or (embeddings is None and calib_dir is None):
@@ -91,7 +94,7 @@ def calibrate(model_dir: str | Path, out_dir: str | Path, cfg: CalibrateConfig, 
     job = CalibrationJob(fp, schedule, calib, cfg.quant, options, out_dir / "work", cfg.device, progress)
     t0 = time.perf_counter()
     with saved_progress(lambda: _finished_units(job)):
-        qm = method_spec(cfg.quant.method).run(job)
+        qm = spec.run(job)
     qm.freeze()
     wall = time.perf_counter() - t0
     calibration = {"path": str(calib.path), "count": len(calib), "timesteps": calib.timesteps,

@@ -2,14 +2,17 @@
 
 :data:`METHODS` is the one list of method names, complete as soon as this module is imported (it imports every
 method module itself, so no caller has to import one first). ``tdqrt calibrate --method NAME`` looks a method up
-here, validates ``options`` with the method's own dataclass and calls ``run(job)``, which returns a calibrated
-(not yet frozen) :class:`QuantizedModel`. ``prepare_load`` re-creates method-specific submodules (e.g. TDQ
-generators) on a fresh quantized model so a saved state dict loads into it.
+here, validates ``options`` with the method's own dataclass (and, with ``check_model``, against the FP model, before
+any work) and calls ``run(job)``, which returns a calibrated (not yet frozen) :class:`QuantizedModel`.
+``prepare_load`` re-creates method-specific submodules (e.g. TDQ generators) on a fresh quantized model so a saved
+state dict loads into it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
+
+import torch
 
 from tdqrt.calibration.quant import brecq, static, tdq, tdq_qat
 from tdqrt.calibration.quant.job import CalibrationJob
@@ -23,6 +26,7 @@ class MethodSpec:
     options_cls: type
     run: Callable[[CalibrationJob], QuantizedModel]
     prepare_load: Optional[Callable[[QuantizedModel, Any], None]] = None
+    check_model: Optional[Callable[[Any, torch.nn.Module], Any]] = None  # refusals that need the FP model
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -30,7 +34,8 @@ METHODS: dict[str, MethodSpec] = {
     "mse": MethodSpec(static.StaticOptions, static.calibrate_mse),
     "brecq": MethodSpec(brecq.BrecqOptions, brecq.brecq_model, tdq.prepare_load),
     "tdq-ptq": MethodSpec(brecq.TdqPtqOptions, brecq.brecq_model, tdq.prepare_load),
-    "tdq-qat": MethodSpec(tdq_qat.TdqQatOptions, tdq_qat.calibrate_tdq_qat, tdq.prepare_load),
+    "tdq-qat": MethodSpec(tdq_qat.TdqQatOptions, tdq_qat.calibrate_tdq_qat, tdq.prepare_load,
+                          tdq_qat.uses_calib_set),
 }
 
 

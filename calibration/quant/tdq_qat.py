@@ -8,14 +8,24 @@ Procedure (``calibrate_tdq_qat``):
 3. ``act_scale="tdq"``: attach one generator ``s(t) = softplus(MLP(enc(t)))`` per activation quantizer and regress
    it onto the per-timestep scales (:func:`init_generators_from_observers`). ``act_scale="static"``: the LSQ
    baseline, one learnable scale per layer from the pooled statistics. Everything after this step is shared.
-4. Train all UNet weights, the weight step sizes and the generators (or static scales) on real training data,
-   with t ~ U{0..T−1} drawn per sample, so every sample of a batch has its own activation scale (``[B]``).
-   AdamW with the original code's three groups: step sizes at lr/10 without weight decay, generator MLPs, other
-   weights; linear warm-up, then a constant rate.
+4. Train all UNet weights, the weight step sizes and the generators (or static scales) on batches drawn from
+   :func:`training_batches` (below); every sample of a batch has its own timestep and so its own activation scale
+   (``[B]``). AdamW with the original code's three groups: step sizes at lr/10 without weight decay, generator MLPs,
+   other weights; linear warm-up, then a constant rate.
 
-Objective. ``distill=True`` (default) minimises ``‖ε̂_q(x_t, t) − ε_FP(x_t, t)‖²`` against the frozen FP model on
-the same noisy input — **an addition**: the original code has no teacher. ``distill=False`` is the original's plain
-denoising loss ``‖ε̂_q − ε‖²``.
+Objective. ``distill=True`` (default) minimises ``‖ε̂_q(x_t, t, c) − ε_FP(x_t, t, c)‖²`` against the frozen FP model
+on the same input — **an addition**: the original code has no teacher. ``distill=False`` is the original's plain
+denoising loss ``‖ε̂_q − ε‖²``, which needs the clean image behind ``x_t``.
+
+Data (``options.data``). A data set name or image folder (the default for label and unconditional models: the one
+the FP card records) — the original's real training images, noised at t ~ U{0..T−1}, labels dropped to the null
+class with ``cond_drop_prob``. ``"calib"`` — the calibration set's own inputs ``(x_t, t, conditioning)``: the FP
+sampler's trajectories at the timesteps the sampler visits, with the conditioning the UNet saw there (for a
+text-conditioned UNet the prompt embeddings and, with guidance, the unconditional one). No clean image stands behind
+these ``x_t``, so the only target is the FP teacher's output (``distill=True`` is required): data-free,
+distillation-based QAT on the FP model's own trajectories, as EfficientDM does (He et al. 2023, arXiv 2310.03270;
+it fine-tunes LoRA adapters, this method all weights). It is the default, and the only choice, for a
+text-conditioned UNet, because tdqrt reads no image-caption pairs; any model may use it.
 
 Paper / original-code recipe (for scale, not the CPU defaults here): AdamW, lr 2e-4 (CIFAR-10, batch 128) or 5e-5
 (LSUN-Churches, batch 32), 5000 warm-up steps, up to 200k steps, EMA weights for sampling. The defaults below
@@ -33,10 +43,12 @@ import time
 from dataclasses import dataclass, fields
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from tdqrt.calibration.data import ImageData, load_dataset
+from tdqrt.calibration.quant.calib_set import CalibrationSet
 from tdqrt.calibration.quant.job import CalibrationJob
 from tdqrt.calibration.quant.qmodel import QuantizedModel, quantize_model
 from tdqrt.calibration.quant.static import init_act_scales, observe_activations
@@ -50,6 +62,7 @@ from tdqrt.runtime.schedules import NoiseSchedule
 ACT_SCALES = ("tdq", "static")
 INIT_METHODS = ("mse", "minmax")
 LOG_FILE = "tdq_qat_log.json"
+CALIB_DATA = "calib"  # options.data: train on the calibration set (module docstring)
 
 
 @dataclass(frozen=True)
@@ -64,14 +77,18 @@ class TdqQatOptions:
     * ``grad_clip``: global gradient-norm clip (``None`` = off; the original does not clip).
     * ``distill``: loss against the frozen FP model (True, an addition) or against the training target (False: ε,
       v or x0, as the schedule's prediction type says).
-    * ``data``: training data set; None = the one recorded in the FP checkpoint's card.
+    * ``data``: a training data set (name or image folder), or ``"calib"``: distil on the calibration set's own
+      inputs ``(x_t, t, conditioning)``, drawn at random with ``seed`` (needs ``distill=True``: those inputs have no
+      ground-truth target; module docstring). None = ``"calib"`` for a text-conditioned UNet (tdqrt reads no
+      image-caption pairs, so it is the only choice there), otherwise the data set recorded in the FP card.
     * ``init``: per-timestep (TDQ) or pooled (static) activation-scale and per-channel weight-scale rule,
       ``"mse"`` (L_p clipping search, p = ``QuantConfig.lp_norm``) or ``"minmax"``.
     * ``act_scale``: ``"tdq"`` (generator s(t)) or ``"static"`` (LSQ baseline: one learnable scale per layer).
     * ``frequencies``, ``base``, ``hidden``, ``layers``: generator shape (:class:`GeneratorConfig`);
       ``fit_steps``: iterations of the per-timestep initial fit.
     * ``ema_decay``: EMA of all trained parameters, which is then the returned (saved) model; 0 = off.
-    * ``cond_drop_prob``: label dropout to the null class for CFG models (ignored without labels).
+    * ``cond_drop_prob``: label dropout to the null class for CFG models (ignored without labels and with
+      ``data="calib"``, whose set already holds the unconditional inputs the sampler made).
     * ``observer_cap``: activation values kept per layer and timestep for the initial scale search.
     """
 
@@ -111,19 +128,71 @@ class TdqQatOptions:
                    fix="the encoding base must be > 1")
         for name in ("ema_decay", "cond_drop_prob"):
             check_real(f"TdqQatOptions.{name}", getattr(self, name), 0.0, below=1.0, flag=f"--option {name}")
+        if self.data == CALIB_DATA and not self.distill:
+            raise ConfigError("TdqQatOptions: data='calib' trains on the calibration set, which holds no ground-truth "
+                              "target, only the FP model's inputs; keep distill=True (--option distill=true) or name a "
+                              "training data set")
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Building blocks (public so tests and other methods can use them step by step)
 # --------------------------------------------------------------------------------------------------------------
 
+def uses_calib_set(options: TdqQatOptions, model: torch.nn.Module) -> bool:
+    """Whether ``options`` train ``model`` on the calibration set (``data="calib"``, or unset for a text-conditioned
+    UNet); refuses any other ``data`` for a text-conditioned UNet. ``calibrate()`` calls it before any work (the
+    method's ``check_model``: :mod:`tdqrt.calibration.quant.methods`)."""
+    if getattr(model, "cond_shape", None) is None:
+        return options.data == CALIB_DATA
+    if options.data not in (None, CALIB_DATA):
+        raise ConfigError(f"TdqQatOptions.data={options.data!r}: this UNet is text-conditioned and tdqrt reads no "
+                          "image-caption pairs to train it on; use data='calib' (distillation on the calibration set) "
+                          "or leave it unset")
+    return True
+
+
+class ImageBatches:
+    """Noisy training images (:func:`~tdqrt.calibration.training.noisy_batch`): ``(x_t, t, y, target)`` with
+    t ~ U{0..T−1} and labels dropped to ``null_label`` with ``cond_drop_prob``."""
+
+    def __init__(self, data: ImageData, schedule: NoiseSchedule, cond_drop_prob: float, null_label: Optional[int]):
+        self.data, self.schedule, self.cond_drop_prob, self.null_label = data, schedule, cond_drop_prob, null_label
+
+    def __call__(self, batch_size: int, gen: torch.Generator) -> tuple:
+        return noisy_batch(self.data, self.schedule, batch_size, gen, cond_drop_prob=self.cond_drop_prob,
+                           null_label=self.null_label)
+
+    def record(self) -> dict:
+        return {"data": self.data.info.get("name")}
+
+
+class CalibBatches:
+    """Rows of a calibration set, ``batch_size`` distinct ones (all, if fewer) drawn at random from ``rows`` (default:
+    every row): ``(x_t, t, conditioning, None)`` — no target, the FP teacher gives it (:func:`qat_loss`)."""
+
+    def __init__(self, calib: CalibrationSet, rows: Optional[np.ndarray] = None):
+        self.calib = calib
+        self.rows = torch.arange(len(calib)) if rows is None else torch.as_tensor(rows, dtype=torch.long)
+
+    def __call__(self, batch_size: int, gen: torch.Generator) -> tuple:
+        pick = torch.randperm(len(self.rows), generator=gen)[:batch_size]
+        x_t, t, y = self.calib.get(self.rows[pick].numpy())
+        return x_t, t, y, None
+
+    def record(self) -> dict:
+        return {"data": CALIB_DATA, "calib_set": {"path": str(self.calib.path), "rows": len(self.rows)}}
+
+
+def training_batches(job: CalibrationJob, options: TdqQatOptions) -> ImageBatches | CalibBatches:
+    """Where step 4 draws its batches from (module docstring, "Data"): the calibration set or training images."""
+    if uses_calib_set(options, job.fp.model):
+        return CalibBatches(job.calib)
+    return ImageBatches(training_data(job, options), job.schedule, options.cond_drop_prob, job.fp.model.null_label)
+
+
 def training_data(job: CalibrationJob, options: TdqQatOptions) -> ImageData:
     """The real training images: ``options.data`` or the data set recorded in the FP card, at the model's size."""
     card = job.fp.card
-    if getattr(job.fp.model, "cond_shape", None) is not None:
-        raise ConfigError("tdq-qat fine-tunes on training images and their labels; a text-conditioned UNet would "
-                          "need image-caption pairs, which tdqrt does not read; use tdq-ptq (the same per-timestep "
-                          "scales, fitted on the calibration set) or brecq")
     trained = card.get("training") or {}
     spec = options.data or trained.get("data") or (card.get("data") or {}).get("name")
     if not spec:
@@ -179,9 +248,10 @@ def param_groups(qm: QuantizedModel, options: TdqQatOptions) -> list[dict]:
 
 
 def qat_loss(qm: QuantizedModel, teacher: Optional[torch.nn.Module], x_t: torch.Tensor, t: torch.Tensor,
-             y: Optional[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+             y: Optional[torch.Tensor], target: Optional[torch.Tensor]) -> torch.Tensor:
     """Mean squared error of the quantized model's output against the FP teacher's (``teacher`` given) or the
-    training target (ε, v or x0: the schedule's prediction type, from :func:`noisy_batch`)."""
+    training target (ε, v or x0: the schedule's prediction type, from :func:`noisy_batch`; None for calibration
+    rows, which only a teacher can score)."""
     if teacher is not None:
         with torch.no_grad():
             target = teacher(x_t, t, y)
@@ -197,10 +267,10 @@ def prepare_qat_model(job: CalibrationJob, options: TdqQatOptions) -> tuple[Quan
     return qm, init_qat_act_scales(qm, options, p)
 
 
-def train_qat(qm: QuantizedModel, teacher: Optional[torch.nn.Module], data: ImageData, schedule: NoiseSchedule,
+def train_qat(qm: QuantizedModel, teacher: Optional[torch.nn.Module], batches: ImageBatches | CalibBatches,
               options: TdqQatOptions, *, device: str = "cpu", progress: bool = True) -> tuple[QuantizedModel, list]:
-    """Step 4: fine-tune ``qm`` in place; returns the model to keep (the EMA copy if ``ema_decay`` > 0) and the
-    loss log ``[[step, loss], …]``."""
+    """Step 4: fine-tune ``qm`` in place on ``batches`` (:func:`training_batches`); returns the model to keep (the
+    EMA copy if ``ema_decay`` > 0) and the loss log ``[[step, loss], …]``."""
     torch.manual_seed(options.seed)
     gen = torch.Generator().manual_seed(options.seed)
     if teacher is not None:
@@ -212,10 +282,7 @@ def train_qat(qm: QuantizedModel, teacher: Optional[torch.nn.Module], data: Imag
     qm.train()
     bar = progress_bar(range(options.steps), desc=f"tdq-qat ({options.act_scale})", disable=not progress, leave=False)
     for step in bar:
-        x_t, t, y, target = noisy_batch(data, schedule, options.batch, gen, cond_drop_prob=options.cond_drop_prob,
-                                        null_label=qm.null_label)
-        x_t, t, target = x_t.to(device), t.to(device), target.to(device)
-        y = None if y is None else y.to(device)
+        x_t, t, y, target = (None if v is None else v.to(device) for v in batches(options.batch, gen))
         loss = qat_loss(qm, teacher, x_t, t, y, target)
         if not torch.isfinite(loss):
             raise DataError(f"tdq-qat diverged at step {step} (loss {loss.item()}); lower lr")
@@ -246,14 +313,14 @@ def calibrate_tdq_qat(job: CalibrationJob) -> QuantizedModel:
     options: TdqQatOptions = job.options
     t0 = time.perf_counter()
     torch.manual_seed(options.seed)
-    data = training_data(job, options)
+    batches = training_batches(job, options)
     qm, init_info = prepare_qat_model(job, options)
     t_init = time.perf_counter() - t0
     teacher = job.fp.model if options.distill else None
-    qm, log = train_qat(qm, teacher, data, job.schedule, options, device=job.device, progress=job.progress)
+    qm, log = train_qat(qm, teacher, batches, options, device=job.device, progress=job.progress)
     job.work_dir.mkdir(parents=True, exist_ok=True)
     (job.work_dir / LOG_FILE).write_text(json.dumps({
         "options": {f.name: getattr(options, f.name) for f in fields(options)},
-        "data": data.info.get("name"), "init": init_info, "init_time_s": round(t_init, 2),
+        **batches.record(), "init": init_info, "init_time_s": round(t_init, 2),
         "train_time_s": round(time.perf_counter() - t0 - t_init, 2), "loss": log}))
     return qm
