@@ -125,12 +125,12 @@ def trt_build_table(doc: dict) -> str:
 
 
 def calib_memory_table(doc: dict) -> str:
-    """Per calibration job: the measured peak-RSS increase at each small config, the fitted bytes per parameter,
-    the fit's largest residual and the extrapolated peak for Stable Diffusion 1.5 at 32² and 64² latents."""
+    """Per calibration job: the measured peak-RSS increase at each small config, the fitted bytes per parameter and
+    the extrapolated peak for Stable Diffusion 1.5 at 32² and 64² latents."""
     configs = list(next(iter(doc["rows"].values()))["measured_mb"])
-    rows = [[job, *(r["measured_mb"][c] for c in configs), r["bytes_per_parameter"], r["fit_max_residual_mb"],
+    rows = [[job, *(r["measured_mb"][c] for c in configs), r["bytes_per_parameter"],
              r["sd15_32_gb"], r["sd15_64_gb"]] for job, r in doc["rows"].items()]
-    return markdown_table(["job", *(f"MB at {c}" for c in configs), "bytes / parameter", "fit residual MB",
+    return markdown_table(["job", *(f"MB at {c}" for c in configs), "bytes / parameter",
                            "SD 1.5 at 32² GB (est.)", "SD 1.5 at 64² GB (est.)"], rows)
 
 

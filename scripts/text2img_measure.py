@@ -18,13 +18,16 @@ them, and image quality cannot be measured on them.
   classifier-free-guidance pair) on random text embeddings; the TensorRT-flavour bundle is built with TensorRT-RTX
   (``tdqrt build --backend trt-rtx`` settings) and its build time recorded.
 * ``memory``: ``tdqrt bench calibrate`` (every method, the calibration set and the D² statistics, each job in a
-  fresh process, peak RSS) on four small configs — widths 0.1 and 0.2 at 16 × 16 and 32 × 32 latents — with the
-  methods' default batch sizes and a few iterations (peak memory is reached in the first ones). Per job, a least
-  squares fit ``peak increase = a + b · parameters + c · width · latent area`` (weights and optimizer state grow with
-  the parameter count; activations and cached unit inputs with channels × positions) extrapolates to Stable Diffusion
-  1.5's UNet at 32 × 32 (256 px) and 64 × 64 (512 px) latents. BRECQ/tdq-ptq are measured with 8 cached samples per
-  unit; their default 512 adds ``512 × (largest unit's inputs + output) × 4 B`` (the cache formula of
-  ``calibration/quant/brecq.py``), computed here from Stable Diffusion 1.5's own shapes on torch's meta device.
+  fresh process, peak RSS) on three small configs — width 0.1 at 16 × 16 and 32 × 32 latents, width 0.2 at
+  16 × 16 — with a few iterations (peak memory is reached in the first ones) and the methods' default batch sizes,
+  except tdq-qat's: 8 instead of 64 (its training keeps every activation for the backward pass; at 64 the 32 × 32
+  config does not fit this 24 GB machine). Per job, the three points fix ``peak increase = a + b · parameters +
+  c · width · latent area`` (weights, copies and optimizer state grow with the parameter count; activations and
+  cached unit inputs with channels × positions), which extrapolates to Stable Diffusion 1.5's UNet at 32 × 32
+  (256 px) and 64 × 64 (512 px) latents; tdq-qat's activation term grows with its batch (× 8 at the default 64).
+  BRECQ/tdq-ptq are measured with 8 cached samples per unit; their default 512 adds ``512 × (largest unit's inputs
+  + output) × 4 B`` (the cache formula of ``calibration/quant/brecq.py``), computed here from Stable Diffusion 1.5's
+  own shapes on torch's meta device.
 """
 from __future__ import annotations
 
@@ -64,11 +67,11 @@ TEXT = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 1, "
 PROMPTS = PromptSet(("a photo of a cat", "a red car in the city at night"), negative="blurry low quality")
 GUIDED = SamplerConfig(kind="ddim", steps=4, guidance_scale=7.5)
 SPEED_WIDTH, SPEED_LATENT = 0.5, 32
-MEMORY_GRID = ((0.1, 16), (0.1, 32), (0.2, 16), (0.2, 32))
+MEMORY_GRID = ((0.1, 16), (0.2, 16), (0.1, 32))
 SD15_LATENTS = (32, 64)
 MEMORY_OPTIONS = {"brecq": {"iters_w": 2, "iters_a": 1, "num_samples": 8},
                   "tdq-ptq": {"iters_w": 2, "iters_a": 1, "num_samples": 8, "fit_steps": 20},
-                  "tdq-qat": {"steps": 2, "warmup_steps": 0, "fit_steps": 20}}
+                  "tdq-qat": {"steps": 2, "warmup_steps": 0, "fit_steps": 20, "batch": 8}}
 BRECQ_DEFAULT_SAMPLES = 512
 
 
@@ -187,13 +190,10 @@ def speed(args: argparse.Namespace, command: str) -> None:
 # ---------------------------------------------------------------------------------------------- memory
 
 
-def fit(points: list[tuple[float, float, float]]) -> tuple[np.ndarray, float]:
-    """Least squares ``y = a + b·P + c·(w·A)`` over ``(P, w·A, y)`` points; returns ``[a, b, c]`` and the largest
-    absolute residual."""
+def fit(points: list[tuple[float, float, float]]) -> np.ndarray:
+    """``[a, b, c]`` of ``y = a + b·P + c·(w·A)`` through three ``(P, w·A, y)`` points."""
     design = np.array([[1.0, p, s] for p, s, _ in points])
-    y = np.array([v for _, _, v in points])
-    coef, *_ = np.linalg.lstsq(design, y, rcond=None)
-    return coef, float(np.abs(design @ coef - y).max())
+    return np.linalg.solve(design, np.array([v for _, _, v in points]))
 
 
 def memory(args: argparse.Namespace, command: str) -> None:
@@ -218,24 +218,29 @@ def memory(args: argparse.Namespace, command: str) -> None:
     for job in runs[0]["results"]:
         points = [(r["parameters"], r["width"] * r["latent"] ** 2, r["results"][job]["peak_increase_mb"])
                   for r in runs]
-        coef, residual = fit(points)
+        coef = fit(points)
         row = {"measured_mb": {f"w{r['width']}-{r['latent']}": r["results"][job]["peak_increase_mb"] for r in runs},
                "seconds": {f"w{r['width']}-{r['latent']}": r["results"][job]["seconds"] for r in runs},
-               "bytes_per_parameter": coef[1] * 2**20, "fit_max_residual_mb": residual}
+               "bytes_per_parameter": coef[1] * 2**20}
         for latent, sd in sd15.items():
             est = coef[0] + coef[1] * sd["parameters"] + coef[2] * latent ** 2
             if job in ("brecq", "tdq-ptq"):
                 est += sd["brecq_cache_mb"]
             row[f"sd15_{latent}_gb"] = est / 1024
         rows[job] = row
+        if job == "tdq-qat":
+            qat64 = {latent: (coef[0] + coef[1] * sd["parameters"] + 8 * coef[2] * latent ** 2) / 1024
+                     for latent, sd in sd15.items()}
     doc = {"kind": "calib-memory", "title": "Text-to-image: calibration memory per method, extrapolated to Stable "
                                             "Diffusion 1.5's UNet",
            "notes": ("`scripts/text2img_measure.py memory` (module docstring: configs, options, the fit). Peak RSS "
-                     "increase of each job in its own process (`tdqrt bench calibrate`), at widths 0.1/0.2 of SD 1.5's "
-                     "UNet and 16²/32² latents, default batch sizes; extrapolated with `a + b·parameters + c·width·"
-                     "latent area` to SD 1.5 (859.5 M parameters). BRECQ/tdq-ptq rows add the cache of their default "
-                     f"512 samples per unit ({sd15[32]['brecq_cache_mb'] / 1024:.1f} GiB at 32², "
-                     f"{sd15[64]['brecq_cache_mb'] / 1024:.1f} GiB at 64²)."),
+                     "increase of each job in its own process (`tdqrt bench calibrate`) at widths 0.1/0.2 of SD 1.5's "
+                     "UNet and 16²/32² latents, default batch sizes except tdq-qat's (8, not 64), extrapolated with "
+                     "`a + b·parameters + c·width·latent area` (three configs, three coefficients: an exact fit) to "
+                     "SD 1.5 (859.5 M parameters). BRECQ/tdq-ptq rows add the cache of their default 512 samples per "
+                     f"unit ({sd15[32]['brecq_cache_mb'] / 1024:.1f} GiB at 32², "
+                     f"{sd15[64]['brecq_cache_mb'] / 1024:.1f} GiB at 64²). tdq-qat at its default batch 64: "
+                     f"{qat64[32]:.0f} GB at 32², {qat64[64]:.0f} GB at 64² (activation term × 8)."),
            "rows": rows, "sd15": sd15, "options": MEMORY_OPTIONS, "calib_set": calib.to_dict(), "runs": runs,
            "meta": meta(command)}
     args.out.write_text(json.dumps(doc, indent=2) + "\n")
