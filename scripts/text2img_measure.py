@@ -168,6 +168,7 @@ def speed(args: argparse.Namespace, command: str) -> None:
                           batches=(1, 2), threads=tuple(args.threads), warmup=args.warmup, repeats=args.repeats)
     report = bench_unet(cfg, command=command, progress=True)
     params = parameters(unet_config(SPEED_WIDTH, SPEED_LATENT))
+    profile = "/".join(str(card["profile"]["sample"][k][0]) for k in ("min", "opt", "max"))
     report |= {"kind": "bench", "title": "Text-to-image: UNet step of a Stable-Diffusion-shaped UNet, INT8 on ONNX "
                                          "Runtime vs FP32",
                "trt_rtx_build": build,
@@ -178,7 +179,7 @@ def speed(args: argparse.Namespace, command: str) -> None:
                          f"{ort_wbits}A8 ort-cpu bundle{' (7-bit weights: this CPU has no VNNI)' if ort_wbits < 8 else ''}"
                          f". Batch 2 is one image's classifier-free-guidance pair. Speedups are against ONNX Runtime "
                          f"FP32 at the same batch and thread count. TensorRT-RTX built the TensorRT-flavour W8A8 "
-                         f"bundle (batch profile 1/2/4 with the CFG doubling) in {build['build_s']:.1f} s on this "
+                         f"bundle (batch profile {profile}: `--max-batch 2`, doubled for CFG) in {build['build_s']:.1f} s on this "
                          f"CPU, plan {build['plan_mib']:.0f} MiB ({network['quantized_conv']} quantized convolutions"
                          f", {network['quantized_matmul']} quantized matrix multiplications).\n\n"
                          f"![images per second per variant, batch and thread count](data/{args.out.with_suffix('.png').name})")}
