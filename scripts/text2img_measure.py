@@ -18,10 +18,10 @@ them, and image quality cannot be measured on them.
   classifier-free-guidance pair) on random text embeddings; the TensorRT-flavour bundle is built with TensorRT-RTX
   (``tdqrt build --backend trt-rtx`` settings) and its build time recorded.
 * ``memory``: ``tdqrt bench calibrate`` (every method, the calibration set and the D² statistics, each job in a
-  fresh process, peak RSS) on three small configs — width 0.1 at 16 × 16 and 32 × 32 latents, width 0.2 at
+  fresh process, peak RSS) on three small configs — width 0.1 at 16 × 16 and 24 × 24 latents, width 0.15 at
   16 × 16 — with a few iterations (peak memory is reached in the first ones) and the methods' default batch sizes,
-  except tdq-qat's: 8 instead of 64 (its training keeps every activation for the backward pass; at 64 the 32 × 32
-  config does not fit this 24 GB machine). Per job, the three points fix ``peak increase = a + b · parameters +
+  except tdq-qat's: 8 instead of 64 (its training keeps every activation for the backward pass, a term that
+  grows with the batch; the extrapolation scales it). Per job, the three points fix ``peak increase = a + b · parameters +
   c · width · latent area`` (weights, copies and optimizer state grow with the parameter count; activations and
   cached unit inputs with channels × positions), which extrapolates to Stable Diffusion 1.5's UNet at 32 × 32
   (256 px) and 64 × 64 (512 px) latents; tdq-qat's activation term grows with its batch (× 8 at the default 64).
@@ -67,7 +67,7 @@ TEXT = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 1, "
 PROMPTS = PromptSet(("a photo of a cat", "a red car in the city at night"), negative="blurry low quality")
 GUIDED = SamplerConfig(kind="ddim", steps=4, guidance_scale=7.5)
 SPEED_WIDTH, SPEED_LATENT = 0.5, 32
-MEMORY_GRID = ((0.1, 16), (0.2, 16), (0.1, 32))
+MEMORY_GRID = ((0.1, 16), (0.15, 16), (0.1, 24))
 SD15_LATENTS = (32, 64)
 MEMORY_OPTIONS = {"brecq": {"iters_w": 2, "iters_a": 1, "num_samples": 8},
                   "tdq-ptq": {"iters_w": 2, "iters_a": 1, "num_samples": 8, "fit_steps": 20},
@@ -235,8 +235,8 @@ def memory(args: argparse.Namespace, command: str) -> None:
     doc = {"kind": "calib-memory", "title": "Text-to-image: calibration memory per method, extrapolated to Stable "
                                             "Diffusion 1.5's UNet",
            "notes": ("`scripts/text2img_measure.py memory` (module docstring: configs, options, the fit). Peak RSS "
-                     "increase of each job in its own process (`tdqrt bench calibrate`) at widths 0.1/0.2 of SD 1.5's "
-                     "UNet and 16²/32² latents, default batch sizes except tdq-qat's (8, not 64), extrapolated with "
+                     "increase of each job in its own process (`tdqrt bench calibrate`) at three small configs (width × "
+                     "latent: 0.1 × 16², 0.15 × 16², 0.1 × 24² of SD 1.5's UNet), default batch sizes except tdq-qat's (8, not 64), extrapolated with "
                      "`a + b·parameters + c·width·latent area` (three configs, three coefficients: an exact fit) to "
                      "SD 1.5 (859.5 M parameters). BRECQ/tdq-ptq rows add the cache of their default 512 samples per "
                      f"unit ({sd15[32]['brecq_cache_mb'] / 1024:.1f} GiB at 32², "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 
@@ -286,6 +288,24 @@ def test_bench_calibrate_end_to_end(tiny_digits_model, tiny_calib_set, tmp_path)
     for r in rows.values():
         assert r["peak_rss_mb"] > 0 and r["peak_increase_mb"] >= 0 and r["peak_rss_mb"] >= r["rss_before_mb"]
     assert (tmp_path / "minmax" / "r1" / "quant.json").is_file() and (tmp_path / "d2" / "d2.npz").is_file()
+
+
+def _record_mmap_threshold(path: str) -> None:
+    Path(path).write_text(os.environ.get("MALLOC_MMAP_THRESHOLD_", "unset"))
+
+
+def test_measuring_children_run_with_a_fixed_malloc_mmap_threshold(tmp_path, monkeypatch):
+    """Each job's child starts with glibc's mmap threshold fixed (so its peak RSS follows live memory), a value the
+    caller's environment sets wins, and the parent's own environment is left as it was."""
+    from tdqrt.tools.bench import CHILD_MMAP_THRESHOLD, _run_child
+
+    seen = tmp_path / "seen.txt"
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    _run_child(_record_mmap_threshold, str(seen), threads=1, device="cpu")
+    assert seen.read_text() == str(CHILD_MMAP_THRESHOLD) and "MALLOC_MMAP_THRESHOLD_" not in os.environ
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "4096")
+    _run_child(_record_mmap_threshold, str(seen), threads=1, device="cpu")
+    assert seen.read_text() == "4096" and os.environ["MALLOC_MMAP_THRESHOLD_"] == "4096"
 
 
 # ------------------------------------------------------------------------------------------- text-to-image

@@ -36,7 +36,11 @@ The benches
   ``ru_maxrss`` of the child itself elsewhere) and, on CUDA, ``torch.cuda.max_memory_allocated``. Not
   ``RUSAGE_CHILDREN`` in the parent: it is the maximum over *all* children so far, so a job lighter than an
   earlier one would be invisible. Not ``tracemalloc``: it only sees Python objects, not the torch tensor memory that
-  calibration and D² collection spend. A text-to-image model needs prompts: the calibration-set and D² jobs encode
+  calibration and D² collection spend. The children run with glibc's ``MALLOC_MMAP_THRESHOLD_`` fixed at
+  :data:`CHILD_MMAP_THRESHOLD` (unless the caller's environment sets it): by default glibc raises that threshold
+  after large blocks are freed, so later tensors come from the heap, which keeps freed space it cannot return, and
+  the peak RSS of the same job then varied by a factor of three between runs; with a fixed threshold every block
+  above it is mapped and unmapped on its own, so the peak follows the memory the job actually holds. A text-to-image model needs prompts: the calibration-set and D² jobs encode
   them with the model's recorded text encoder (:func:`~tdqrt.calibration.models.text.prompt_embeddings`, as
   ``tdqrt calibrate`` and ``tdqrt d2-stats`` do), inside the job; the methods read the set's stored embeddings.
 """
@@ -91,6 +95,7 @@ BENCH_VERSION = 1
 UNET_BACKENDS = ("torch-fp32", "torch-fp16", "torch-fakequant", "ort-fp", "ort-int8")
 CALIBRATION_METHODS = tuple(METHODS)
 CALIB_SET_JOB, D2_JOB = "calibration-set", "d2-stats"
+CHILD_MMAP_THRESHOLD = 128 * 1024  # bytes: glibc's default starting value, kept fixed (module docstring, ``calibrate``)
 
 
 # ---------------------------------------------------------------------------------------------- statistics
@@ -827,10 +832,24 @@ def _measure_in_child(fn: Callable, args: tuple, kwargs: dict, threads: Optional
             "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None}
 
 
+def _child_environment() -> dict[str, str]:
+    """The environment of a measuring child: this one's, with :data:`CHILD_MMAP_THRESHOLD` unless it sets its own."""
+    return {"MALLOC_MMAP_THRESHOLD_": str(CHILD_MMAP_THRESHOLD)} | dict(os.environ)
+
+
 def _run_child(fn: Callable, *args: Any, threads: Optional[int], device: str, **kwargs: Any) -> dict:
-    """:func:`_measure_in_child` in a fresh ``spawn`` process (nothing inherited from this one's memory)."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_measure_in_child, fn, args, kwargs, threads, device).result()
+    """:func:`_measure_in_child` in a fresh ``spawn`` process (nothing inherited from this one's memory), started
+    with :func:`_child_environment` (glibc reads its malloc settings once, at process start)."""
+    saved = dict(os.environ)
+    os.environ.update(_child_environment())
+    try:
+        pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        future = pool.submit(_measure_in_child, fn, args, kwargs, threads, device)  # starts the child now
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    with pool:
+        return future.result()
 
 
 def _collect_calib_set(model_dir: str, out_dir: str, cfg: CalibSetConfig, device: str,
@@ -905,6 +924,7 @@ def bench_calibrate(cfg: CalibrateBenchConfig, *, command: Optional[str] = None,
     method = {"warmup": 0, "repeats": cfg.repeats, "baseline": baseline,
               "memory": "each job in a fresh spawn child; peak RSS read by the child itself (VmHWM reset before the "
                         "job, else ru_maxrss); rss_before_mb = the child's RSS before the job (interpreter + torch)",
+              "malloc_mmap_threshold": _child_environment()["MALLOC_MMAP_THRESHOLD_"],
               "calibration_set": cfg.calib or "collected once (job calibration-set), shared by every method",
               "prompts": None if prompts is None else prompts.record() | {
                   "encoded": "by the model's recorded text encoder inside the calibration-set and d2-stats jobs"}}
