@@ -40,8 +40,9 @@ The benches
   :data:`CHILD_MMAP_THRESHOLD` (unless the caller's environment sets it): by default glibc raises that threshold
   after large blocks are freed, so later tensors come from the heap, which keeps freed space it cannot return, and
   the peak RSS of the same job then varied by a factor of three between runs; with a fixed threshold every block
-  above it is mapped and unmapped on its own, so the peak follows the memory the job actually holds. A text-to-image model needs prompts: the calibration-set and D² jobs encode
-  them with the model's recorded text encoder (:func:`~tdqrt.calibration.models.text.prompt_embeddings`, as
+  above it is mapped and unmapped on its own, so the peak follows the memory the job actually holds. A
+  text-to-image model needs prompts: the calibration-set and D² jobs encode them with the model's recorded text
+  encoder (:func:`~tdqrt.calibration.models.text.prompt_embeddings`, as
   ``tdqrt calibrate`` and ``tdqrt d2-stats`` do), inside the job; the methods read the set's stored embeddings.
 """
 from __future__ import annotations
