@@ -242,7 +242,7 @@ def memory(args: argparse.Namespace, command: str) -> None:
                      f"unit ({sd15[32]['brecq_cache_mb'] / 1024:.1f} GiB at 32², "
                      f"{sd15[64]['brecq_cache_mb'] / 1024:.1f} GiB at 64²). tdq-qat at its default batch 64: "
                      f"{qat64[32]:.0f} GB at 32², {qat64[64]:.0f} GB at 64² (activation term × 8)."),
-           "rows": rows, "sd15": sd15, "options": MEMORY_OPTIONS, "calib_set": calib.to_dict(), "runs": runs,
+           "rows": rows, "sd15": sd15, "options": MEMORY_OPTIONS, "calib_set": calib.to_dict(), "configs": runs,
            "meta": meta(command)}
     args.out.write_text(json.dumps(doc, indent=2) + "\n")
     print(json.dumps(rows, indent=1))
