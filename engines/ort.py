@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from tdqrt.engines.bundle import Bundle, is_bundle_dir, open_bundle
-from tdqrt.engines.denoiser import EMBEDDINGS_INPUT, LABELS_INPUT, prepare_inputs
+from tdqrt.engines.denoiser import COND_INPUTS, EMBEDDINGS_INPUT, LABELS_INPUT, prepare_inputs
 from tdqrt.engines.errors import ArtifactError
 
 _NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
@@ -137,8 +137,8 @@ class OrtDenoiser:
             raise ArtifactError(f"{path} does not have the tdqrt signature (sample, timestep[, conditioning]) -> eps; "
                                 f"its inputs are {sorted(inputs)}")
         self.input_dtypes = {name: _NP_DTYPES.get(i.type, np.float32) for name, i in inputs.items()}
-        self.conditional = LABELS_INPUT in inputs or EMBEDDINGS_INPUT in inputs
-        self.cond_input = next((n for n in (LABELS_INPUT, EMBEDDINGS_INPUT) if n in inputs), None)
+        self.cond_input = next((n for n in COND_INPUTS if n in inputs), None)
+        self.conditional = self.cond_input is not None
         self.cond_shape = (tuple(int(d) for d in inputs[EMBEDDINGS_INPUT].shape[1:])
                            if self.cond_input == EMBEDDINGS_INPUT else None)
         self.output_name = self.session.get_outputs()[0].name
